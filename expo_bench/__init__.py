@@ -1,0 +1,3 @@
+"""expo-bench: a reproducibility benchmark for offline preference optimization."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from expo_bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""The small typed contracts at which data, models and methods meet.
+
+Shapes: ``N`` is the number of sequences in a batch. Per-sequence log-probs may carry leading
+replica dimensions (``(..., N)``): the tabular task trains a grid of λ values as independent replicas
+of one policy, and every loss is elementwise, so the same code serves one model or many.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+Sequences = dict[str, Tensor]
+"""Model inputs for ``N`` sequences (e.g. prompt/response ids); every tensor has leading dim ``N``."""
+
+
+def concat_sequences(first: Sequences, second: Sequences) -> Sequences:
+    """Stack two sequence batches so chosen and rejected go through the model in one forward pass."""
+    return {key: torch.cat([first[key], second[key]]) for key in first}
+
+
+class SequenceScorer(Protocol):
+    """A policy or reference: summed log-probability of each response given its prompt."""
+
+    def sequence_logps(self, sequences: Sequences) -> Tensor:
+        """Return ``(..., N)`` log π(y | x) summed over response tokens."""
+        ...
+
+
+@dataclass(frozen=True)
+class PreferenceBatch:
+    """``N`` preference pairs (x, y_w, y_l) with label z = P(y_w ≻ y_l).
+
+    ``reference_*_logps`` carry cached reference log-probs when the data provides them.
+    ``kl_samples``/``kl_weights`` carry responses y ~ π_ref(·|x) (weights summing to 1 over the batch)
+    for methods that estimate KL(π_ref ‖ π) on them (EXPO-compositional).
+    """
+
+    chosen: Sequences
+    rejected: Sequences
+    chosen_tokens: Tensor
+    rejected_tokens: Tensor
+    label: Tensor
+    reference_chosen_logps: Tensor | None = None
+    reference_rejected_logps: Tensor | None = None
+    kl_samples: Sequences | None = None
+    kl_weights: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    def to(self, device: torch.device | str) -> PreferenceBatch:
+        def move(value: Tensor | Sequences | None) -> Tensor | Sequences | None:
+            if isinstance(value, dict):
+                return {key: tensor.to(device) for key, tensor in value.items()}
+            return None if value is None else value.to(device)
+
+        return PreferenceBatch(**{field.name: move(getattr(self, field.name)) for field in fields(self)})
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """Per-sequence log-probs of a batch of pairs, in float32.
+
+    After length normalization (a method modifier) these are per-token means instead of sums.
+    ``reference_*`` is ``None`` for reference-free methods.
+    """
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    reference_chosen: Tensor | None
+    reference_rejected: Tensor | None
+
+    @property
+    def policy_margin(self) -> Tensor:
+        """d_pol = log π(y_w) - log π(y_l)."""
+        return self.policy_chosen - self.policy_rejected
+
+    @property
+    def reference_margin(self) -> Tensor:
+        """d_ref = log π_ref(y_w) - log π_ref(y_l)."""
+        if self.reference_chosen is None or self.reference_rejected is None:
+            raise ValueError("reference log-probs are missing: this method needs a reference model")
+        return self.reference_chosen - self.reference_rejected
+
+    @property
+    def log_ratio_margin(self) -> Tensor:
+        """h = d_pol - d_ref."""
+        return self.policy_margin - self.reference_margin

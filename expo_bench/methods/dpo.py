@@ -1,0 +1,41 @@
+"""DPO (Rafailov et al., 2023, Eq. 7) with label smoothing (conservative DPO, Mitchell 2023)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+from torch import Tensor
+
+from expo_bench.contracts import PairLogps, PreferenceBatch
+from expo_bench.methods.base import MethodParams, PreferenceMethod, preference_nll
+
+
+def dpo_loss(
+    log_ratio_margin: Tensor,
+    label: Tensor | float,
+    beta: float | Tensor,
+    gamma: float | Tensor = 0.0,
+    label_smoothing: float | Tensor = 0.0,
+) -> Tensor:
+    """``-(z'·log σ(βh - γ) + (1 - z')·log σ(-βh - γ))`` with h = d_pol - d_ref.
+
+    DPO Eq. 7 at z = 1, γ = 0; conservative DPO replaces z by z' = (1 - ε)z + ε(1 - z).
+    """
+    smoothed = (1 - label_smoothing) * label + label_smoothing * (1 - label)
+    return preference_nll(beta * log_ratio_margin, smoothed, gamma)
+
+
+class DPOParams(MethodParams):
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+
+class DPO(PreferenceMethod):
+    name = "dpo"
+    Params = DPOParams
+    regularization: ClassVar[str | None] = "beta"
+
+    def objective(self, logps: PairLogps, batch: PreferenceBatch) -> dict[str, Tensor]:
+        loss = dpo_loss(logps.log_ratio_margin, batch.label, self.hp("beta"), self.hp("gamma"), self.hp("label_smoothing"))
+        return {"loss": loss.mean(-1)}

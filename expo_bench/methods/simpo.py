@@ -1,0 +1,33 @@
+"""SimPO (Meng et al., 2024, Eq. 6): reference-free, length-normalized, with target margin γ.
+
+γ is absolute: the SimPO repository's ``gamma_beta_ratio`` is γ/β and TRL's ``simpo_gamma`` is γ.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor
+
+from expo_bench.contracts import PairLogps, PreferenceBatch
+from expo_bench.methods.base import MethodParams, PreferenceMethod, preference_nll
+
+
+def simpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, label: Tensor | float, beta: float | Tensor, gamma: float | Tensor) -> Tensor:
+    """``-log σ(β(log π(y_w)/|y_w| - log π(y_l)/|y_l|) - γ)`` on per-token mean log-probs (z = 1)."""
+    return preference_nll(beta * (policy_chosen - policy_rejected), label, gamma)
+
+
+class SimPOParams(MethodParams):
+    beta: float = Field(2.0, gt=0)
+    gamma: float = Field(1.0, ge=0)
+    length_normalize: bool = True
+
+
+class SimPO(PreferenceMethod):
+    name = "simpo"
+    Params = SimPOParams
+    reference_free = True
+
+    def objective(self, logps: PairLogps, batch: PreferenceBatch) -> dict[str, Tensor]:
+        loss = simpo_loss(logps.policy_chosen, logps.policy_rejected, batch.label, self.hp("beta"), self.hp("gamma"))
+        return {"loss": loss.mean(-1)}

@@ -1,0 +1,68 @@
+"""Runs an experiment: the task trains and reports, the runner records provenance in summary.json."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from expo_bench.recipe import Experiment
+
+PACKAGES = ("expo-bench", "torch", "lightning", "torchmetrics", "transformers", "pydantic")
+
+
+def git_revision(where: Path) -> str:
+    """HEAD's sha of the checkout holding ``where``, with ``-dirty`` for uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def run_experiment(experiment: Experiment, results_root: Path, console: Console) -> Path:
+    """Train and evaluate every method of the recipe; write results under ``results_root/<experiment>``."""
+    recipe = experiment.recipe
+    out_dir = results_root / recipe.experiment
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    records = recipe.task.run(experiment, console)
+    written = recipe.task.report(experiment, records, out_dir, console)
+    summary: dict[str, Any] = {
+        "experiment": recipe.experiment,
+        "recipe": str(experiment.source),
+        "recipe_hash": recipe.fingerprint(),
+        "git_sha": git_revision(Path(__file__).parent),
+        "started_at": started_at,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "python": platform.python_version(),
+        "packages": package_versions(),
+        "resolved_recipe": recipe.model_dump(mode="json"),
+        "runs": [{key: value for key, value in record.items() if key != "trajectory"} for record in records],
+    }
+    summary_path = out_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    console.print(f"wrote {', '.join(str(path) for path in [summary_path, *written])}")
+    console.print(f"finished in {summary['wall_seconds']} s")
+    return out_dir
