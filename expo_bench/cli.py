@@ -27,12 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"expo-bench {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, handler, summary in (
-        ("run", run, "train and evaluate every method of a recipe; write results/<experiment>/"),
+        ("run", run, "train and evaluate every method of each recipe; write results/<experiment>/"),
         ("validate", validate, "check a recipe (types, ranges, method names) without running it"),
     ):
         command = commands.add_parser(name, help=summary, description=summary)
         command.set_defaults(handler=handler)
-        command.add_argument("recipe", type=Path, help="path to a YAML recipe, e.g. recipes/synthetic_interpolation.yaml")
+        command.add_argument(
+            "recipes", type=Path, nargs="+", metavar="RECIPE", help="YAML recipe(s), e.g. recipes/synthetic_interpolation.yaml"
+        )
         command.add_argument(
             "--set",
             dest="overrides",
@@ -46,35 +48,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def lam_summary(lams: list[float] | None) -> str:
+    if lams is None:
+        return "—"
+    return ", ".join(f"{lam:g}" for lam in lams) if len(lams) <= 3 else f"{len(lams)}: {min(lams):g}…{max(lams):g}"
+
+
 def describe(experiment: Experiment) -> Table:
-    table = Table(title=f"{experiment.recipe.experiment} ({experiment.source}, recipe {experiment.recipe.fingerprint()})")
-    for column in ("label", "method", "λ grid", "params", "epochs", "batch", "optimizer"):
-        table.add_column(column)
+    """One row per method: what will be trained, with which λ grid, non-default hyperparameters and budget."""
+    recipe = experiment.recipe
+    table = Table(title=f"{recipe.experiment} · recipe {recipe.fingerprint()} · seeds {recipe.seeds}")
+    for column in ("method", "λ grid", "other params", "epochs", "batch", "optimizer"):
+        table.add_column(column, overflow="fold")
     for run in experiment.runs:
-        params = run.grid[0].model_dump(exclude={run.method.regularization} if run.lam else set())
+        params = run.grid[0].model_dump(
+            exclude_defaults=True, exclude={run.method.regularization} if run.lam and run.method.regularization else None
+        )
         table.add_row(
             run.label,
-            f"{run.method.__module__}:{run.method.__qualname__}",
-            "—" if run.lam is None else ", ".join(f"{lam:g}" for lam in run.lam),
-            ", ".join(f"{k}={v}" for k, v in params.items()),
+            lam_summary(run.lam),
+            ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items())
+            or "—",
             str(run.train.max_epochs),
             str(run.train.batch_size),
-            f"{run.train.optimizer.name}(lr={run.train.optimizer.lr:g})",
+            f"{run.train.optimizer.name} {run.train.optimizer.lr:g}",
         )
     return table
 
 
 def validate(args: argparse.Namespace, console: Console) -> None:
-    console.print(describe(load_recipe(args.recipe, args.overrides)))
-    console.print(Text(f"{args.recipe}: valid", style="green"))
+    for path in args.recipes:
+        console.print(describe(load_recipe(path, args.overrides)))
+        console.print(Text(f"{path}: valid", style="green"))
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
     from expo_bench.runner import run_experiment  # imports Lightning: keep validate and --help fast
 
-    experiment = load_recipe(args.recipe, args.overrides)
-    console.print(describe(experiment))
-    run_experiment(experiment, args.results, console)
+    experiments = [load_recipe(path, args.overrides) for path in args.recipes]  # all valid before any work
+    for experiment in experiments:
+        console.print(describe(experiment))
+        run_experiment(experiment, args.results, console)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

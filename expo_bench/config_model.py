@@ -10,9 +10,10 @@ from pydantic_core import PydanticCustomError
 
 
 def closest(word: str, choices: list[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
-    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    """`` (did you mean 'x'?)`` for the closest choice (ignoring case), or an empty string."""
+    by_lower = {choice.lower(): choice for choice in choices}
+    match = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.5)
+    return f" (did you mean {by_lower[match[0]]!r}?)" if match else ""
 
 
 class ConfigModel(BaseModel):

@@ -8,7 +8,7 @@ of one policy, and every loss is elementwise, so the same code serves one model 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -58,7 +58,8 @@ class PreferenceBatch:
                 return {key: tensor.to(device) for key, tensor in value.items()}
             return None if value is None else value.to(device)
 
-        return PreferenceBatch(**{field.name: move(getattr(self, field.name)) for field in fields(self)})
+        moved: dict[str, Any] = {field.name: move(getattr(self, field.name)) for field in fields(self)}
+        return PreferenceBatch(**moved)
 
 
 @dataclass(frozen=True)

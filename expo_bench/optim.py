@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -32,5 +32,5 @@ class OptimizerConfig(ConfigModel):
         return name
 
     def build(self, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        optimizer_class: type[torch.optim.Optimizer] = getattr(torch.optim, self.name)
+        optimizer_class: Callable[..., torch.optim.Optimizer] = getattr(torch.optim, self.name)
         return optimizer_class(parameters, lr=self.lr, **self.kwargs)

@@ -157,7 +157,9 @@ def _resolve(recipe: Recipe, index: int, entry: MethodEntry, problems: list[tupl
         problems.append((field_path(lam_path), f"{entry.method} has no regularization parameter to sweep (it is reference-free)"))
         return None
     if lam is not None and method.regularization in entry.params:
-        problems.append((field_path([*where, "params", method.regularization]), "set by the λ grid; remove it here or drop the grid"))
+        problems.append(
+            (field_path([*where, "params", method.regularization]), "set by the λ grid; remove it here or drop the grid")
+        )
         return None
     for k, value in enumerate(lam or [None]):
         params = entry.params if value is None else {**entry.params, str(method.regularization): value}
@@ -171,7 +173,7 @@ def _resolve(recipe: Recipe, index: int, entry: MethodEntry, problems: list[tupl
                     location.append(item["ctx"]["key"])
                 problems.append((field_path(location), item["msg"]))
             return None
-    label = entry.label or getattr(method, "name", method.__name__)
+    label = entry.label or str(getattr(method, "name", method.__name__))
     return MethodRun(label, method, grid, lam, train)
 
 
@@ -186,7 +188,9 @@ def validate_recipe(data: Any, source: Path | str) -> Experiment:
     seen: set[str] = set()
     for index, run in resolved:
         if run.label in seen:
-            problems.append((field_path(["methods", index, "label"]), f"label {run.label!r} is used twice; give each entry its own label"))
+            problems.append(
+                (field_path(["methods", index, "label"]), f"label {run.label!r} is used twice; give each entry its own label")
+            )
         seen.add(run.label)
     if problems:
         raise RecipeError(source, problems)

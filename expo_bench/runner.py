@@ -6,7 +6,7 @@ import json
 import platform
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ PACKAGES = ("expo-bench", "torch", "lightning", "torchmetrics", "transformers", 
 
 def git_revision(where: Path) -> str:
     """HEAD's sha of the checkout holding ``where``, with ``-dirty`` for uncommitted changes."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -46,7 +47,7 @@ def run_experiment(experiment: Experiment, results_root: Path, console: Console)
     out_dir = results_root / recipe.experiment
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
     records = recipe.task.run(experiment, console)
     written = recipe.task.report(experiment, records, out_dir, console)
     summary: dict[str, Any] = {

@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from expo_bench.config_model import ConfigModel
-from expo_bench.contracts import PairLogps, PreferenceBatch, SequenceScorer, Sequences, concat_sequences
+from expo_bench.contracts import PairLogps, PreferenceBatch, Sequences, SequenceScorer, concat_sequences
 from expo_bench.optim import OptimizerConfig
 
 REGISTRY: dict[str, type[PreferenceMethod]] = {}
@@ -139,7 +139,7 @@ class PreferenceMethod(L.LightningModule):
         # Summing over replicas keeps each replica's gradient what it would be if trained alone.
         loss = per_replica.sum()
         # Lightning's log() costs more than a tabular step; call it only on the steps a logger would keep.
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
             self.log("train/loss", per_replica.mean(), batch_size=len(batch))
             if len(terms) > 1:
                 for term, value in terms.items():

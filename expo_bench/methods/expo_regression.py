@@ -68,5 +68,3 @@ class EXPORegression(PreferenceMethod):
             self.hp("gamma"),
         )
         return {"loss": loss.mean(-1)}
-
-

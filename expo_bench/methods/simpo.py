@@ -12,7 +12,9 @@ from expo_bench.contracts import PairLogps, PreferenceBatch
 from expo_bench.methods.base import MethodParams, PreferenceMethod, preference_nll
 
 
-def simpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, label: Tensor | float, beta: float | Tensor, gamma: float | Tensor) -> Tensor:
+def simpo_loss(
+    policy_chosen: Tensor, policy_rejected: Tensor, label: Tensor | float, beta: float | Tensor, gamma: float | Tensor
+) -> Tensor:
     """``-log σ(β(log π(y_w)/|y_w| - log π(y_l)/|y_l|) - γ)`` on per-token mean log-probs (z = 1)."""
     return preference_nll(beta * (policy_chosen - policy_rejected), label, gamma)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -103,7 +104,7 @@ def make_batch(pairs: TabularPairs, index: Tensor, pi_ref: Tensor) -> Preference
     )
 
 
-def _whole(batch: PreferenceBatch) -> PreferenceBatch:
+def _whole(batch: Any) -> Any:
     return batch
 
 
@@ -123,7 +124,9 @@ class _FullBatchDataset(Dataset[PreferenceBatch]):
 class TabularPreferenceData(L.LightningDataModule):
     """Sampled pairs in shuffled mini-batches, or the exact population as ``full_batch_steps`` full batches."""
 
-    def __init__(self, pairs: TabularPairs, pi_ref: Tensor, batch_size: int, seed: int, full_batch_steps: int | None = None) -> None:
+    def __init__(
+        self, pairs: TabularPairs, pi_ref: Tensor, batch_size: int, seed: int, full_batch_steps: int | None = None
+    ) -> None:
         super().__init__()
         self.pairs, self.pi_ref, self.batch_size, self.seed = pairs, pi_ref, batch_size, seed
         self.full_batch_steps = full_batch_steps

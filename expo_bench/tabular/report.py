@@ -9,8 +9,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from rich.table import Table  # noqa: E402
+import matplotlib.pyplot as plt
+from rich.table import Table
 
 OBJECTIVE_STYLE = {"sampled": "-", "population": "--"}
 
@@ -66,7 +66,10 @@ def plot_trajectories(records: Sequence[dict[str, Any]], prompts: Sequence[Any],
     The x-axis is the fraction of each run's optimizer steps, since the two objectives have different budgets.
     """
     methods = _grid_positions(records)
-    grid_size = max(len([r for r in records if r["method"] == m and r["objective"] == "sampled" and r["seed"] == records[0]["seed"]]) for m in methods)
+    grid_size = max(
+        len([r for r in records if r["method"] == m and r["objective"] == "sampled" and r["seed"] == records[0]["seed"]])
+        for m in methods
+    )
     positions = sorted({0, grid_size // 2, grid_size - 1}) if grid_size > max_lams else list(range(grid_size))
     rows = [(prompt_index, position) for prompt_index in range(len(prompts)) for position in positions]
     fig, axes = plt.subplots(len(rows), len(methods), figsize=(3.2 * len(methods), 2.4 * len(rows)), squeeze=False, sharey=True)
@@ -84,7 +87,14 @@ def plot_trajectories(records: Sequence[dict[str, Any]], prompts: Sequence[Any],
                 progress = [step / max(run["steps"], 1) for step in run["trajectory_steps"]]
                 for response in range(len(prompt.pi_star)):
                     values = [snapshot[prompt_index][response] for snapshot in run["trajectory"]]
-                    ax.plot(progress, values, style, color=colors[response], linewidth=1.2, label=f"π(y{response + 1})" if objective == "sampled" else None)
+                    ax.plot(
+                        progress,
+                        values,
+                        style,
+                        color=colors[response],
+                        linewidth=1.2,
+                        label=f"π(y{response + 1})" if objective == "sampled" else None,
+                    )
                 lam = "" if run["lam"] is None else f" λ={run['lam']:g}"
                 ax.set_title(f"{method}{lam}\n{prompt.name}", fontsize=8)
             for response, target in enumerate(prompt.pi_star):
@@ -101,9 +111,12 @@ def plot_trajectories(records: Sequence[dict[str, Any]], prompts: Sequence[Any],
 
 
 def plot_lambda_sweep(records: Sequence[dict[str, Any]], prompts: Sequence[Any], lam_labels: Sequence[float], path: Path) -> None:
-    """KL(π* ‖ π_final) against the position in the λ grid, one panel per prompt."""
+    """KL(π* ‖ π_final) against the position in the λ grid, one panel per prompt.
+
+    Colour is the method, line style the objective (solid: sampled pairs, dashed: population).
+    """
     methods = _grid_positions(records)
-    fig, axes = plt.subplots(1, len(prompts), figsize=(5.5 * len(prompts), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(prompts), figsize=(5 * len(prompts) + 2.5, 4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     seed = records[0]["seed"]
     for index, prompt in enumerate(prompts):
@@ -112,15 +125,22 @@ def plot_lambda_sweep(records: Sequence[dict[str, Any]], prompts: Sequence[Any],
             for objective, style in OBJECTIVE_STYLE.items():
                 runs = [r for r in records if r["method"] == method and r["objective"] == objective and r["seed"] == seed]
                 if runs:
-                    ax.plot(range(len(runs)), [r["kl_star_to_policy"][prompt.name] for r in runs], style, marker="o", markersize=3,
-                            color=color, label=f"{method} ({objective})")
-        reference = records[0]["kl_star_to_reference"][prompt.name]
-        ax.axhline(reference, color="grey", linestyle=":", label="KL(π* ‖ π_ref)")
+                    ax.plot(
+                        range(len(runs)),
+                        [r["kl_star_to_policy"][prompt.name] for r in runs],
+                        style,
+                        marker="o",
+                        markersize=3,
+                        color=color,
+                        label=method if objective == "sampled" else None,
+                    )
+        ax.axhline(records[0]["kl_star_to_reference"][prompt.name], color="grey", linestyle=":", label="KL(π* ‖ π_ref)")
         ax.set_xticks(range(len(lam_labels)), [f"{lam:g}" for lam in lam_labels], fontsize=7, rotation=45)
-        ax.set_xlabel("λ (grid position; EXPO-regression uses its own grid, see the recipe)")
+        ax.set_xlabel("λ (position in the recipe's grid)")
         ax.set_ylabel("KL(π* ‖ π)")
         ax.set_yscale("symlog", linthresh=1e-3)
-        ax.set_title(prompt.name)
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"prompt {prompt.name!r} (solid: sampled, dashed: population)", fontsize=9)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -6,7 +6,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import lightning as L
 import torch
@@ -83,8 +83,15 @@ class TabularTask(ConfigModel):
                     data = TabularPreferenceData(sampled, pi_ref, run.train.batch_size, seed)
                     records += self._fit(run, run.train, data, "sampled", pi_star, seed, console)
                     if self.population is not None:
-                        train = run.train.model_copy(update={"max_epochs": 1, "optimizer": run.train.optimizer.model_copy(update={"lr": self.population.lr})})
-                        data = TabularPreferenceData(population_pairs(pi_star.tolist()), pi_ref, 0, seed, full_batch_steps=self.population.steps)
+                        train = run.train.model_copy(
+                            update={
+                                "max_epochs": 1,
+                                "optimizer": run.train.optimizer.model_copy(update={"lr": self.population.lr}),
+                            }
+                        )
+                        data = TabularPreferenceData(
+                            population_pairs(pi_star.tolist()), pi_ref, 0, seed, full_batch_steps=self.population.steps
+                        )
                         records += self._fit(run, train, data, "population", pi_star, seed, console)
         finally:
             torch.set_num_threads(threads)
@@ -113,8 +120,9 @@ class TabularTask(ConfigModel):
         console: Console,
     ) -> list[dict[str, Any]]:
         L.seed_everything(seed, verbose=False)
+        policy = TabularPolicy(data.pi_ref, replicas=len(run.grid))
         module = run.method(
-            policy=TabularPolicy(data.pi_ref, replicas=len(run.grid)),
+            policy=policy,
             reference=TabularPolicy(data.pi_ref),
             params=run.grid,
             optimizer=train.optimizer,
@@ -122,12 +130,12 @@ class TabularTask(ConfigModel):
         steps = train.max_epochs * len(data.train_dataloader())
         trajectory = PolicyTrajectory(every=max(1, steps // self.trajectory_points))
         trainer = quiet_trainer(train, [trajectory, RichProgressBar(refresh_rate=50, leave=False)])
-        lams = "" if run.lam is None else f" λ ∈ {{{', '.join(f'{lam:g}' for lam in run.lam)}}}"
+        lams = "" if run.lam is None else f" {len(run.lam)} λ from {min(run.lam):g} to {max(run.lam):g}"
         started = time.perf_counter()
         trainer.fit(module, datamodule=data)
         seconds = time.perf_counter() - started
         console.print(f"  {run.label:<20} {objective:<10}{lams}: {trainer.global_step} steps in {seconds:.1f} s")
-        final = torch.softmax(module.policy.logits.detach().double(), dim=-1)
+        final = torch.softmax(policy.logits.detach().double(), dim=-1)
         history = torch.stack(trajectory.probabilities)
         return [
             {
@@ -165,12 +173,14 @@ class PolicyTrajectory(Callback):
 
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.steps.append(trainer.global_step)
-        self.probabilities.append(pl_module.policy.probabilities())
+        self.probabilities.append(cast(TabularPolicy, pl_module.policy).probabilities())
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._record(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step % self.every == 0:
             self._record(trainer, pl_module)
 
