@@ -30,7 +30,7 @@ class ConfigModel(BaseModel):
                 if key not in valid:
                     raise PydanticCustomError(
                         "unknown_key",
-                        "unknown key {key!r}{hint}; valid keys: {valid}",
-                        {"key": str(key), "hint": closest(str(key), valid), "valid": ", ".join(valid)},
+                        "unknown key {quoted}{hint}; valid keys: {valid}",
+                        {"key": str(key), "quoted": repr(str(key)), "hint": closest(str(key), valid), "valid": ", ".join(valid)},
                     )
         return data

@@ -6,6 +6,7 @@ import json
 import platform
 import subprocess
 import time
+import warnings
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -14,6 +15,14 @@ from typing import Any
 from rich.console import Console
 
 from expo_bench.recipe import Experiment
+
+EXPECTED_WARNINGS = (
+    ".*does not have many workers.*",  # tabular data is built in the main process on purpose
+    ".*smaller than the logging interval.*",
+    ".*module\\(s\\) in eval mode.*",  # the frozen reference is in eval mode on purpose
+    ".*overridden `transfer_batch_to_device`.*",  # PreferenceBatch.to() moves the batch contract
+    ".*treespec.*",  # a deprecation inside Lightning itself
+)
 
 PACKAGES = ("expo-bench", "torch", "lightning", "torchmetrics", "transformers", "pydantic")
 
@@ -48,7 +57,10 @@ def run_experiment(experiment: Experiment, results_root: Path, console: Console)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    records = recipe.task.run(experiment, console)
+    with warnings.catch_warnings():
+        for message in EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        records = recipe.task.run(experiment, console)
     written = recipe.task.report(experiment, records, out_dir, console)
     summary: dict[str, Any] = {
         "experiment": recipe.experiment,

@@ -6,7 +6,7 @@ expectation over y ~ π_ref(·|x), estimated by one of:
 
 - ``reference_samples``: responses from the reference carried by the batch with weights (cached samples
   for language models; the tabular task enumerates the whole response space weighted by π_ref, which is
-  exact). Faithful to the paper.
+  exact). Faithful to the paper; always on summed log-probs, even when the pair term is length-normalized.
 - ``dataset_responses``: y_w and y_l themselves, each with weight ½; unbiased only where the pairs were
   sampled from the reference (the IMDb pipeline), and on per-token means when length-normalized.
 

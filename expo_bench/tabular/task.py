@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -188,8 +187,6 @@ class PolicyTrajectory(Callback):
 def quiet_trainer(train: TrainConfig, callbacks: list[Callback]) -> L.Trainer:
     """A CPU Trainer without checkpoints, loggers or start-up chatter."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     return L.Trainer(
         accelerator="cpu",
         devices=1,

@@ -1,0 +1,51 @@
+"""The README's promises: its test command is what CI runs, and its add-a-method example works."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from expo_bench.recipe import validate_recipe
+from expo_bench.runner import run_experiment
+
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_first_lines_give_the_main_job_and_test_commands() -> None:
+    block = README.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2
+    main_job, tests = commands
+    assert "expo-bench run recipes/" in main_job and "pytest" in tests
+    assert tests in (ROOT / ".ci/run").read_text().splitlines()
+
+
+def test_add_a_method_example_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    example = re.search(r"```python\n# my_package/my_module.py\n(.*?)```", README, re.S)
+    assert example is not None
+    package = tmp_path / "my_package"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "my_module.py").write_text(example.group(1))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = {
+        "experiment": "hinge",
+        "task": {
+            "kind": "tabular",
+            "prompts": [{"name": "x", "pi_star": [0.6, 0.3, 0.1], "pi_ref": [0.4, 0.4, 0.2]}],
+            "draws_per_prompt": 30,
+            "population": None,
+        },
+        "train": {"max_epochs": 5, "batch_size": 4, "optimizer": {"lr": 0.05}},
+        "lam": [0.5, 5.0],
+        "methods": [{"method": "my_package.my_module:Hinge", "label": "hinge"}],
+    }
+    out = run_experiment(validate_recipe(recipe, "hinge.yaml"), tmp_path / "results", Console(quiet=True))
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [run["params"]["beta"] for run in runs] == [0.5, 5.0]
+    assert runs[0]["final_policy"]["x"] != pytest.approx([0.4, 0.4, 0.2], abs=1e-3)  # it trained
