@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from pydantic import Field, field_validator
 
 from expo_bench.config_model import ConfigModel, closest
@@ -22,6 +23,8 @@ class OptimizerConfig(ConfigModel):
 
     name: str = "Adam"
     lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 to ``lr`` over this many optimizer steps (the DPO paper used 150)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -31,6 +34,11 @@ class OptimizerConfig(ConfigModel):
             raise ValueError(f"unknown optimizer {name!r}{closest(name, OPTIMIZERS)}; torch.optim has {', '.join(OPTIMIZERS)}")
         return name
 
-    def build(self, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    def build(self, parameters: Iterable[torch.nn.Parameter]) -> OptimizerLRScheduler:
+        """The optimizer, with its warmup schedule when there is one, in Lightning's return format."""
         optimizer_class: Callable[..., torch.optim.Optimizer] = getattr(torch.optim, self.name)
-        return optimizer_class(parameters, lr=self.lr, **self.kwargs)
+        optimizer = optimizer_class(parameters, lr=self.lr, **self.kwargs)
+        if not self.warmup_steps:
+            return optimizer
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (self.warmup_steps + 1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}

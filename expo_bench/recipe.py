@@ -11,25 +11,17 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from expo_bench.config_model import ConfigModel
 from expo_bench.errors import RecipeError
+from expo_bench.lm.task import HHTask
 from expo_bench.methods import MethodParams, PreferenceMethod, UnknownMethodError, method_class
-from expo_bench.optim import OptimizerConfig
 from expo_bench.tabular.task import TabularTask
-
-
-class TrainConfig(ConfigModel):
-    """Optimization budget shared by every method unless a method entry overrides part of it."""
-
-    max_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(64, ge=1)
-    optimizer: OptimizerConfig = OptimizerConfig()
-    gradient_clip_val: float | None = Field(None, gt=0)
+from expo_bench.training import TrainConfig
 
 
 class MethodEntry(ConfigModel):
@@ -51,7 +43,7 @@ class Recipe(ConfigModel):
 
     experiment: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    task: TabularTask
+    task: Annotated[TabularTask | HHTask, Field(discriminator="kind")]
     train: TrainConfig = TrainConfig()
     lam: list[float] | None = Field(None, min_length=1)
     """The paper's λ, applied to each method's regularization parameter (DPO's β, IPO's τ, EXPO's λ)."""
@@ -173,6 +165,16 @@ def _resolve(recipe: Recipe, index: int, entry: MethodEntry, problems: list[tupl
                     location.append(item["ctx"]["key"])
                 problems.append((field_path(location), item["msg"]))
             return None
+    missing = method.requires(grid[0]) - recipe.task.provides
+    if missing:
+        problems.append(
+            (
+                field_path(where),
+                f"{entry.method} with these params needs {', '.join(sorted(missing))} in its batches, "
+                f"which task kind {recipe.task.kind!r} does not provide (for EXPO: kl_estimator: dataset_responses)",
+            )
+        )
+        return None
     label = entry.label or str(getattr(method, "name", method.__name__))
     return MethodRun(label, method, grid, lam, train)
 

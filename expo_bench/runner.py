@@ -55,6 +55,7 @@ def run_experiment(experiment: Experiment, results_root: Path, console: Console)
     recipe = experiment.recipe
     out_dir = results_root / recipe.experiment
     out_dir.mkdir(parents=True, exist_ok=True)
+    revision = git_revision(Path(__file__).parent)  # the code as it was when the run started
     started = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     with warnings.catch_warnings():
@@ -66,7 +67,7 @@ def run_experiment(experiment: Experiment, results_root: Path, console: Console)
         "experiment": recipe.experiment,
         "recipe": str(experiment.source),
         "recipe_hash": recipe.fingerprint(),
-        "git_sha": git_revision(Path(__file__).parent),
+        "git_sha": revision,
         "started_at": started_at,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "python": platform.python_version(),

@@ -41,7 +41,8 @@ def test_there_are_recipes() -> None:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda path: path.name)
-def test_every_shipped_recipe_validates(path: Path) -> None:
+def test_every_shipped_recipe_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(path.parent.parent)  # local paths in recipes are relative to the repository root
     experiment = load_recipe(path)
     assert experiment.runs and all(run.grid for run in experiment.runs)
 

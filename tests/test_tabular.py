@@ -15,11 +15,11 @@ from rich.console import Console
 
 from expo_bench.methods import method_class
 from expo_bench.optim import OptimizerConfig
-from expo_bench.recipe import TrainConfig, validate_recipe
+from expo_bench.recipe import validate_recipe
 from expo_bench.runner import run_experiment
 from expo_bench.tabular.data import TabularPreferenceData, bradley_terry, make_batch, population_pairs, sample_pairs
 from expo_bench.tabular.policy import TabularPolicy
-from expo_bench.tabular.task import quiet_trainer
+from expo_bench.training import TrainConfig, build_trainer
 
 PI_STAR = [0.6, 0.3, 0.1]
 PI_REF = torch.tensor([[0.4, 0.4, 0.2]])
@@ -66,7 +66,9 @@ def fit(method: str, params: list[dict[str, Any]], epochs: int = 2) -> torch.Ten
     module = cls(
         TabularPolicy(PI_REF, replicas=len(params)), TabularPolicy(PI_REF), [cls.Params(**p) for p in params], train.optimizer
     )
-    quiet_trainer(train, []).fit(module, datamodule=TabularPreferenceData(pairs, PI_REF, train.batch_size, seed=3))
+    build_trainer(train, [], accelerator="cpu", devices=1).fit(
+        module, datamodule=TabularPreferenceData(pairs, PI_REF, train.batch_size, seed=3)
+    )
     return module.policy.logits.detach()
 
 

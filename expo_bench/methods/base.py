@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -63,6 +64,11 @@ class PreferenceMethod(L.LightningModule):
     """Name of the field that plays the paper's λ (DPO's β, IPO's τ), or ``None`` (reference-free)."""
     reference_free: ClassVar[bool] = False
 
+    @classmethod
+    def requires(cls, params: MethodParams) -> frozenset[str]:
+        """Optional batch fields (e.g. ``kl_samples``) these hyperparameters need from the task's data."""
+        return frozenset()
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__ and cls.__module__.startswith("expo_bench.methods."):
@@ -80,7 +86,7 @@ class PreferenceMethod(L.LightningModule):
             raise ValueError("a method needs at least one set of hyperparameters")
         if reference is None and not self.reference_free:
             raise ValueError(f"{type(self).__name__} needs a reference model")
-        self.policy = policy
+        self.policy = policy.train()  # Hugging Face models load in eval mode
         self.reference = None if self.reference_free else reference
         if self.reference is not None:
             self.reference.requires_grad_(False).eval()
@@ -95,6 +101,13 @@ class PreferenceMethod(L.LightningModule):
                     raise ValueError(f"only numeric hyperparameters may differ across replicas, not {field!r}")
                 self.register_buffer(f"_hp_{field}", torch.tensor(values, dtype=torch.float32)[:, None])
                 self._varying[field] = getattr(self, f"_hp_{field}")
+
+    def train(self, mode: bool = True) -> PreferenceMethod:
+        """Lightning toggles modes around validation; the frozen reference stays in eval mode (no dropout)."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
 
     def hp(self, field: str) -> Any:
         """Hyperparameter ``field``: a float, or a ``(G, 1)`` tensor where it differs across replicas."""
@@ -134,22 +147,24 @@ class PreferenceMethod(L.LightningModule):
         return length_normalized(logps, batch) if self.params.length_normalize else logps
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
-        terms = self.objective(self.pair_logps(batch), batch)
+        logps = self.pair_logps(batch)
+        terms = self.objective(logps, batch)
         per_replica = torch.stack(list(terms.values())).sum(0)
-        # Summing over replicas keeps each replica's gradient what it would be if trained alone.
-        loss = per_replica.sum()
         # Lightning's log() costs more than a tabular step; call it only on the steps a logger would keep.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
-            self.log("train/loss", per_replica.mean(), batch_size=len(batch))
-            if len(terms) > 1:
-                for term, value in terms.items():
-                    self.log(f"train/loss_{term}", value.mean(), batch_size=len(batch))
-        return loss
+            self.log_dict(pair_metrics("train", logps, terms), batch_size=len(batch), sync_dist=True)
+        # Summing over replicas keeps each replica's gradient what it would be if trained alone.
+        return per_replica.sum()
+
+    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        logps = self.pair_logps(batch)
+        metrics = pair_metrics("val", logps, self.objective(logps, batch))
+        self.log_dict(metrics, batch_size=len(batch), sync_dist=True, on_epoch=True)
 
     def transfer_batch_to_device(self, batch: PreferenceBatch, device: torch.device, dataloader_idx: int) -> PreferenceBatch:
         return batch.to(device)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         return self.optimizer_config.build(self.policy.parameters())
 
     def configure_gradient_clipping(
@@ -162,6 +177,27 @@ class PreferenceMethod(L.LightningModule):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         clip_per_replica([p for p in self.policy.parameters() if p.grad is not None], gradient_clip_val)
+
+
+def pair_metrics(stage: str, logps: PairLogps, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Loss, its terms, mean log-probs and, with a reference, implicit rewards log π/π_ref (unscaled by β,
+    so methods compare on one scale). An accuracy counts h > 0 as 1 and a tie h = 0 as ½, averaged over
+    pairs (and replicas)."""
+    metrics = {f"{stage}/loss": torch.stack(list(terms.values())).sum(0).mean()}
+    if len(terms) > 1:
+        metrics |= {f"{stage}/loss_{name}": value.mean() for name, value in terms.items()}
+    metrics |= {f"{stage}/logps_chosen": logps.policy_chosen.mean(), f"{stage}/logps_rejected": logps.policy_rejected.mean()}
+    if logps.reference_chosen is not None and logps.reference_rejected is not None:
+        margin = logps.log_ratio_margin
+        metrics |= {
+            f"{stage}/rewards_chosen": (logps.policy_chosen - logps.reference_chosen).mean(),
+            f"{stage}/rewards_rejected": (logps.policy_rejected - logps.reference_rejected).mean(),
+            f"{stage}/rewards_margin": margin.mean(),
+            f"{stage}/rewards_accuracy": ((margin > 0).float() + 0.5 * (margin == 0).float()).mean(),
+        }
+    policy_margin = logps.policy_margin
+    metrics[f"{stage}/preference_accuracy"] = ((policy_margin > 0).float() + 0.5 * (policy_margin == 0).float()).mean()
+    return {name: value.detach() for name, value in metrics.items()}
 
 
 def length_normalized(logps: PairLogps, batch: PreferenceBatch) -> PairLogps:

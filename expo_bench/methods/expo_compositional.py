@@ -72,6 +72,10 @@ class EXPOCompositional(PreferenceMethod):
     Params = EXPOCompositionalParams
     regularization: ClassVar[str | None] = "lam"
 
+    @classmethod
+    def requires(cls, params: MethodParams) -> frozenset[str]:
+        return frozenset({"kl_samples"}) if params.kl_estimator == "reference_samples" else frozenset()  # type: ignore[attr-defined]
+
     def objective(self, logps: PairLogps, batch: PreferenceBatch) -> dict[str, Tensor]:
         kl = KL_ESTIMATORS[self.params.kl_estimator](self, batch, logps)  # type: ignore[attr-defined]
         lam = self.hp("lam") * self.hp("kl_scale")

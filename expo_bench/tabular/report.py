@@ -10,7 +10,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from rich.table import Table
 
 OBJECTIVE_STYLE = {"sampled": "-", "population": "--"}
 
@@ -39,21 +38,6 @@ def final_policy_rows(records: Sequence[dict[str, Any]], prompts: Sequence[str])
 
 
 HEADER = ["method", "λ", "objective", "seed", "prompt", "final π", "KL(π* ‖ π)"]
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def rich_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
-    table = Table(title=title)
-    for column in header:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    return table
 
 
 def _grid_positions(records: Sequence[dict[str, Any]]) -> list[str]:

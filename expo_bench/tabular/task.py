@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import lightning as L
 import torch
@@ -14,12 +13,14 @@ from pydantic import Field, model_validator
 from rich.console import Console
 
 from expo_bench.config_model import ConfigModel
+from expo_bench.reporting import markdown_table, rich_table
 from expo_bench.tabular import report
 from expo_bench.tabular.data import TabularPreferenceData, population_pairs, sample_pairs
 from expo_bench.tabular.policy import TabularPolicy
+from expo_bench.training import TrainConfig, build_trainer
 
 if TYPE_CHECKING:
-    from expo_bench.recipe import Experiment, MethodRun, TrainConfig
+    from expo_bench.recipe import Experiment, MethodRun
 
 
 class TabularPrompt(ConfigModel):
@@ -54,6 +55,8 @@ class TabularTask(ConfigModel):
     """Softmax policy over a few responses per prompt, trained on sampled pairs and on the population."""
 
     kind: Literal["tabular"]
+    provides: ClassVar[frozenset[str]] = frozenset({"kl_samples"})
+    """Optional batch fields this task's data carries (every response of a prompt, weighted by π_ref)."""
     prompts: list[TabularPrompt] = Field(min_length=1)
     draws_per_prompt: int = Field(gt=0)
     population: PopulationObjective | None = PopulationObjective()
@@ -99,9 +102,9 @@ class TabularTask(ConfigModel):
     def report(self, experiment: Experiment, records: list[dict[str, Any]], out_dir: Path, console: Console) -> list[Path]:
         """Write the final-policy table (Markdown), the trajectories and the λ-sweep (PNG)."""
         rows = report.final_policy_rows(records, [prompt.name for prompt in self.prompts])
-        console.print(report.rich_table(f"{experiment.recipe.experiment}: final policies", report.HEADER, rows))
+        console.print(rich_table(f"{experiment.recipe.experiment}: final policies", report.HEADER, rows))
         table = out_dir / "final_policies.md"
-        table.write_text(f"# {experiment.recipe.experiment}: final policies\n\n" + report.markdown_table(report.HEADER, rows))
+        table.write_text(f"# {experiment.recipe.experiment}: final policies\n\n" + markdown_table(report.HEADER, rows))
         trajectories, sweep = out_dir / "trajectories.png", out_dir / "lambda_sweep.png"
         report.plot_trajectories(records, self.prompts, trajectories)
         lam_labels = experiment.recipe.lam or next((run.lam for run in experiment.runs if run.lam), [0.0])
@@ -128,7 +131,9 @@ class TabularTask(ConfigModel):
         )
         steps = train.max_epochs * len(data.train_dataloader())
         trajectory = PolicyTrajectory(every=max(1, steps // self.trajectory_points))
-        trainer = quiet_trainer(train, [trajectory, RichProgressBar(refresh_rate=50, leave=False)])
+        trainer = build_trainer(
+            train, [trajectory, RichProgressBar(refresh_rate=50, leave=False)], accelerator="cpu", devices=1, log_every_n_steps=50
+        )
         lams = "" if run.lam is None else f" {len(run.lam)} λ from {min(run.lam):g} to {max(run.lam):g}"
         started = time.perf_counter()
         trainer.fit(module, datamodule=data)
@@ -182,20 +187,3 @@ class PolicyTrajectory(Callback):
     ) -> None:
         if trainer.global_step % self.every == 0:
             self._record(trainer, pl_module)
-
-
-def quiet_trainer(train: TrainConfig, callbacks: list[Callback]) -> L.Trainer:
-    """A CPU Trainer without checkpoints, loggers or start-up chatter."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=train.max_epochs,
-        gradient_clip_val=train.gradient_clip_val,
-        log_every_n_steps=50,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        deterministic=True,
-    )

@@ -1,0 +1,86 @@
+"""Tokenized preference pairs as a LightningDataModule, with cached reference log-probs attached."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from expo_bench.contracts import PreferenceBatch, SequenceScorer, concat_sequences
+from expo_bench.lm.tokenize import TokenizedPair, collate_pairs
+
+
+class PairDataset(Dataset[PreferenceBatch]):
+    """Pairs with optional ``(N, 2)`` reference log-probs (chosen, rejected); builds whole batches."""
+
+    def __init__(self, pairs: Sequence[TokenizedPair], pad_token_id: int, reference_logps: Tensor | None = None) -> None:
+        self.pairs, self.pad_token_id, self.reference_logps = pairs, pad_token_id, reference_logps
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitems__(self, indices: list[int]) -> PreferenceBatch:
+        batch = collate_pairs([self.pairs[index] for index in indices], self.pad_token_id)
+        if self.reference_logps is None:
+            return batch
+        cached = self.reference_logps[indices]
+        return replace(batch, reference_chosen_logps=cached[:, 0], reference_rejected_logps=cached[:, 1])
+
+
+def _whole(batch: Any) -> Any:
+    return batch
+
+
+def loader(dataset: PairDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader[PreferenceBatch]:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=_whole)
+
+
+class PairData(L.LightningDataModule):
+    """Training pairs (shuffled, seeded) and held-out pairs (in order)."""
+
+    def __init__(self, train: PairDataset, val: PairDataset, batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.train, self.val, self.batch_size, self.seed = train, val, batch_size, seed
+
+    def train_dataloader(self) -> DataLoader[PreferenceBatch]:
+        return loader(self.train, self.batch_size, shuffle=True, seed=self.seed)
+
+    def val_dataloader(self) -> DataLoader[PreferenceBatch]:
+        return loader(self.val, self.batch_size, shuffle=False, seed=self.seed)
+
+
+@torch.no_grad()
+def reference_logps(reference: SequenceScorer, dataset: PairDataset, batch_size: int, device: torch.device) -> Tensor:
+    """``(N, 2)`` summed log-probs of chosen and rejected under the reference, one pass over the data."""
+    rows = []
+    for batch in loader(dataset, batch_size, shuffle=False, seed=0):
+        batch = batch.to(device)
+        both = reference.sequence_logps(concat_sequences(batch.chosen, batch.rejected)).float().cpu()
+        rows.append(torch.stack(both.chunk(2), dim=1))
+    return torch.cat(rows)
+
+
+def fingerprint_pairs(pairs: Sequence[TokenizedPair]) -> str:
+    """sha256 over every token id of every pair: equal only for the same data, tokenizer and truncation."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+            digest.update(b"|")
+    return digest.hexdigest()[:16]
+
+
+def fingerprint_module(module: torch.nn.Module) -> str:
+    """sha256 over the module's weights: the reference cache key must change whenever the weights do."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,69 @@
+"""Causal language models as policies and references: per-sequence log-probs over response tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import model_validator
+from torch import Tensor, nn
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from expo_bench.config_model import ConfigModel
+from expo_bench.contracts import Sequences
+
+
+class ModelConfig(ConfigModel):
+    """A causal LM from the hub or a local folder (``name_or_path``), or a tiny one built from a config.
+
+    ``tiny`` is an architecture config, e.g. ``{model_type: gpt_neox, hidden_size: 64, ...}``: weights are
+    initialised from the seed, so tests and the embedded quickstart need no download.
+    """
+
+    name_or_path: str | None = None
+    tiny: dict[str, Any] | None = None
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelConfig:
+        if (self.name_or_path is None) == (self.tiny is None):
+            raise ValueError("give exactly one of name_or_path (hub id or local folder) or tiny (an architecture config)")
+        if self.tiny is not None and "model_type" not in self.tiny:
+            raise ValueError("tiny needs a model_type, e.g. gpt_neox")
+        return self
+
+    def build(self, vocab_size: int | None = None) -> PreTrainedModel:
+        if self.name_or_path is not None:
+            return AutoModelForCausalLM.from_pretrained(self.name_or_path, revision=self.revision)
+        assert self.tiny is not None
+        settings = dict(self.tiny)
+        if vocab_size is not None:
+            settings.setdefault("vocab_size", vocab_size)
+        config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def response_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
+    """Σ_t log π(x_t | x_<t) over response tokens (``loss_mask``), in float32: ``(N,)``.
+
+    Position t is predicted by the logits at t - 1, so the first token is never scored (it is a prompt token).
+    """
+    targets = input_ids[:, 1:]
+    token_logps = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+    return (token_logps * loss_mask[:, 1:]).sum(-1)
+
+
+class CausalLMScorer(nn.Module):
+    """The :class:`~expo_bench.contracts.SequenceScorer` for a Hugging Face causal LM."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def sequence_logps(self, sequences: Sequences) -> Tensor:
+        logits = self.model(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).logits
+        return response_logps(logits, sequences["input_ids"], sequences["loss_mask"])
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())

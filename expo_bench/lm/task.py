@@ -1,0 +1,194 @@
+"""Preference optimization of a causal LM on Anthropic HH: SFT first, then every method from it."""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, RichProgressBar
+from pydantic import Field, model_validator
+from rich.console import Console
+from transformers import AutoTokenizer, PreTrainedModel
+
+from expo_bench.config_model import ConfigModel
+from expo_bench.lm import report
+from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, fingerprint_pairs, reference_logps
+from expo_bench.lm.hh import HUB_ID, PromptPair, load_hh_pairs
+from expo_bench.lm.model import CausalLMScorer, ModelConfig, count_parameters
+from expo_bench.lm.sft import SupervisedFineTuning
+from expo_bench.lm.tokenize import TokenizationConfig, TokenizedPair, fingerprint_tokenizer, tokenize_pair
+from expo_bench.training import TrainConfig, build_trainer
+
+if TYPE_CHECKING:
+    from expo_bench.recipe import Experiment, MethodRun
+
+
+class HHTask(ConfigModel):
+    """Anthropic HH pairs from the hub (``source: Anthropic/hh-rlhf``) or a local file or folder.
+
+    When ``eval_split`` equals ``train_split`` (local test splits), the pairs are shuffled once by seed
+    and cut into disjoint training and held-out slices.
+    """
+
+    kind: Literal["hh"]
+    provides: ClassVar[frozenset[str]] = frozenset()
+    """No reference samples yet: EXPO-compositional uses ``kl_estimator: dataset_responses`` here."""
+    source: str = HUB_ID
+    data_dir: str | None = "helpful-base"
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_train_pairs: int | None = Field(None, gt=0)
+    max_eval_pairs: int | None = Field(None, gt=0)
+    skip_malformed: bool = False
+    tokenizer: str = "EleutherAI/pythia-2.8b"
+    tokenization: TokenizationConfig = TokenizationConfig()
+    model: ModelConfig
+    sft: TrainConfig | None = None
+    """Preferred-FT on the chosen responses first; its result is the reference and every method's start."""
+    reference: Literal["cached", "frozen_copy"] = "cached"
+    """``cached``: reference log-probs computed once per seed and reused by every method; ``frozen_copy``:
+    the frozen reference runs forward on every batch."""
+
+    @model_validator(mode="after")
+    def _source_exists(self) -> HHTask:
+        if self.source != HUB_ID and not Path(self.source).exists():
+            raise ValueError(f"source {self.source!r} is neither an existing file or folder nor the hub id {HUB_ID!r}")
+        return self
+
+    def _pairs(self, seed: int) -> tuple[list[PromptPair], list[PromptPair], list[str]]:
+        train, train_report = load_hh_pairs(self.source, self.data_dir, self.train_split, self.skip_malformed)
+        notes = [f"{self.train_split}: {train_report.summary()}"]
+        if self.eval_split == self.train_split:
+            random.Random(seed).shuffle(train)
+            held_out = self.max_eval_pairs or max(1, len(train) // 10)
+            evaluation, train = train[:held_out], train[held_out:]
+        else:
+            evaluation, eval_report = load_hh_pairs(self.source, self.data_dir, self.eval_split, self.skip_malformed)
+            notes.append(f"{self.eval_split}: {eval_report.summary()}")
+        return train[: self.max_train_pairs], evaluation[: self.max_eval_pairs], notes
+
+    def run(self, experiment: Experiment, console: Console) -> list[dict[str, Any]]:
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer)
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        records: list[dict[str, Any]] = []
+        for seed in experiment.recipe.seeds:
+            train_pairs, eval_pairs, notes = self._pairs(seed)
+            train = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in train_pairs]
+            evaluation = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in eval_pairs]
+            provenance = {
+                "data_fingerprint": fingerprint_pairs(train + evaluation),
+                "tokenizer_fingerprint": fingerprint_tokenizer(tokenizer),
+                "train_pairs": len(train),
+                "eval_pairs": len(evaluation),
+                "truncated_prompts": sum(pair.prompt_truncated for pair in train + evaluation),
+                "truncated_responses": sum(pair.response_truncated for pair in train + evaluation),
+            }
+            for note in notes:
+                console.print(f"seed {seed}: {note}")
+            console.print(f"seed {seed}: {provenance}")
+            L.seed_everything(seed, verbose=False)
+            base = self.model.build(vocab_size=len(tokenizer))
+            sft_metrics = self._sft(base, train, evaluation, pad_token_id, seed, console) if self.sft else {}
+            provenance |= {"reference_fingerprint": fingerprint_module(base), "parameters": count_parameters(base), **sft_metrics}
+            train_set, eval_set = PairDataset(train, pad_token_id), PairDataset(evaluation, pad_token_id)
+            if self.reference == "cached":
+                device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+                scorer = CausalLMScorer(base).to(device).eval()
+                batch_size = experiment.runs[0].train.batch_size
+                train_set.reference_logps = reference_logps(scorer, train_set, batch_size, device)
+                eval_set.reference_logps = reference_logps(scorer, eval_set, batch_size, device)
+                base.cpu()
+                console.print(f"seed {seed}: reference log-probs cached for {len(train) + len(evaluation)} pairs, one pass")
+            for run in experiment.runs:
+                for index, params in enumerate(run.grid):
+                    lam = None if run.lam is None else run.lam[index]
+                    record = self._fit(
+                        run, params, lam, base, PairData(train_set, eval_set, run.train.batch_size, seed), seed, console
+                    )
+                    records.append(record | provenance)
+        return records
+
+    def _sft(
+        self,
+        base: PreTrainedModel,
+        train: list[TokenizedPair],
+        evaluation: list[TokenizedPair],
+        pad: int,
+        seed: int,
+        console: Console,
+    ) -> dict[str, Any]:
+        assert self.sft is not None
+        module = SupervisedFineTuning(CausalLMScorer(base), self.sft.optimizer)
+        data = PairData(PairDataset(train, pad), PairDataset(evaluation, pad), self.sft.batch_size, seed)
+        trainer = build_trainer(self.sft, [RichProgressBar(leave=False)])
+        before = trainer.validate(module, datamodule=data, verbose=False)[0]["sft/val_nll"]
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=data)
+        after = trainer.validate(module, datamodule=data, verbose=False)[0]["sft/val_nll"]
+        seconds = time.perf_counter() - started
+        console.print(
+            f"  SFT: held-out NLL per token {before:.3f} -> {after:.3f} in {trainer.global_step} steps, {seconds:.1f} s"
+        )
+        base.cpu()
+        return {"sft_val_nll_before": before, "sft_val_nll_after": after, "sft_steps": trainer.global_step}
+
+    def _fit(
+        self, run: MethodRun, params: Any, lam: float | None, base: PreTrainedModel, data: PairData, seed: int, console: Console
+    ) -> dict[str, Any]:
+        L.seed_everything(seed, verbose=False)
+        reference = None if run.method.reference_free else CausalLMScorer(copy.deepcopy(base))
+        module = run.method(CausalLMScorer(copy.deepcopy(base)), reference, [params], run.train.optimizer)
+        history = LossHistory()
+        trainer = build_trainer(run.train, [history, RichProgressBar(leave=False)])
+        before = trainer.validate(module, datamodule=data, verbose=False)[0]
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=data)
+        seconds = time.perf_counter() - started
+        after = trainer.validate(module, datamodule=data, verbose=False)[0]
+        lam_text = "" if lam is None else f" λ={lam:g}"
+        accuracy = "rewards_accuracy" if "val/rewards_accuracy" in after else "preference_accuracy"
+        console.print(
+            f"  {run.label}{lam_text}: {trainer.global_step} steps in {seconds:.1f} s; held-out loss "
+            f"{before['val/loss']:.4f} -> {after['val/loss']:.4f}, {accuracy} {after[f'val/{accuracy}']:.3f}"
+        )
+        return {
+            "method": run.label,
+            "method_class": f"{run.method.__module__}:{run.method.__qualname__}",
+            "seed": seed,
+            "lam": lam,
+            "params": params.model_dump(mode="json"),
+            "train": run.train.model_dump(mode="json"),
+            "steps": trainer.global_step,
+            "train_seconds": round(seconds, 3),
+            "eval_before": before,
+            "eval_after": after,
+            "loss_history": history.losses,
+        }
+
+    def report(self, experiment: Experiment, records: list[dict[str, Any]], out_dir: Path, console: Console) -> list[Path]:
+        rows = report.metric_rows(records)
+        console.print(report.rich_table(f"{experiment.recipe.experiment}: held-out pairs after training", rows))
+        table = out_dir / "methods.md"
+        table.write_text(f"# {experiment.recipe.experiment}: held-out pairs after training\n\n" + report.markdown_table(rows))
+        curves = out_dir / "training.png"
+        report.plot_training(records, curves)
+        return [table, curves]
+
+
+class LossHistory(Callback):
+    """``(step, train/loss)`` whenever the module logged its training loss."""
+
+    def __init__(self) -> None:
+        self.losses: list[tuple[int, float]] = []
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and trainer.global_step % trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
+            self.losses.append((trainer.global_step, float(loss)))

@@ -1,0 +1,119 @@
+"""Tokenized preference pairs with explicit, recorded truncation, collated into the batch contract.
+
+Prompt and responses are tokenized separately so the prompt/response boundary is exact (no guessing it
+from a joint tokenization), and truncation is flagged per pair: peers truncate silently (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from expo_bench.config_model import ConfigModel
+from expo_bench.contracts import PreferenceBatch, Sequences
+from expo_bench.lm.hh import PromptPair
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+PromptTruncation = Literal["keep_end", "keep_start"]
+
+_TRUNCATE_PROMPT: dict[str, Callable[[list[int], int], list[int]]] = {
+    "keep_end": lambda ids, length: ids[-length:],
+    "keep_start": lambda ids, length: ids[:length],
+}
+
+
+class TokenizationConfig(ConfigModel):
+    """Lengths in tokens (DPO defaults). ``keep_end`` keeps the most recent turns and the final assistant tag."""
+
+    max_length: int = Field(512, gt=0)
+    max_prompt_length: int = Field(256, gt=0)
+    prompt_truncation: PromptTruncation = "keep_end"
+
+    @model_validator(mode="after")
+    def _room_for_a_response(self) -> TokenizationConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be less than max_length ({self.max_length}) "
+                "so every response keeps at least one token"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of one pair; responses end with EOS unless ``response_truncated`` cut it off."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    prompt_truncated: bool
+    response_truncated: bool
+
+
+def tokenize_pair(tokenizer: PreTrainedTokenizerBase, pair: PromptPair, config: TokenizationConfig) -> TokenizedPair:
+    """Tokenize without special tokens, append EOS to each response, then truncate as the DPO reference does.
+
+    Only when prompt + longer response exceeds ``max_length``: the prompt is cut to ``max_prompt_length``,
+    then both responses keep their first ``max_length - len(prompt)`` tokens (at least one, as
+    ``max_prompt_length < max_length``), so no response is ever empty.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token_id to end responses with")
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    prompt, chosen, rejected = ids(pair.prompt), [*ids(pair.chosen), eos], [*ids(pair.rejected), eos]
+    prompt_truncated = response_truncated = False
+    if len(prompt) + max(len(chosen), len(rejected)) > config.max_length:
+        if len(prompt) > config.max_prompt_length:
+            prompt = _TRUNCATE_PROMPT[config.prompt_truncation](prompt, config.max_prompt_length)
+            prompt_truncated = True
+        budget = config.max_length - len(prompt)
+        response_truncated = max(len(chosen), len(rejected)) > budget
+        chosen, rejected = chosen[:budget], rejected[:budget]
+    return TokenizedPair(prompt, chosen, rejected, prompt_truncated, response_truncated)
+
+
+def _sequences(prompts: list[list[int]], responses: list[list[int]], length: int, pad_token_id: int) -> Sequences:
+    """Right-padded prompt + response rows; ``loss_mask`` marks exactly the response tokens."""
+    input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    loss_mask = torch.zeros((len(prompts), length), dtype=torch.bool)
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        end = len(prompt) + len(response)
+        input_ids[row, :end] = torch.tensor(prompt + response)
+        attention_mask[row, :end] = 1
+        loss_mask[row, len(prompt) : end] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int) -> PreferenceBatch:
+    """A batch whose chosen and rejected sequences share one length, so they concatenate for one forward pass."""
+    prompts = [pair.prompt_ids for pair in pairs]
+    chosen = [pair.chosen_ids for pair in pairs]
+    rejected = [pair.rejected_ids for pair in pairs]
+    length = max(len(prompt) + len(response) for prompt, response in zip(prompts * 2, chosen + rejected, strict=True))
+    return PreferenceBatch(
+        chosen=_sequences(prompts, chosen, length, pad_token_id),
+        rejected=_sequences(prompts, rejected, length, pad_token_id),
+        chosen_tokens=torch.tensor([len(ids) for ids in chosen], dtype=torch.float32),
+        rejected_tokens=torch.tensor([len(ids) for ids in rejected], dtype=torch.float32),
+        label=torch.ones(len(pairs)),
+    )
+
+
+def fingerprint_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Short sha256 of the tokenizer's serialization (vocab, merges, normalizer), for results' provenance."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

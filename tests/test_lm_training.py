@@ -1,0 +1,174 @@
+"""Language-model training on real HH pairs with a tiny GPT-NeoX and the real Pythia tokenizer (offline)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from rich.console import Console
+from torch.nn import functional as F
+
+from expo_bench.errors import RecipeError
+from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, reference_logps
+from expo_bench.lm.hh import load_hh_pairs
+from expo_bench.lm.model import CausalLMScorer, ModelConfig, response_logps
+from expo_bench.lm.sft import SupervisedFineTuning
+from expo_bench.lm.tokenize import TokenizationConfig, collate_pairs, tokenize_pair
+from expo_bench.methods import available_methods
+from expo_bench.optim import OptimizerConfig
+from expo_bench.recipe import load_recipe, validate_recipe
+from expo_bench.runner import run_experiment
+from expo_bench.training import TrainConfig, build_trainer
+
+ROOT = Path(__file__).parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+TINY = {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 64, "max_position_embeddings": 64}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "gpt-neox-20b")
+
+
+@pytest.fixture(scope="module")
+def pairs(tokenizer: Any) -> list[Any]:
+    prompts, _ = load_hh_pairs(str(SHARED / "hh-rlhf"), "helpful-base", "test")
+    config = TokenizationConfig(max_length=48, max_prompt_length=32)
+    return [tokenize_pair(tokenizer, pair, config) for pair in prompts[:24]]
+
+
+def tiny_model(tokenizer: Any, seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    return ModelConfig(tiny=TINY).build(vocab_size=len(tokenizer))
+
+
+def test_response_logps_score_exactly_the_response_tokens(tokenizer: Any, pairs: list[Any]) -> None:
+    batch = collate_pairs(pairs[:3], tokenizer.eos_token_id)
+    logits = torch.randn(*batch.chosen["input_ids"].shape, 11)
+    ids = batch.chosen["input_ids"] % 11
+    mask = batch.chosen["loss_mask"]
+    expected = torch.zeros(3)
+    for row in range(3):
+        for t in range(1, ids.shape[1]):
+            if mask[row, t]:
+                expected[row] += F.log_softmax(logits[row, t - 1], -1)[ids[row, t]]
+    torch.testing.assert_close(response_logps(logits, ids, mask), expected)
+
+
+def test_cached_reference_logps_equal_fresh_ones(tokenizer: Any, pairs: list[Any]) -> None:
+    reference = CausalLMScorer(tiny_model(tokenizer)).eval()
+    dataset = PairDataset(pairs, tokenizer.eos_token_id)
+    cached = reference_logps(reference, dataset, batch_size=5, device=torch.device("cpu"))
+    dataset.reference_logps = cached
+    batch = dataset.__getitems__([3, 0, 7])
+    with torch.no_grad():
+        fresh = reference.sequence_logps(batch.chosen), reference.sequence_logps(batch.rejected)
+    assert batch.reference_chosen_logps is not None and batch.reference_rejected_logps is not None
+    torch.testing.assert_close(batch.reference_chosen_logps, fresh[0])
+    torch.testing.assert_close(batch.reference_rejected_logps, fresh[1])
+
+
+METHOD_PARAMS = {
+    "dpo": {"beta": 0.5},
+    "ipo": {"tau": 0.5},
+    "simpo": {},
+    "fdpo_js": {"beta": 0.5},
+    "expo_compositional": {"lam": 0.1, "kl_estimator": "dataset_responses"},
+    "expo_regression": {"lam": 0.1},
+}
+
+
+def test_every_method_is_covered() -> None:
+    assert set(METHOD_PARAMS) == set(available_methods())
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_PARAMS))
+def test_every_method_trains_and_its_loss_falls(name: str, tokenizer: Any, pairs: list[Any]) -> None:
+    method = available_methods()[name]
+    base = tiny_model(tokenizer)
+    train = PairDataset(pairs, tokenizer.eos_token_id)
+    train.reference_logps = reference_logps(CausalLMScorer(base).eval(), train, 8, torch.device("cpu"))
+    reference = None if method.reference_free else CausalLMScorer(copy.deepcopy(base))
+    module = method(
+        CausalLMScorer(copy.deepcopy(base)), reference, [method.Params(**METHOD_PARAMS[name])], OptimizerConfig(lr=1e-3)
+    )
+    batch = train.__getitems__(list(range(len(pairs))))
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(sum(module.objective(module.pair_logps(batch), batch).values()))
+
+    before = loss()
+    L.seed_everything(0, verbose=False)
+    config = TrainConfig(max_epochs=4, batch_size=8, accelerator="cpu", log_every_n_steps=1)
+    build_trainer(config, []).fit(module, datamodule=PairData(train, train, 8, seed=0))
+    assert loss() < before - 0.01
+
+
+def test_sft_lowers_the_nll_of_chosen_responses(tokenizer: Any, pairs: list[Any]) -> None:
+    module = SupervisedFineTuning(CausalLMScorer(tiny_model(tokenizer)), OptimizerConfig(lr=3e-3))
+    batch = collate_pairs(pairs, tokenizer.eos_token_id)
+    before = float(module.nll(batch))
+    data = PairData(PairDataset(pairs, tokenizer.eos_token_id), PairDataset(pairs, tokenizer.eos_token_id), 8, seed=0)
+    build_trainer(TrainConfig(max_epochs=3, batch_size=8, accelerator="cpu"), []).fit(module, datamodule=data)
+    assert float(module.nll(batch)) < before - 0.5
+
+
+def test_module_fingerprint_follows_the_weights(tokenizer: Any) -> None:
+    first, same, other = tiny_model(tokenizer, 0), tiny_model(tokenizer, 0), tiny_model(tokenizer, 1)
+    assert fingerprint_module(first) == fingerprint_module(same) != fingerprint_module(other)
+
+
+def local_twin(**changes: Any) -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "recipes" / "hh_tiny_local.yaml").read_text())
+    data["task"] |= {"source": str(SHARED / "hh-rlhf"), "tokenizer": str(SHARED / "tokenizers" / "gpt-neox-20b")}
+    data.update(changes)
+    return data
+
+
+def test_local_twin_runs_end_to_end(tmp_path: Path) -> None:
+    data = local_twin()
+    data["task"] |= {"max_train_pairs": 32, "max_eval_pairs": 16}
+    out = run_experiment(validate_recipe(data, "hh_tiny_local.yaml"), tmp_path, Console(quiet=True))
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [run["method"] for run in runs] == [entry.get("label", entry["method"]) for entry in data["methods"]]
+    for run in runs:
+        assert run["train_pairs"] == 32 and run["eval_pairs"] == 16 and run["steps"] == 4
+        assert run["sft_val_nll_after"] < run["sft_val_nll_before"]
+        assert len(run["data_fingerprint"]) == len(run["reference_fingerprint"]) == 16
+        assert 0.0 <= run["eval_after"]["val/preference_accuracy"] <= 1.0
+    assert "expo_compositional_margin" in (out / "methods.md").read_text()
+    assert (out / "training.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reference_samples_estimator_is_refused_where_the_task_has_none() -> None:
+    data = local_twin()
+    data["methods"][3]["params"]["kl_estimator"] = "reference_samples"
+    with pytest.raises(RecipeError) as caught:
+        validate_recipe(data, "hh.yaml")
+    [(path, message)] = caught.value.problems
+    assert path == "methods[3]" and "kl_samples" in message
+
+
+def test_missing_local_source_names_the_field(tmp_path: Path) -> None:
+    data = local_twin()
+    data["task"]["source"] = str(tmp_path / "nowhere")
+    with pytest.raises(RecipeError) as caught:
+        validate_recipe(data, "hh.yaml")
+    [(path, message)] = caught.value.problems
+    assert path == "task.hh" and "neither an existing file or folder" in message
+
+
+def test_hub_recipe_validates_without_the_hub() -> None:
+    experiment = load_recipe(ROOT / "recipes" / "hh_pythia28.yaml")
+    assert experiment.recipe.task.kind == "hh" and len(experiment.runs) == 6
