@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -22,6 +22,9 @@ from expo_bench.lm.task import HHTask
 from expo_bench.methods import MethodParams, PreferenceMethod, UnknownMethodError, method_class
 from expo_bench.tabular.task import TabularTask
 from expo_bench.training import TrainConfig
+
+Task = TabularTask | HHTask
+TASK_KINDS = {get_args(task.model_fields["kind"].annotation)[0] for task in get_args(Task)}
 
 
 class MethodEntry(ConfigModel):
@@ -43,7 +46,7 @@ class Recipe(ConfigModel):
 
     experiment: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    task: Annotated[TabularTask | HHTask, Field(discriminator="kind")]
+    task: Annotated[Task, Field(discriminator="kind")]
     train: TrainConfig = TrainConfig()
     lam: list[float] | None = Field(None, min_length=1)
     """The paper's λ, applied to each method's regularization parameter (DPO's β, IPO's τ, EXPO's λ)."""
@@ -92,6 +95,8 @@ def _problems(error: ValidationError, prefix: Sequence[int | str] = ()) -> list[
     problems = []
     for item in error.errors():
         location = [*prefix, *item["loc"]]
+        if location[:1] == ["task"] and len(location) > 1 and location[1] in TASK_KINDS:
+            del location[1]  # pydantic names the union member; the recipe does not
         if item["type"] == "unknown_key":
             location.append(item["ctx"]["key"])
         problems.append((field_path(location), item["msg"]))

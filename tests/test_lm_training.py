@@ -166,7 +166,7 @@ def test_missing_local_source_names_the_field(tmp_path: Path) -> None:
     with pytest.raises(RecipeError) as caught:
         validate_recipe(data, "hh.yaml")
     [(path, message)] = caught.value.problems
-    assert path == "task.hh" and "neither an existing file or folder" in message
+    assert path == "task" and "neither an existing file or folder" in message
 
 
 def test_hub_recipe_validates_without_the_hub() -> None:
