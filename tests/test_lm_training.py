@@ -172,3 +172,48 @@ def test_missing_local_source_names_the_field(tmp_path: Path) -> None:
 def test_hub_recipe_validates_without_the_hub() -> None:
     experiment = load_recipe(ROOT / "recipes" / "hh_pythia28.yaml")
     assert experiment.recipe.task.kind == "hh" and len(experiment.runs) == 6
+
+
+def test_adapter_disabled_reference_is_the_untrained_base(tokenizer: Any, pairs: list[Any]) -> None:
+    from expo_bench.lm.model import AdapterDisabledScorer, LoraSettings
+    from expo_bench.methods.dpo import DPO
+
+    base = tiny_model(tokenizer)
+    frozen = CausalLMScorer(copy.deepcopy(base)).eval()
+    policy = LoraSettings(r=4, target_modules=["query_key_value", "dense"]).wrap(copy.deepcopy(base))
+    module = DPO(CausalLMScorer(policy), AdapterDisabledScorer(policy), [DPO.Params(beta=0.5)], OptimizerConfig(lr=1e-2))
+    train = PairDataset(pairs, tokenizer.eos_token_id)
+    build_trainer(TrainConfig(max_epochs=2, batch_size=8, accelerator="cpu"), []).fit(
+        module, datamodule=PairData(train, train, 8, 0)
+    )
+    batch = train.__getitems__([0, 1, 2, 3])
+    module.eval()
+    with torch.no_grad():
+        trained = module.policy.sequence_logps(batch.chosen)
+        reference = module.reference.sequence_logps(batch.chosen)  # type: ignore[union-attr]
+    torch.testing.assert_close(reference, frozen.sequence_logps(batch.chosen))
+    assert (trained - reference).abs().max() > 1e-3  # the adapter did train
+    assert module.policy.training is False and all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
+    assert not any(p.requires_grad for n, p in policy.named_parameters() if "lora_" not in n)
+
+
+def test_cached_frozen_copy_and_lora_references_run_end_to_end(tmp_path: Path) -> None:
+    def run(**task: Any) -> dict[str, Any]:
+        data = local_twin(methods=[{"method": "dpo", "params": {"beta": 0.1}}])
+        data["task"] |= {"max_train_pairs": 16, "max_eval_pairs": 8, "sft": None, **task}
+        out = run_experiment(validate_recipe(data, "hh.yaml"), tmp_path / str(len(list(tmp_path.iterdir()))), Console(quiet=True))
+        return json.loads((out / "summary.json").read_text())["runs"][0]
+
+    cached, fresh = run(reference="cached"), run(reference="frozen_copy")
+    assert cached["eval_after"] == pytest.approx(fresh["eval_after"], abs=1e-5)  # the cache changes nothing but cost
+    lora = run(reference="adapter_disabled", lora={"r": 4, "target_modules": ["query_key_value"]})
+    assert lora["eval_before"] == pytest.approx(fresh["eval_before"], abs=1e-5)  # same start: LoRA's B is zero
+    assert lora["eval_after"] != pytest.approx(fresh["eval_after"], abs=1e-5)
+
+
+def test_adapter_disabled_reference_needs_lora() -> None:
+    data = local_twin()
+    data["task"]["reference"] = "adapter_disabled"
+    with pytest.raises(RecipeError) as caught:
+        validate_recipe(data, "hh.yaml")
+    assert caught.value.problems == [("task", "Value error, reference 'adapter_disabled' needs a LoRA policy: add lora: {r: 16}")]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from pydantic import model_validator
+import torch
+from peft import LoraConfig, get_peft_model
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -67,3 +69,41 @@ class CausalLMScorer(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
+
+
+class LoraSettings(ConfigModel):
+    """Train a LoRA adapter (peft) instead of all weights; ``target_modules`` default to peft's per-architecture choice."""
+
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+
+    def wrap(self, model: PreTrainedModel) -> PreTrainedModel:
+        config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules)
+        return cast(PreTrainedModel, get_peft_model(model, config))  # PeftModel forwards the model's interface
+
+
+class AdapterDisabledScorer(nn.Module):
+    """The reference as the policy's own base weights with its LoRA adapter switched off: no second copy.
+
+    The shared model is held outside ``nn.Module``'s registry, so freezing or evaluating this reference
+    never touches the policy it belongs to.
+    """
+
+    def __init__(self, policy: PreTrainedModel) -> None:
+        super().__init__()
+        self._shared = [policy]
+
+    def sequence_logps(self, sequences: Sequences) -> Tensor:
+        model = self._shared[0]
+        with torch.no_grad(), model.disable_adapter():  # type: ignore[operator]
+            logits = model(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).logits
+        return response_logps(logits, sequences["input_ids"], sequences["loss_mask"])
+
+
+class CachedReference(nn.Module):
+    """Stands in for a reference whose log-probs every batch carries, so none is kept in memory."""
+
+    def sequence_logps(self, sequences: Sequences) -> Tensor:
+        raise RuntimeError("reference log-probs are cached in the batches; this run keeps no reference model")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -13,13 +14,21 @@ import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from pydantic import Field, model_validator
 from rich.console import Console
+from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
 from expo_bench.config_model import ConfigModel
 from expo_bench.lm import report
 from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, fingerprint_pairs, reference_logps
 from expo_bench.lm.hh import HUB_ID, PromptPair, load_hh_pairs
-from expo_bench.lm.model import CausalLMScorer, ModelConfig, count_parameters
+from expo_bench.lm.model import (
+    AdapterDisabledScorer,
+    CachedReference,
+    CausalLMScorer,
+    LoraSettings,
+    ModelConfig,
+    count_parameters,
+)
 from expo_bench.lm.sft import SupervisedFineTuning
 from expo_bench.lm.tokenize import TokenizationConfig, TokenizedPair, fingerprint_tokenizer, tokenize_pair
 from expo_bench.training import TrainConfig, build_trainer
@@ -50,14 +59,19 @@ class HHTask(ConfigModel):
     model: ModelConfig
     sft: TrainConfig | None = None
     """Preferred-FT on the chosen responses first; its result is the reference and every method's start."""
-    reference: Literal["cached", "frozen_copy"] = "cached"
-    """``cached``: reference log-probs computed once per seed and reused by every method; ``frozen_copy``:
-    the frozen reference runs forward on every batch."""
+    lora: LoraSettings | None = None
+    """Train a LoRA adapter on the policy instead of all its weights."""
+    reference: Literal["cached", "frozen_copy", "adapter_disabled"] = "cached"
+    """``cached``: reference log-probs computed once per seed, reused by every method, no reference in
+    memory; ``frozen_copy``: a frozen copy runs forward on every batch; ``adapter_disabled``: the policy
+    with its LoRA adapter switched off (needs ``lora``), no second copy."""
 
     @model_validator(mode="after")
-    def _source_exists(self) -> HHTask:
+    def _consistent(self) -> HHTask:
         if self.source != HUB_ID and not Path(self.source).exists():
             raise ValueError(f"source {self.source!r} is neither an existing file or folder nor the hub id {HUB_ID!r}")
+        if self.reference == "adapter_disabled" and self.lora is None:
+            raise ValueError("reference 'adapter_disabled' needs a LoRA policy: add lora: {r: 16}")
         return self
 
     def _pairs(self, seed: int) -> tuple[list[PromptPair], list[PromptPair], list[str]]:
@@ -141,8 +155,9 @@ class HHTask(ConfigModel):
         self, run: MethodRun, params: Any, lam: float | None, base: PreTrainedModel, data: PairData, seed: int, console: Console
     ) -> dict[str, Any]:
         L.seed_everything(seed, verbose=False)
-        reference = None if run.method.reference_free else CausalLMScorer(copy.deepcopy(base))
-        module = run.method(CausalLMScorer(copy.deepcopy(base)), reference, [params], run.train.optimizer)
+        policy = copy.deepcopy(base) if self.lora is None else self.lora.wrap(copy.deepcopy(base))
+        reference = None if run.method.reference_free else REFERENCES[self.reference](base, policy)
+        module = run.method(CausalLMScorer(policy), reference, [params], run.train.optimizer)
         history = LossHistory()
         trainer = build_trainer(run.train, [history, RichProgressBar(leave=False)])
         before = trainer.validate(module, datamodule=data, verbose=False)[0]
@@ -178,6 +193,14 @@ class HHTask(ConfigModel):
         curves = out_dir / "training.png"
         report.plot_training(records, curves)
         return [table, curves]
+
+
+REFERENCES: dict[str, Callable[[PreTrainedModel, PreTrainedModel], nn.Module]] = {
+    "cached": lambda base, policy: CachedReference(),
+    "frozen_copy": lambda base, policy: CausalLMScorer(copy.deepcopy(base)),
+    "adapter_disabled": lambda base, policy: AdapterDisabledScorer(policy),
+}
+"""How the reference is built from the SFT model (``base``) and the policy about to be trained."""
 
 
 class LossHistory(Callback):

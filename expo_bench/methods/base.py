@@ -165,7 +165,7 @@ class PreferenceMethod(L.LightningModule):
         return batch.to(device)
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
-        return self.optimizer_config.build(self.policy.parameters())
+        return self.optimizer_config.build(p for p in self.policy.parameters() if p.requires_grad)
 
     def configure_gradient_clipping(
         self,
