@@ -36,7 +36,8 @@ class PreferenceBatch:
 
     ``reference_*_logps`` carry cached reference log-probs when the data provides them.
     ``kl_samples``/``kl_weights`` carry responses y ~ π_ref(·|x) (weights summing to 1 over the batch)
-    for methods that estimate KL(π_ref ‖ π) on them (EXPO-compositional).
+    for methods that estimate KL(π_ref ‖ π) on them (EXPO-compositional), and ``kl_reference_logps``
+    their reference log-probs where those were computed once.
     """
 
     chosen: Sequences
@@ -48,6 +49,7 @@ class PreferenceBatch:
     reference_rejected_logps: Tensor | None = None
     kl_samples: Sequences | None = None
     kl_weights: Tensor | None = None
+    kl_reference_logps: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.label.shape[0])

@@ -170,13 +170,14 @@ def _resolve(recipe: Recipe, index: int, entry: MethodEntry, problems: list[tupl
                     location.append(item["ctx"]["key"])
                 problems.append((field_path(location), item["msg"]))
             return None
-    missing = method.requires(grid[0]) - recipe.task.provides
+    missing = method.requires(grid[0]) - recipe.task.provides()
     if missing:
         problems.append(
             (
                 field_path(where),
                 f"{entry.method} with these params needs {', '.join(sorted(missing))} in its batches, "
-                f"which task kind {recipe.task.kind!r} does not provide (for EXPO: kl_estimator: dataset_responses)",
+                f"which task kind {recipe.task.kind!r} does not provide here "
+                "(for EXPO on language models: set task.reference_samples, or kl_estimator: dataset_responses)",
             )
         )
         return None

@@ -61,7 +61,7 @@ def run_experiment(experiment: Experiment, results_root: Path, console: Console)
     with warnings.catch_warnings():
         for message in EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
-        records = recipe.task.run(experiment, console)
+        records = recipe.task.run(experiment, console, out_dir / "cache")
     written = recipe.task.report(experiment, records, out_dir, console)
     summary: dict[str, Any] = {
         "experiment": recipe.experiment,

@@ -13,24 +13,47 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from expo_bench.contracts import PreferenceBatch, SequenceScorer, concat_sequences
-from expo_bench.lm.tokenize import TokenizedPair, collate_pairs
+from expo_bench.lm.tokenize import TokenizedPair, collate_pairs, padded_sequences
 
 
 class PairDataset(Dataset[PreferenceBatch]):
-    """Pairs with optional ``(N, 2)`` reference log-probs (chosen, rejected); builds whole batches."""
+    """Pairs that build whole batches, with what was computed once from the reference attached.
 
-    def __init__(self, pairs: Sequence[TokenizedPair], pad_token_id: int, reference_logps: Tensor | None = None) -> None:
-        self.pairs, self.pad_token_id, self.reference_logps = pairs, pad_token_id, reference_logps
+    ``reference_logps``: ``(N, 2)`` log-probs of (chosen, rejected). ``reference_samples``: for each pair,
+    responses sampled from the reference for its prompt: a batch then carries them as KL samples, each
+    weighted 1 / (batch pairs × samples per prompt); ``reference_sample_logps``: their reference log-probs.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[TokenizedPair],
+        pad_token_id: int,
+        reference_logps: Tensor | None = None,
+        reference_samples: Sequence[list[list[int]]] | None = None,
+        reference_sample_logps: Sequence[list[float]] | None = None,
+    ) -> None:
+        self.pairs, self.pad_token_id = pairs, pad_token_id
+        self.reference_logps, self.reference_samples = reference_logps, reference_samples
+        self.reference_sample_logps = reference_sample_logps
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitems__(self, indices: list[int]) -> PreferenceBatch:
         batch = collate_pairs([self.pairs[index] for index in indices], self.pad_token_id)
-        if self.reference_logps is None:
-            return batch
-        cached = self.reference_logps[indices]
-        return replace(batch, reference_chosen_logps=cached[:, 0], reference_rejected_logps=cached[:, 1])
+        if self.reference_logps is not None:
+            cached = self.reference_logps[indices]
+            batch = replace(batch, reference_chosen_logps=cached[:, 0], reference_rejected_logps=cached[:, 1])
+        if self.reference_samples is not None:
+            prompts = [self.pairs[index].prompt_ids for index in indices for _ in self.reference_samples[index]]
+            samples = [sample for index in indices for sample in self.reference_samples[index]]
+            length = max(len(prompt) + len(sample) for prompt, sample in zip(prompts, samples, strict=True))
+            kl_samples = padded_sequences(prompts, samples, length, self.pad_token_id)
+            batch = replace(batch, kl_samples=kl_samples, kl_weights=torch.full((len(samples),), 1 / len(samples)))
+            if self.reference_sample_logps is not None:
+                logps = [logp for index in indices for logp in self.reference_sample_logps[index]]
+                batch = replace(batch, kl_reference_logps=torch.tensor(logps))
+        return batch
 
 
 def _whole(batch: Any) -> Any:
@@ -65,6 +88,23 @@ def reference_logps(reference: SequenceScorer, dataset: PairDataset, batch_size:
         both = reference.sequence_logps(concat_sequences(batch.chosen, batch.rejected)).float().cpu()
         rows.append(torch.stack(both.chunk(2), dim=1))
     return torch.cat(rows)
+
+
+@torch.no_grad()
+def reference_sample_logps(
+    reference: SequenceScorer, dataset: PairDataset, batch_size: int, device: torch.device
+) -> list[list[float]]:
+    """For each pair, the reference log-prob of each of its reference samples, one pass over the data."""
+    assert dataset.reference_samples is not None
+    flat: list[float] = []
+    for batch in loader(dataset, batch_size, shuffle=False, seed=0):
+        assert batch.kl_samples is not None
+        flat += reference.sequence_logps({key: value.to(device) for key, value in batch.kl_samples.items()}).float().tolist()
+    per_pair, start = [], 0
+    for samples in dataset.reference_samples:
+        per_pair.append(flat[start : start + len(samples)])
+        start += len(samples)
+    return per_pair
 
 
 def fingerprint_pairs(pairs: Sequence[TokenizedPair]) -> str:

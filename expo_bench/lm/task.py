@@ -7,7 +7,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
@@ -17,9 +17,17 @@ from rich.console import Console
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
+from expo_bench.cache import cached
 from expo_bench.config_model import ConfigModel
 from expo_bench.lm import report
-from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, fingerprint_pairs, reference_logps
+from expo_bench.lm.data import (
+    PairData,
+    PairDataset,
+    fingerprint_module,
+    fingerprint_pairs,
+    reference_logps,
+    reference_sample_logps,
+)
 from expo_bench.lm.hh import HUB_ID, PromptPair, load_hh_pairs
 from expo_bench.lm.model import (
     AdapterDisabledScorer,
@@ -29,6 +37,7 @@ from expo_bench.lm.model import (
     ModelConfig,
     count_parameters,
 )
+from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.sft import SupervisedFineTuning
 from expo_bench.lm.tokenize import TokenizationConfig, TokenizedPair, fingerprint_tokenizer, tokenize_pair
 from expo_bench.training import TrainConfig, build_trainer
@@ -45,8 +54,6 @@ class HHTask(ConfigModel):
     """
 
     kind: Literal["hh"]
-    provides: ClassVar[frozenset[str]] = frozenset()
-    """No reference samples yet: EXPO-compositional uses ``kl_estimator: dataset_responses`` here."""
     source: str = HUB_ID
     data_dir: str | None = "helpful-base"
     train_split: str = "train"
@@ -59,6 +66,9 @@ class HHTask(ConfigModel):
     model: ModelConfig
     sft: TrainConfig | None = None
     """Preferred-FT on the chosen responses first; its result is the reference and every method's start."""
+    reference_samples: SamplingConfig | None = None
+    """Sample responses from the reference (the SFT model) once per seed and cache them: EXPO's
+    ``kl_estimator: reference_samples`` estimates KL(π_ref ‖ π) on them."""
     lora: LoraSettings | None = None
     """Train a LoRA adapter on the policy instead of all its weights."""
     reference: Literal["cached", "frozen_copy", "adapter_disabled"] = "cached"
@@ -86,46 +96,110 @@ class HHTask(ConfigModel):
             notes.append(f"{self.eval_split}: {eval_report.summary()}")
         return train[: self.max_train_pairs], evaluation[: self.max_eval_pairs], notes
 
-    def run(self, experiment: Experiment, console: Console) -> list[dict[str, Any]]:
+    def provides(self) -> frozenset[str]:
+        """Optional batch fields the data carries: reference samples when ``reference_samples`` is set."""
+        return frozenset({"kl_samples"}) if self.reference_samples is not None else frozenset()
+
+    def run(self, experiment: Experiment, console: Console, cache_dir: Path) -> list[dict[str, Any]]:
+        """SFT, then every method from the SFT weights; shared reference work is cached under ``cache_dir``."""
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer)
-        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         records: list[dict[str, Any]] = []
         for seed in experiment.recipe.seeds:
-            train_pairs, eval_pairs, notes = self._pairs(seed)
-            train = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in train_pairs]
-            evaluation = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in eval_pairs]
-            provenance = {
-                "data_fingerprint": fingerprint_pairs(train + evaluation),
-                "tokenizer_fingerprint": fingerprint_tokenizer(tokenizer),
-                "train_pairs": len(train),
-                "eval_pairs": len(evaluation),
-                "truncated_prompts": sum(pair.prompt_truncated for pair in train + evaluation),
-                "truncated_responses": sum(pair.response_truncated for pair in train + evaluation),
-            }
-            for note in notes:
-                console.print(f"seed {seed}: {note}")
-            console.print(f"seed {seed}: {provenance}")
-            L.seed_everything(seed, verbose=False)
-            base = self.model.build(vocab_size=len(tokenizer))
-            sft_metrics = self._sft(base, train, evaluation, pad_token_id, seed, console) if self.sft else {}
-            provenance |= {"reference_fingerprint": fingerprint_module(base), "parameters": count_parameters(base), **sft_metrics}
-            train_set, eval_set = PairDataset(train, pad_token_id), PairDataset(evaluation, pad_token_id)
-            if self.reference == "cached":
-                device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-                scorer = CausalLMScorer(base).to(device).eval()
-                batch_size = experiment.runs[0].train.batch_size
-                train_set.reference_logps = reference_logps(scorer, train_set, batch_size, device)
-                eval_set.reference_logps = reference_logps(scorer, eval_set, batch_size, device)
-                base.cpu()
-                console.print(f"seed {seed}: reference log-probs cached for {len(train) + len(evaluation)} pairs, one pass")
-            for run in experiment.runs:
-                for index, params in enumerate(run.grid):
-                    lam = None if run.lam is None else run.lam[index]
-                    record = self._fit(
-                        run, params, lam, base, PairData(train_set, eval_set, run.train.batch_size, seed), seed, console
-                    )
-                    records.append(record | provenance)
+            records += self._run_seed(experiment, tokenizer, seed, cache_dir, console)
         return records
+
+    def _run_seed(
+        self, experiment: Experiment, tokenizer: Any, seed: int, cache_dir: Path, console: Console
+    ) -> list[dict[str, Any]]:
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        train_pairs, eval_pairs, notes = self._pairs(seed)
+        train = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in train_pairs]
+        evaluation = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in eval_pairs]
+        provenance: dict[str, Any] = {
+            "data_fingerprint": fingerprint_pairs(train + evaluation),
+            "tokenizer_fingerprint": fingerprint_tokenizer(tokenizer),
+            "train_pairs": len(train),
+            "eval_pairs": len(evaluation),
+            "truncated_prompts": sum(pair.prompt_truncated for pair in train + evaluation),
+            "truncated_responses": sum(pair.response_truncated for pair in train + evaluation),
+        }
+        for note in notes:
+            console.print(f"seed {seed}: {note}")
+        console.print(f"seed {seed}: {provenance}")
+        L.seed_everything(seed, verbose=False)
+        base = self.model.build(vocab_size=len(tokenizer))
+        sft_metrics = self._sft(base, train, evaluation, pad_token_id, seed, console) if self.sft else {}
+        provenance |= {"reference_fingerprint": fingerprint_module(base), "parameters": count_parameters(base), **sft_metrics}
+        datasets = PairDataset(train, pad_token_id), PairDataset(evaluation, pad_token_id)
+        key = {"reference": provenance["reference_fingerprint"], "data": provenance["data_fingerprint"]}
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        nn.Module.to(base, device)
+        if self.reference_samples is not None:  # first: the cached reference log-probs cover the samples too
+            sampling = self.reference_samples
+            self._cache_reference_samples(base, datasets, sampling, tokenizer.eos_token_id, seed, key, cache_dir, console)
+            key |= {"sampling": sampling.model_dump(), "seed": seed}
+        if self.reference == "cached":
+            self._cache_reference_logps(base, datasets, experiment.runs[0].train.batch_size, key, cache_dir, console)
+        base.cpu()
+        records = []
+        for run in experiment.runs:
+            for index, params in enumerate(run.grid):
+                lam = None if run.lam is None else run.lam[index]
+                data = PairData(*datasets, batch_size=run.train.batch_size, seed=seed)
+                records.append(self._fit(run, params, lam, base, data, seed, console) | provenance)
+        return records
+
+    def _cache_reference_logps(
+        self,
+        base: PreTrainedModel,
+        datasets: tuple[PairDataset, PairDataset],
+        batch_size: int,
+        key: dict[str, Any],
+        cache_dir: Path,
+        console: Console,
+    ) -> None:
+        """Reference log-probs of every pair, and of every reference sample when there are samples."""
+        device = next(base.parameters()).device
+        scorer = CausalLMScorer(base).eval()
+
+        def compute() -> dict[str, Any]:
+            pairs = torch.cat([reference_logps(scorer, dataset, batch_size, device) for dataset in datasets])
+            if datasets[0].reference_samples is None:
+                return {"pairs": pairs, "samples": None}
+            return {
+                "pairs": pairs,
+                "samples": [reference_sample_logps(scorer, dataset, batch_size, device) for dataset in datasets],
+            }
+
+        values, hit = cached(cache_dir, "reference-logps", key, compute)
+        logps, split = values["pairs"], len(datasets[0])
+        datasets[0].reference_logps, datasets[1].reference_logps = logps[:split], logps[split:]
+        if values["samples"] is not None:
+            datasets[0].reference_sample_logps, datasets[1].reference_sample_logps = values["samples"]
+        console.print(
+            f"reference log-probs of {len(logps)} pairs: {'from the cache' if hit else 'computed once for every method'}"
+        )
+
+    def _cache_reference_samples(
+        self,
+        base: PreTrainedModel,
+        datasets: tuple[PairDataset, PairDataset],
+        sampling: SamplingConfig,
+        eos: int,
+        seed: int,
+        key: dict[str, Any],
+        cache_dir: Path,
+        console: Console,
+    ) -> None:
+        prompts = [pair.prompt_ids for dataset in datasets for pair in dataset.pairs]
+
+        def compute() -> list[list[list[int]]]:
+            return sample_responses(base, prompts, sampling, datasets[0].pad_token_id, eos, seed)
+
+        samples, hit = cached(cache_dir, "reference-samples", key | {"sampling": sampling.model_dump(), "seed": seed}, compute)
+        split = len(datasets[0])
+        datasets[0].reference_samples, datasets[1].reference_samples = samples[:split], samples[split:]
+        console.print(f"{sampling.samples_per_prompt} reference samples per prompt: {'from the cache' if hit else 'drawn once'}")
 
     def _sft(
         self,

@@ -84,7 +84,7 @@ def tokenize_pair(tokenizer: PreTrainedTokenizerBase, pair: PromptPair, config: 
     return TokenizedPair(prompt, chosen, rejected, prompt_truncated, response_truncated)
 
 
-def _sequences(prompts: list[list[int]], responses: list[list[int]], length: int, pad_token_id: int) -> Sequences:
+def padded_sequences(prompts: list[list[int]], responses: list[list[int]], length: int, pad_token_id: int) -> Sequences:
     """Right-padded prompt + response rows; ``loss_mask`` marks exactly the response tokens."""
     input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
@@ -104,8 +104,8 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Preferen
     rejected = [pair.rejected_ids for pair in pairs]
     length = max(len(prompt) + len(response) for prompt, response in zip(prompts * 2, chosen + rejected, strict=True))
     return PreferenceBatch(
-        chosen=_sequences(prompts, chosen, length, pad_token_id),
-        rejected=_sequences(prompts, rejected, length, pad_token_id),
+        chosen=padded_sequences(prompts, chosen, length, pad_token_id),
+        rejected=padded_sequences(prompts, rejected, length, pad_token_id),
         chosen_tokens=torch.tensor([len(ids) for ids in chosen], dtype=torch.float32),
         rejected_tokens=torch.tensor([len(ids) for ids in rejected], dtype=torch.float32),
         label=torch.ones(len(pairs)),

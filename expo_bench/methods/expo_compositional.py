@@ -45,7 +45,9 @@ def _reference_samples_kl(method: EXPOCompositional, batch: PreferenceBatch, log
     if batch.kl_samples is None or batch.kl_weights is None:
         raise ValueError("kl_estimator 'reference_samples' needs reference samples in the batch (kl_samples)")
     policy = method.scores(method.policy, batch.kl_samples)  # type: ignore[arg-type]
-    return weighted_kl(method.reference_scores(batch.kl_samples), policy, batch.kl_weights.float())
+    cached = batch.kl_reference_logps
+    reference = method.reference_scores(batch.kl_samples) if cached is None else cached.float()
+    return weighted_kl(reference, policy, batch.kl_weights.float())
 
 
 def _dataset_responses_kl(method: EXPOCompositional, batch: PreferenceBatch, logps: PairLogps) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import lightning as L
 import torch
@@ -55,8 +55,6 @@ class TabularTask(ConfigModel):
     """Softmax policy over a few responses per prompt, trained on sampled pairs and on the population."""
 
     kind: Literal["tabular"]
-    provides: ClassVar[frozenset[str]] = frozenset({"kl_samples"})
-    """Optional batch fields this task's data carries (every response of a prompt, weighted by π_ref)."""
     prompts: list[TabularPrompt] = Field(min_length=1)
     draws_per_prompt: int = Field(gt=0)
     population: PopulationObjective | None = PopulationObjective()
@@ -70,8 +68,15 @@ class TabularTask(ConfigModel):
             raise ValueError("every prompt needs the same number of responses")
         return self
 
-    def run(self, experiment: Experiment, console: Console) -> list[dict[str, Any]]:
-        """Train every method (all λ as replicas) per seed and objective; return one record per replica."""
+    def provides(self) -> frozenset[str]:
+        """Optional batch fields the data carries: every response of a prompt, weighted by π_ref."""
+        return frozenset({"kl_samples"})
+
+    def run(self, experiment: Experiment, console: Console, cache_dir: Path) -> list[dict[str, Any]]:
+        """Train every method (all λ as replicas) per seed and objective; return one record per replica.
+
+        Nothing here is worth caching (``cache_dir`` is unused): a tabular run costs less than a lookup.
+        """
         pi_star = torch.tensor([prompt.pi_star for prompt in self.prompts], dtype=torch.float64)
         pi_ref = torch.tensor([prompt.pi_ref for prompt in self.prompts], dtype=torch.float32)
         threads = torch.get_num_threads()

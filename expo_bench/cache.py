@@ -1,0 +1,31 @@
+"""A small on-disk cache for work that every method of a sweep shares (reference log-probs, samples)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def cached(directory: Path, name: str, key: dict[str, Any], compute: Callable[[], T]) -> tuple[T, bool]:
+    """``compute()``'s value, stored under ``directory/name-<hash of key>.pt``; also whether it was a hit.
+
+    The key must name everything the value depends on (model, data and tokenization fingerprints,
+    settings, seed). Writes go through a temporary file, so an interrupted run leaves no half-written entry.
+    """
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = directory / f"{name}-{digest}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True), True
+    value = compute()
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(value, partial)
+    partial.replace(path)
+    return value, False
