@@ -28,14 +28,15 @@ PACKAGES = ("expo-bench", "torch", "lightning", "torchmetrics", "transformers", 
 
 
 def git_revision(where: Path) -> str:
-    """HEAD's sha of the checkout holding ``where``, with ``-dirty`` for uncommitted changes."""
+    """HEAD's sha of the checkout holding ``where``, with ``-dirty`` for uncommitted changes outside results/."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         sha = git("rev-parse", "HEAD")
-        return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        changes = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results")
+        return sha + ("-dirty" if changes else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
