@@ -32,6 +32,8 @@ class TrainConfig(ConfigModel):
     devices: int | str = "auto"
     strategy: str = "auto"
     log_every_n_steps: int = Field(10, ge=1)
+    checkpoint_every_n_steps: int | None = Field(None, ge=1)
+    """Where a task keeps checkpoints (language models): also every this many steps, not only per epoch."""
 
 
 def build_trainer(train: TrainConfig, callbacks: list[Callback], logger: Logger | bool = False, **overrides: Any) -> L.Trainer:

@@ -276,3 +276,46 @@ def test_a_second_run_reuses_cached_reference_work(tmp_path: Path) -> None:
     assert "from the cache" in second_log and "drawn once" not in second_log and "computed once" not in second_log
     after = json.loads((out / "summary.json").read_text())["runs"][0]["eval_after"]
     assert after == before and after["val/loss_kl"] != 0
+
+
+class Interrupted(Exception):
+    """Stands for a machine lost mid-run."""
+
+
+def test_an_interrupted_run_resumes_and_a_finished_one_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from expo_bench.lm.task import LossHistory
+
+    data = local_twin(methods=[{"method": "dpo", "params": {"beta": 0.1}}])
+    data["task"] |= {"max_train_pairs": 16, "max_eval_pairs": 8, "sft": None}
+    data["train"] |= {"max_epochs": 3}
+    experiment = validate_recipe(data, "hh.yaml")
+
+    def summary(root: Path, console: Console | None = None) -> dict[str, Any]:
+        out = run_experiment(experiment, root, console or Console(quiet=True))
+        return dict(json.loads((out / "summary.json").read_text())["runs"][0])
+
+    uninterrupted = summary(tmp_path / "whole")
+
+    def fail_in_second_epoch(self: LossHistory, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LossHistory, "on_train_epoch_start", fail_in_second_epoch, raising=False)
+        with pytest.raises(Interrupted):
+            summary(tmp_path / "broken")
+    [run_dir] = (tmp_path / "broken" / "hh_tiny_local" / "runs").iterdir()
+    assert (run_dir / "last.ckpt").exists() and not (run_dir / "record.json").exists()
+
+    log = Console(record=True, width=200)
+    resumed = summary(tmp_path / "broken", log)
+    assert "resuming from" in log.export_text()
+    assert resumed["steps"] == uninterrupted["steps"] == 3 * 2
+    assert resumed["eval_after"] == pytest.approx(uninterrupted["eval_after"], abs=1e-6)
+    # the loss history before the interruption came back from the checkpoint
+    assert [step for step, _ in resumed["loss_history"]] == [step for step, _ in uninterrupted["loss_history"]] == [2, 4, 6]
+    assert [loss for _, loss in resumed["loss_history"]] == pytest.approx([loss for _, loss in uninterrupted["loss_history"]])
+
+    again = Console(record=True, width=200)
+    assert summary(tmp_path / "broken", again)["eval_after"] == resumed["eval_after"]
+    assert "finished in an earlier run" in again.export_text()

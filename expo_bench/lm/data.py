@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from expo_bench.contracts import PreferenceBatch, SequenceScorer, concat_sequences
 from expo_bench.lm.tokenize import TokenizedPair, collate_pairs, padded_sequences
@@ -60,9 +60,27 @@ def _whole(batch: Any) -> Any:
     return batch
 
 
+class EpochSeededSampler(Sampler[int]):
+    """A fresh permutation per epoch, a function of (seed, epoch) alone, so a run resumed from an
+    end-of-epoch checkpoint sees the same order as one that never stopped (Lightning calls set_epoch)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
 def loader(dataset: PairDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader[PreferenceBatch]:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=_whole)
+    sampler = EpochSeededSampler(len(dataset), seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_whole)
 
 
 class PairData(L.LightningDataModule):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import random
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from pydantic import Field, model_validator
 from rich.console import Console
 from torch import nn
@@ -146,7 +149,10 @@ class HHTask(ConfigModel):
             for index, params in enumerate(run.grid):
                 lam = None if run.lam is None else run.lam[index]
                 data = PairData(*datasets, batch_size=run.train.batch_size, seed=seed)
-                records.append(self._fit(run, params, lam, base, data, seed, console) | provenance)
+                fingerprints = {key: provenance[key] for key in ("data_fingerprint", "reference_fingerprint")}
+                records.append(
+                    self._fit(run, params, lam, base, data, seed, fingerprints, cache_dir.parent / "runs", console) | provenance
+                )
         return records
 
     def _cache_reference_logps(
@@ -226,38 +232,71 @@ class HHTask(ConfigModel):
         return {"sft_val_nll_before": before, "sft_val_nll_after": after, "sft_steps": trainer.global_step}
 
     def _fit(
-        self, run: MethodRun, params: Any, lam: float | None, base: PreTrainedModel, data: PairData, seed: int, console: Console
+        self,
+        run: MethodRun,
+        params: Any,
+        lam: float | None,
+        base: PreTrainedModel,
+        data: PairData,
+        seed: int,
+        fingerprints: dict[str, str],
+        runs_dir: Path,
+        console: Console,
     ) -> dict[str, Any]:
+        """Train one (method, λ, seed), checkpointing under ``runs_dir``: a finished run is reused, a
+        checkpointed one resumed."""
+        identity = {
+            "method_class": f"{run.method.__module__}:{run.method.__qualname__}",
+            "params": params.model_dump(mode="json"),
+            "train": run.train.model_dump(mode="json"),
+            "seed": seed,
+            "lora": None if self.lora is None else self.lora.model_dump(),
+            "reference": self.reference,
+            **fingerprints,
+        }
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+        run_dir = runs_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', run.label)}-{digest}"
+        lam_text = "" if lam is None else f" λ={lam:g}"
+        if (run_dir / "record.json").exists():
+            console.print(f"  {run.label}{lam_text}: finished in an earlier run, reusing {run_dir / 'record.json'}")
+            return dict(json.loads((run_dir / "record.json").read_text()))
         L.seed_everything(seed, verbose=False)
         policy = copy.deepcopy(base) if self.lora is None else self.lora.wrap(copy.deepcopy(base))
         reference = None if run.method.reference_free else REFERENCES[self.reference](base, policy)
         module = run.method(CausalLMScorer(policy), reference, [params], run.train.optimizer)
         history = LossHistory()
-        trainer = build_trainer(run.train, [history, RichProgressBar(leave=False)])
+        checkpoints = ModelCheckpoint(
+            dirpath=run_dir, filename="last", enable_version_counter=False, every_n_train_steps=run.train.checkpoint_every_n_steps
+        )
+        trainer = build_trainer(run.train, [history, checkpoints, RichProgressBar(leave=False)], enable_checkpointing=True)
         before = trainer.validate(module, datamodule=data, verbose=False)[0]
+        resume = run_dir / "last.ckpt"
+        if resume.exists():
+            console.print(f"  {run.label}{lam_text}: resuming from {resume}")
         started = time.perf_counter()
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=data, ckpt_path=resume if resume.exists() else None)
         seconds = time.perf_counter() - started
         after = trainer.validate(module, datamodule=data, verbose=False)[0]
-        lam_text = "" if lam is None else f" λ={lam:g}"
         accuracy = "rewards_accuracy" if "val/rewards_accuracy" in after else "preference_accuracy"
         console.print(
             f"  {run.label}{lam_text}: {trainer.global_step} steps in {seconds:.1f} s; held-out loss "
             f"{before['val/loss']:.4f} -> {after['val/loss']:.4f}, {accuracy} {after[f'val/{accuracy}']:.3f}"
         )
-        return {
+        record = {
             "method": run.label,
-            "method_class": f"{run.method.__module__}:{run.method.__qualname__}",
-            "seed": seed,
             "lam": lam,
-            "params": params.model_dump(mode="json"),
-            "train": run.train.model_dump(mode="json"),
+            **identity,
             "steps": trainer.global_step,
             "train_seconds": round(seconds, 3),
             "eval_before": before,
             "eval_after": after,
             "loss_history": history.losses,
+            "checkpoint": str(resume),
         }
+        partial = run_dir / "record.json.partial"
+        partial.write_text(json.dumps(record, indent=2))
+        partial.replace(run_dir / "record.json")  # written last: its presence means the run finished
+        return record
 
     def report(self, experiment: Experiment, records: list[dict[str, Any]], out_dir: Path, console: Console) -> list[Path]:
         rows = report.metric_rows(records)
@@ -278,10 +317,16 @@ REFERENCES: dict[str, Callable[[PreTrainedModel, PreTrainedModel], nn.Module]] =
 
 
 class LossHistory(Callback):
-    """``(step, train/loss)`` whenever the module logged its training loss."""
+    """``(step, train/loss)`` whenever the module logged its training loss; kept in checkpoints."""
 
     def __init__(self) -> None:
         self.losses: list[tuple[int, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": self.losses}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.losses = [(int(step), float(loss)) for step, loss in state_dict["losses"]]
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
