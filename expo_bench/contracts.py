@@ -64,6 +64,11 @@ class PreferenceBatch:
         return PreferenceBatch(**moved)
 
 
+def whole_batch(batch: Any) -> Any:
+    """``collate_fn`` for datasets whose ``__getitems__`` already builds the whole batch."""
+    return batch
+
+
 @dataclass(frozen=True)
 class PairLogps:
     """Per-sequence log-probs of a batch of pairs, in float32.

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from expo_bench.contracts import whole_batch
 from expo_bench.methods.dpo import DPO
 from expo_bench.optim import OptimizerConfig
-from expo_bench.tabular.data import TabularPairs, _PairDataset, _whole, sample_pairs
+from expo_bench.tabular.data import TabularPairDataset, TabularPairs, sample_pairs
 from expo_bench.tabular.policy import TabularPolicy
 
 PI_REF = torch.tensor([[0.4, 0.4, 0.2], [0.2, 0.5, 0.3]])
@@ -26,10 +27,10 @@ class InOrder(L.LightningDataModule):
         self.pairs, self.batch_size = pairs, batch_size
 
     def _loader(self) -> DataLoader[Any]:
-        dataset = _PairDataset(self.pairs, PI_REF)
+        dataset = TabularPairDataset(self.pairs, PI_REF)
         world, rank = self.trainer.world_size, self.trainer.global_rank  # type: ignore[union-attr]
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)  # rank r gets r, r+world, ...
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_whole)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=whole_batch)
 
     def train_dataloader(self) -> DataLoader[Any]:
         return self._loader()

@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from expo_bench.contracts import PreferenceBatch, SequenceScorer, concat_sequences
+from expo_bench.contracts import PreferenceBatch, SequenceScorer, concat_sequences, whole_batch
 from expo_bench.lm.tokenize import TokenizedPair, collate_pairs, padded_sequences
 
 
@@ -56,10 +55,6 @@ class PairDataset(Dataset[PreferenceBatch]):
         return batch
 
 
-def _whole(batch: Any) -> Any:
-    return batch
-
-
 class EpochSeededSampler(Sampler[int]):
     """A fresh permutation per epoch, a function of (seed, epoch) alone, so a run resumed from an
     end-of-epoch checkpoint sees the same order as one that never stopped (Lightning calls set_epoch)."""
@@ -80,7 +75,7 @@ class EpochSeededSampler(Sampler[int]):
 
 def loader(dataset: PairDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader[PreferenceBatch]:
     sampler = EpochSeededSampler(len(dataset), seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_whole)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=whole_batch)
 
 
 class PairData(L.LightningDataModule):

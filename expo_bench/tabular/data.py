@@ -9,14 +9,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from expo_bench.contracts import PreferenceBatch
+from expo_bench.contracts import PreferenceBatch, whole_batch
 
 
 def bradley_terry(pi_star: Sequence[float], i: int, j: int) -> float:
@@ -73,7 +72,7 @@ def population_pairs(pi_stars: Sequence[Sequence[float]]) -> TabularPairs:
     return TabularPairs(torch.tensor(prompt), torch.tensor(chosen), torch.tensor(rejected), torch.tensor(label))
 
 
-class _PairDataset(Dataset[PreferenceBatch]):
+class TabularPairDataset(Dataset[PreferenceBatch]):
     """Builds a whole batch per ``__getitems__`` call: no per-item collation on the hot path."""
 
     def __init__(self, pairs: TabularPairs, pi_ref: Tensor) -> None:
@@ -102,10 +101,6 @@ def make_batch(pairs: TabularPairs, index: Tensor, pi_ref: Tensor) -> Preference
         kl_samples={"prompt": prompt.repeat_interleave(responses), "response": torch.arange(responses).repeat(n)},
         kl_weights=(pi_ref[prompt] / n).flatten(),
     )
-
-
-def _whole(batch: Any) -> Any:
-    return batch
 
 
 class _FullBatchDataset(Dataset[PreferenceBatch]):
@@ -137,9 +132,9 @@ class TabularPreferenceData(L.LightningDataModule):
             return DataLoader(_FullBatchDataset(whole, self.full_batch_steps), batch_size=None)
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            _PairDataset(self.pairs, self.pi_ref),
+            TabularPairDataset(self.pairs, self.pi_ref),
             batch_size=self.batch_size,
             shuffle=True,
             generator=generator,
-            collate_fn=_whole,
+            collate_fn=whole_batch,
         )

@@ -40,7 +40,7 @@ def final_policy_rows(records: Sequence[dict[str, Any]], prompts: Sequence[str])
 HEADER = ["method", "λ", "objective", "seed", "prompt", "final π", "KL(π* ‖ π)"]
 
 
-def _grid_positions(records: Sequence[dict[str, Any]]) -> list[str]:
+def _methods_in_order(records: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["method"] for r in records))
 
 
@@ -49,7 +49,7 @@ def plot_trajectories(records: Sequence[dict[str, Any]], prompts: Sequence[Any],
 
     The x-axis is the fraction of each run's optimizer steps, since the two objectives have different budgets.
     """
-    methods = _grid_positions(records)
+    methods = _methods_in_order(records)
     grid_size = max(
         len([r for r in records if r["method"] == m and r["objective"] == "sampled" and r["seed"] == records[0]["seed"]])
         for m in methods
@@ -99,7 +99,7 @@ def plot_lambda_sweep(records: Sequence[dict[str, Any]], prompts: Sequence[Any],
 
     Colour is the method, line style the objective (solid: sampled pairs, dashed: population).
     """
-    methods = _grid_positions(records)
+    methods = _methods_in_order(records)
     fig, axes = plt.subplots(1, len(prompts), figsize=(5 * len(prompts) + 2.5, 4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     seed = records[0]["seed"]
