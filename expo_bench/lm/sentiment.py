@@ -1,0 +1,138 @@
+"""Sentiment reward models, the IMDb task's ground truth: each scores texts by P(positive) in [0, 1].
+
+The DPO paper labels pairs and evaluates with siebert/sentiment-roberta-large-english
+(:class:`HFSentimentClassifier`); :class:`TfidfSentiment` is a CPU-trainable stand-in for tests and small
+runs, trained on the IMDb train split in seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import skops.io
+import torch
+from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from skops.io.exceptions import UntrustedTypesFoundException
+
+from expo_bench.lm.hh import DataError
+from expo_bench.lm.imdb import Review
+
+
+class RewardModel(Protocol):
+    """Scores texts by the probability that they are positive; ``name`` goes into results' provenance."""
+
+    name: str
+
+    def score(self, texts: Sequence[str]) -> list[float]: ...
+
+
+class TfidfSentiment:
+    """Hashed word uni+bigram TF-IDF features and logistic regression: 0.90 accuracy on the IMDb test split.
+
+    Saved with skops rather than pickle/joblib: loading a skops file builds only types skops trusts (the
+    scikit-learn and numpy types this pipeline uses) and refuses anything else, so a crafted model file
+    cannot run code. Features are hashed (2**20 buckets) rather than looked up in a fitted vocabulary:
+    skops writes a 200k-term vocabulary dict entry by entry (minutes), while hashed state is numpy arrays
+    (17 MB, milliseconds); on IMDb test that costs about 0.4 points of accuracy.
+    """
+
+    name = "tfidf-logreg"
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    @classmethod
+    def train(cls, reviews: Sequence[Review], seed: int = 0) -> TfidfSentiment:
+        """Fit on cleaned review texts; ``seed`` reaches the solver (lbfgs, the default, is deterministic anyway)."""
+        pipeline = make_pipeline(
+            HashingVectorizer(ngram_range=(1, 2), n_features=2**20, alternate_sign=False, norm=None),
+            TfidfTransformer(sublinear_tf=True),
+            LogisticRegression(C=8.0, max_iter=1000, random_state=seed),
+        )
+        pipeline.fit([review.text for review in reviews], [review.label for review in reviews])
+        return cls(pipeline)
+
+    def score(self, texts: Sequence[str]) -> list[float]:
+        if not texts:
+            return []
+        positive = list(self.pipeline.classes_).index(1)
+        return [float(p) for p in self.pipeline.predict_proba(list(texts))[:, positive]]
+
+    def accuracy(self, reviews: Sequence[Review]) -> float:
+        """Fraction of reviews whose P(positive) falls on the side of 0.5 their label says."""
+        return float(self.pipeline.score([review.text for review in reviews], [review.label for review in reviews]))
+
+    def save(self, path: Path) -> None:
+        skops.io.dump(self.pipeline, path)
+
+    @classmethod
+    def load(cls, path: Path) -> TfidfSentiment:
+        """The saved pipeline; a file holding types skops does not trust by default is refused, never loaded."""
+        try:
+            pipeline = skops.io.load(path)
+        except UntrustedTypesFoundException as error:
+            raise DataError(f"{path}: refusing to load untrusted types ({error})") from None
+        except (OSError, ValueError) as error:  # a missing file, or not a skops archive
+            raise DataError(f"{path}: cannot read a skops model ({error})") from error
+        if not isinstance(pipeline, Pipeline):
+            raise DataError(f"{path}: expected a scikit-learn Pipeline, got {type(pipeline).__name__}")
+        return cls(pipeline)
+
+
+def positive_index(id2label: Mapping[int, str], positive_label: str | None = None) -> int:
+    """The class index of the positive label: ``positive_label`` if given, else the one label containing
+    "POS" (any case), else ``LABEL_1`` of two unnamed labels; ValueError when none of these decides it."""
+    labels = {int(index): str(label) for index, label in id2label.items()}
+    if positive_label is not None:
+        matches = [index for index, label in labels.items() if label == positive_label]
+    else:
+        matches = [index for index, label in labels.items() if "pos" in label.lower()]
+        if not matches and len(labels) == 2:
+            matches = [index for index, label in labels.items() if label == "LABEL_1"]
+    if len(matches) != 1:
+        wanted = repr(positive_label) if positive_label is not None else "a label containing 'POS' or LABEL_1 of two"
+        raise ValueError(f"cannot tell the positive class from id2label {labels}: wanted {wanted}; pass positive_label")
+    return matches[0]
+
+
+class HFSentimentClassifier:
+    """A Hugging Face sequence classifier scoring by the softmax probability of its positive class."""
+
+    def __init__(
+        self,
+        name_or_path: str,
+        positive_label: str | None = None,
+        batch_size: int = 32,
+        max_length: int = 512,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"batch_size and max_length must be positive, got {batch_size} and {max_length}")
+        self.name = name_or_path
+        self.batch_size, self.max_length, self.device = batch_size, max_length, torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if self.tokenizer.pad_token is None:
+            raise ValueError(f"{name_or_path}: the tokenizer has no pad token, which batched scoring needs")
+        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path).to(self.device).eval()
+        self.positive = positive_index(self.model.config.id2label, positive_label)
+
+    @torch.no_grad()
+    def score(self, texts: Sequence[str]) -> list[float]:
+        """P(positive) per text; texts longer than ``max_length`` tokens are scored on their first tokens."""
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            scores.extend(self.model(**batch).logits.float().softmax(-1)[:, self.positive].tolist())
+        return scores
