@@ -1,4 +1,4 @@
-"""Preference optimization of a causal LM on Anthropic HH: SFT first, then every method from it."""
+"""Preference optimization of causal LMs: a task prepares pairs and its SFT stage, then every method runs from it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import random
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -49,26 +50,26 @@ if TYPE_CHECKING:
     from expo_bench.recipe import Experiment, MethodRun
 
 
-class HHTask(ConfigModel):
-    """Anthropic HH pairs from the hub (``source: Anthropic/hh-rlhf``) or a local file or folder.
+@dataclass(frozen=True)
+class Prepared:
+    """A task's data for one seed, after its SFT stage: tokenized training and held-out pairs."""
 
-    When ``eval_split`` equals ``train_split`` (local test splits), the pairs are shuffled once by seed
-    and cut into disjoint training and held-out slices.
+    train: list[TokenizedPair]
+    evaluation: list[TokenizedPair]
+    provenance: dict[str, Any]
+
+
+class LanguageModelTask(ConfigModel):
+    """What every language-model task shares: model, tokenizer, SFT, reference handling, LoRA.
+
+    A subclass names its ``kind`` and implements :meth:`prepare`: its data and its SFT stage.
     """
 
-    kind: Literal["hh"]
-    source: str = HUB_ID
-    data_dir: str | None = "helpful-base"
-    train_split: str = "train"
-    eval_split: str = "test"
-    max_train_pairs: int | None = Field(None, gt=0)
-    max_eval_pairs: int | None = Field(None, gt=0)
-    skip_malformed: bool = False
-    tokenizer: str = "EleutherAI/pythia-2.8b"
+    tokenizer: str
     tokenization: TokenizationConfig = TokenizationConfig()
     model: ModelConfig
     sft: TrainConfig | None = None
-    """Preferred-FT on the chosen responses first; its result is the reference and every method's start."""
+    """Supervised fine-tuning first; its result is the reference and every method's start."""
     reference_samples: SamplingConfig | None = None
     """Sample responses from the reference (the SFT model) once per seed and cache them: EXPO's
     ``kl_estimator: reference_samples`` estimates KL(π_ref ‖ π) on them."""
@@ -80,24 +81,14 @@ class HHTask(ConfigModel):
     with its LoRA adapter switched off (needs ``lora``), no second copy."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> HHTask:
-        if self.source != HUB_ID and not Path(self.source).exists():
-            raise ValueError(f"source {self.source!r} is neither an existing file or folder nor the hub id {HUB_ID!r}")
+    def _lora_reference(self) -> LanguageModelTask:
         if self.reference == "adapter_disabled" and self.lora is None:
             raise ValueError("reference 'adapter_disabled' needs a LoRA policy: add lora: {r: 16}")
         return self
 
-    def _pairs(self, seed: int) -> tuple[list[PromptPair], list[PromptPair], list[str]]:
-        train, train_report = load_hh_pairs(self.source, self.data_dir, self.train_split, self.skip_malformed)
-        notes = [f"{self.train_split}: {train_report.summary()}"]
-        if self.eval_split == self.train_split:
-            random.Random(seed).shuffle(train)
-            held_out = self.max_eval_pairs or max(1, len(train) // 10)
-            evaluation, train = train[:held_out], train[held_out:]
-        else:
-            evaluation, eval_report = load_hh_pairs(self.source, self.data_dir, self.eval_split, self.skip_malformed)
-            notes.append(f"{self.eval_split}: {eval_report.summary()}")
-        return train[: self.max_train_pairs], evaluation[: self.max_eval_pairs], notes
+    def prepare(self, seed: int, tokenizer: Any, base: PreTrainedModel, cache_dir: Path, console: Console) -> Prepared:
+        """Load and tokenize this seed's pairs and run the SFT stage on ``base`` (in place)."""
+        raise NotImplementedError
 
     def provides(self) -> frozenset[str]:
         """Optional batch fields the data carries: reference samples when ``reference_samples`` is set."""
@@ -115,9 +106,10 @@ class HHTask(ConfigModel):
         self, experiment: Experiment, tokenizer: Any, seed: int, cache_dir: Path, console: Console
     ) -> list[dict[str, Any]]:
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        train_pairs, eval_pairs, notes = self._pairs(seed)
-        train = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in train_pairs]
-        evaluation = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in eval_pairs]
+        L.seed_everything(seed, verbose=False)
+        base = self.model.build(vocab_size=len(tokenizer))
+        prepared = self.prepare(seed, tokenizer, base, cache_dir, console)
+        train, evaluation = prepared.train, prepared.evaluation
         provenance: dict[str, Any] = {
             "data_fingerprint": fingerprint_pairs(train + evaluation),
             "tokenizer_fingerprint": fingerprint_tokenizer(tokenizer),
@@ -125,14 +117,11 @@ class HHTask(ConfigModel):
             "eval_pairs": len(evaluation),
             "truncated_prompts": sum(pair.prompt_truncated for pair in train + evaluation),
             "truncated_responses": sum(pair.response_truncated for pair in train + evaluation),
+            "reference_fingerprint": fingerprint_module(base),
+            "parameters": count_parameters(base),
+            **prepared.provenance,
         }
-        for note in notes:
-            console.print(f"seed {seed}: {note}")
         console.print(f"seed {seed}: {provenance}")
-        L.seed_everything(seed, verbose=False)
-        base = self.model.build(vocab_size=len(tokenizer))
-        sft_metrics = self._sft(base, train, evaluation, pad_token_id, seed, console) if self.sft else {}
-        provenance |= {"reference_fingerprint": fingerprint_module(base), "parameters": count_parameters(base), **sft_metrics}
         datasets = PairDataset(train, pad_token_id), PairDataset(evaluation, pad_token_id)
         key = {"reference": provenance["reference_fingerprint"], "data": provenance["data_fingerprint"]}
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -314,6 +303,53 @@ REFERENCES: dict[str, Callable[[PreTrainedModel, PreTrainedModel], nn.Module]] =
     "adapter_disabled": lambda base, policy: AdapterDisabledScorer(policy),
 }
 """How the reference is built from the SFT model (``base``) and the policy about to be trained."""
+
+
+class HHTask(LanguageModelTask):
+    """Anthropic HH pairs from the hub (``source: Anthropic/hh-rlhf``) or a local file or folder; SFT on
+    the chosen responses ("Preferred-FT", the DPO paper's reference).
+
+    When ``eval_split`` equals ``train_split`` (local test splits), the pairs are shuffled once by seed
+    and cut into disjoint training and held-out slices.
+    """
+
+    kind: Literal["hh"]
+    tokenizer: str = "EleutherAI/pythia-2.8b"
+    source: str = HUB_ID
+    data_dir: str | None = "helpful-base"
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_train_pairs: int | None = Field(None, gt=0)
+    max_eval_pairs: int | None = Field(None, gt=0)
+    skip_malformed: bool = False
+
+    @model_validator(mode="after")
+    def _source_exists(self) -> HHTask:
+        if self.source != HUB_ID and not Path(self.source).exists():
+            raise ValueError(f"source {self.source!r} is neither an existing file or folder nor the hub id {HUB_ID!r}")
+        return self
+
+    def _pairs(self, seed: int) -> tuple[list[PromptPair], list[PromptPair], list[str]]:
+        train, train_report = load_hh_pairs(self.source, self.data_dir, self.train_split, self.skip_malformed)
+        notes = [f"{self.train_split}: {train_report.summary()}"]
+        if self.eval_split == self.train_split:
+            random.Random(seed).shuffle(train)
+            held_out = self.max_eval_pairs or max(1, len(train) // 10)
+            evaluation, train = train[:held_out], train[held_out:]
+        else:
+            evaluation, eval_report = load_hh_pairs(self.source, self.data_dir, self.eval_split, self.skip_malformed)
+            notes.append(f"{self.eval_split}: {eval_report.summary()}")
+        return train[: self.max_train_pairs], evaluation[: self.max_eval_pairs], notes
+
+    def prepare(self, seed: int, tokenizer: Any, base: PreTrainedModel, cache_dir: Path, console: Console) -> Prepared:
+        train_pairs, eval_pairs, notes = self._pairs(seed)
+        for note in notes:
+            console.print(f"seed {seed}: {note}")
+        train = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in train_pairs]
+        evaluation = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in eval_pairs]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        sft = self._sft(base, train, evaluation, pad, seed, console) if self.sft else {}
+        return Prepared(train, evaluation, sft)
 
 
 class LossHistory(Callback):

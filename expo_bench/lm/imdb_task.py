@@ -1,0 +1,139 @@
+"""IMDb controlled sentiment (the DPO paper's pipeline): SFT on reviews, sample completions of short
+review prefixes from the SFT model, label pairs with a sentiment reward model, then every method."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from rich.console import Console
+from torch import nn
+from transformers import PreTrainedModel
+
+from expo_bench.config_model import ConfigModel
+from expo_bench.lm import imdb
+from expo_bench.lm.imdb import Review, label_pairs, load_reviews, make_prompts
+from expo_bench.lm.sampling import SamplingConfig, sample_responses
+from expo_bench.lm.sentiment import HFSentimentClassifier, RewardModel, TfidfSentiment
+from expo_bench.lm.task import LanguageModelTask, Prepared
+from expo_bench.lm.tokenize import TokenizedPair, tokenize_pair
+
+
+class RewardModelConfig(ConfigModel):
+    """The ground-truth reward: ``tfidf`` (trained here on the IMDb train reviews, cached) or a
+    ``huggingface`` sequence classifier (the DPO paper used siebert/sentiment-roberta-large-english)."""
+
+    kind: Literal["tfidf", "huggingface"] = "tfidf"
+    name_or_path: str = "siebert/sentiment-roberta-large-english"
+    train_reviews: int | None = Field(None, gt=0)
+    """``tfidf``: fit on the first this many training reviews (all when unset)."""
+
+    def build(self, reviews: list[Review], seed: int, cache_dir: Path) -> RewardModel:
+        return REWARD_MODELS[self.kind](self, reviews, seed, cache_dir)
+
+
+def _tfidf(config: RewardModelConfig, reviews: list[Review], seed: int, cache_dir: Path) -> RewardModel:
+    subset = reviews[: config.train_reviews]
+    digest = hashlib.sha256(("|".join(review.id for review in subset) + f"|{seed}").encode()).hexdigest()[:16]
+    path = cache_dir / f"sentiment-tfidf-{digest}.skops"
+    if path.exists():
+        return TfidfSentiment.load(path)
+    model = TfidfSentiment.train(subset, seed)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return model
+
+
+def _huggingface(config: RewardModelConfig, reviews: list[Review], seed: int, cache_dir: Path) -> RewardModel:
+    return HFSentimentClassifier(config.name_or_path, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+REWARD_MODELS: dict[str, Callable[[RewardModelConfig, list[Review], int, Path], RewardModel]] = {
+    "tfidf": _tfidf,
+    "huggingface": _huggingface,
+}
+
+
+def review_example(tokenizer: Any, review: Review, max_length: int) -> TokenizedPair:
+    """A review as an SFT example: the whole text is the response to an empty prompt (one EOS token as the
+    document start), so every review token is in the loss. The rejected side is unused by SFT."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(review.text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+    return TokenizedPair([eos], [*ids, eos][: max_length - 1], [eos], False, len(ids) + 1 > max_length - 1)
+
+
+class IMDbTask(LanguageModelTask):
+    """IMDb reviews from the hub (``stanfordnlp/imdb``) or local jsonl files (``train``/``test`` splits)."""
+
+    kind: Literal["imdb"]
+    tokenizer: str = "gpt2-large"
+    source: str = imdb.HUB_ID
+    train_split: str = "train"
+    eval_split: str = "test"
+    skip_malformed: bool = False
+    sft_reviews: int | None = Field(None, gt=0)
+    """SFT on this many training reviews (shuffled by seed; all when unset)."""
+    train_prompts: int = Field(1000, gt=0)
+    eval_prompts: int = Field(100, gt=0)
+    prompt_tokens: tuple[int, int] = (2, 8)
+    """Prompts are the first n tokens of a review, n uniform in this range (the DPO paper's 2-8)."""
+    completions: SamplingConfig = SamplingConfig(samples_per_prompt=4, max_new_tokens=48)
+    """How many completions of each prompt the SFT model samples, and how long, to build pairs from."""
+    reward_model: RewardModelConfig = RewardModelConfig()
+    margin: float = Field(0.1, gt=0)
+    """Keep a pair of completions only if their rewards (P(positive)) differ by at least this much."""
+
+    @model_validator(mode="after")
+    def _source_exists(self) -> IMDbTask:
+        if self.source != imdb.HUB_ID and not Path(self.source).exists():
+            raise ValueError(f"source {self.source!r} is neither an existing file or folder nor the hub id {imdb.HUB_ID!r}")
+        low, high = self.prompt_tokens
+        if not 1 <= low <= high:
+            raise ValueError(f"prompt_tokens must be [low, high] with 1 <= low <= high, got {list(self.prompt_tokens)}")
+        return self
+
+    def prepare(self, seed: int, tokenizer: Any, base: PreTrainedModel, cache_dir: Path, console: Console) -> Prepared:
+        train_reviews = load_reviews(self.source, self.train_split, self.skip_malformed)
+        eval_reviews = load_reviews(self.source, self.eval_split, self.skip_malformed)
+        shuffled, held_out = train_reviews[:], eval_reviews[:]
+        random.Random(seed).shuffle(shuffled)
+        random.Random(seed + 1).shuffle(held_out)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        max_length = self.tokenization.max_length
+        sft: dict[str, Any] = {}
+        if self.sft is not None:
+            examples = [review_example(tokenizer, review, max_length) for review in shuffled[: self.sft_reviews]]
+            held = [review_example(tokenizer, review, max_length) for review in held_out[: self.eval_prompts]]
+            sft = self._sft(base, examples, held, pad, seed, console)
+        reward = self.reward_model.build(train_reviews, seed, cache_dir)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        nn.Module.to(base, device)
+        try:
+            train, train_report = self._pairs(tokenizer, base, reward, shuffled[: self.train_prompts], seed, pad)
+            evaluation, eval_report = self._pairs(tokenizer, base, reward, held_out[: self.eval_prompts], seed + 1, pad)
+        finally:
+            base.cpu()
+        console.print(f"seed {seed}: training pairs from {train_report}; held-out pairs from {eval_report}")
+        return Prepared(
+            train, evaluation, {**sft, "reward_model": reward.name, "labeling": train_report, "eval_labeling": eval_report}
+        )
+
+    def _pairs(
+        self, tokenizer: Any, base: PreTrainedModel, reward: RewardModel, reviews: list[Review], seed: int, pad: int
+    ) -> tuple[list[TokenizedPair], str]:
+        """Sample completions of each review's prefix, score prefix + completion, keep pairs by margin."""
+        low, high = self.prompt_tokens
+        prompts = make_prompts(reviews, tokenizer, low, high, seed)
+        samples = sample_responses(base, prompts, self.completions, pad, tokenizer.eos_token_id, seed)
+        prompt_texts = [tokenizer.decode(prompt) for prompt in prompts]
+        completions = [[tokenizer.decode(sample, skip_special_tokens=True) for sample in group] for group in samples]
+        rewards = [
+            reward.score([prompt + text for text in group]) for prompt, group in zip(prompt_texts, completions, strict=True)
+        ]
+        pairs, report = label_pairs(prompt_texts, completions, rewards, self.margin)
+        return [tokenize_pair(tokenizer, pair, self.tokenization) for pair in pairs], report.summary()
