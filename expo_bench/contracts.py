@@ -30,6 +30,14 @@ class SequenceScorer(Protocol):
         ...
 
 
+class Policy(SequenceScorer, Protocol):
+    """A trainable scorer that also reports how spread out its next-token distributions are."""
+
+    def response_entropy(self, sequences: Sequences) -> Tensor:
+        """``(..., N)`` mean entropy of π(· | x, y_<t) over the response positions t, without gradients."""
+        ...
+
+
 @dataclass(frozen=True)
 class PreferenceBatch:
     """``N`` preference pairs (x, y_w, y_l) with label z = P(y_w ≻ y_l).

@@ -38,7 +38,8 @@ def test_imdb_twin_runs_end_to_end(tmp_path: Path) -> None:
         kept = int(re.search(r"kept (\d+)", run["labeling"]).group(1))  # type: ignore[union-attr]
         assert run["train_pairs"] == kept > 0 and run["labeling"].startswith("16 prompts, 96 candidate pairs")
         assert run["steps"] > 0 and run["eval_before"]["val/rewards_accuracy"] == 0.5  # SFT model = reference: all ties
-    assert len(list((tmp_path / "imdb_tiny_local" / "cache").glob("sentiment-tfidf-*.skops"))) == 1
+    cache = tmp_path / "imdb_tiny_local" / "cache"
+    assert len(list(cache.glob("sentiment-tfidf-*.skops"))) == len(list(cache.glob("imdb-pairs-*.pt"))) == 1
 
 
 def test_imdb_prompt_range_is_checked() -> None:

@@ -319,3 +319,13 @@ def test_an_interrupted_run_resumes_and_a_finished_one_is_reused(tmp_path: Path,
     again = Console(record=True, width=200)
     assert summary(tmp_path / "broken", again)["eval_after"] == resumed["eval_after"]
     assert "finished in an earlier run" in again.export_text()
+
+
+def test_response_entropy_of_a_uniform_model_is_log_vocabulary(tokenizer: Any, pairs: list[Any]) -> None:
+    import math
+
+    model = tiny_model(tokenizer)
+    torch.nn.init.zeros_(model.get_output_embeddings().weight)  # every next-token distribution is uniform
+    batch = collate_pairs(pairs[:4], tokenizer.eos_token_id)
+    entropy = CausalLMScorer(model).response_entropy(batch.chosen)
+    torch.testing.assert_close(entropy, torch.full((4,), math.log(model.config.vocab_size)))

@@ -15,8 +15,11 @@ from rich.console import Console
 from torch import nn
 from transformers import PreTrainedModel
 
+from expo_bench.cache import cached
 from expo_bench.config_model import ConfigModel
 from expo_bench.lm import imdb
+from expo_bench.lm.data import fingerprint_module
+from expo_bench.lm.hh import PromptPair
 from expo_bench.lm.imdb import Review, label_pairs, load_reviews, make_prompts
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.sentiment import HFSentimentClassifier, RewardModel, TfidfSentiment
@@ -110,23 +113,48 @@ class IMDbTask(LanguageModelTask):
             examples = [review_example(tokenizer, review, max_length) for review in shuffled[: self.sft_reviews]]
             held = [review_example(tokenizer, review, max_length) for review in held_out[: self.eval_prompts]]
             sft = self._sft(base, examples, held, pad, seed, console)
-        reward = self.reward_model.build(train_reviews, seed, cache_dir)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        nn.Module.to(base, device)
-        try:
-            train, train_report = self._pairs(tokenizer, base, reward, shuffled[: self.train_prompts], seed, pad)
-            evaluation, eval_report = self._pairs(tokenizer, base, reward, held_out[: self.eval_prompts], seed + 1, pad)
-        finally:
-            base.cpu()
-        console.print(f"seed {seed}: training pairs from {train_report}; held-out pairs from {eval_report}")
-        return Prepared(
-            train, evaluation, {**sft, "reward_model": reward.name, "labeling": train_report, "eval_labeling": eval_report}
+        prompt_reviews = shuffled[: self.train_prompts], held_out[: self.eval_prompts]
+        key = {
+            "sft_model": fingerprint_module(base),
+            "reviews": [hashlib.sha256("|".join(r.id for r in reviews).encode()).hexdigest()[:16] for reviews in prompt_reviews],
+            "settings": self.model_dump(include={"prompt_tokens", "completions", "reward_model", "margin"}, mode="json"),
+            "seed": seed,
+        }
+
+        def label() -> dict[str, Any]:
+            reward = self.reward_model.build(train_reviews, seed, cache_dir)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            nn.Module.to(base, device)
+            try:
+                train, train_report = self._pairs(tokenizer, base, reward, prompt_reviews[0], seed, pad)
+                evaluation, eval_report = self._pairs(tokenizer, base, reward, prompt_reviews[1], seed + 1, pad)
+            finally:
+                base.cpu()
+            return {
+                "reward_model": reward.name,
+                "train": train,
+                "evaluation": evaluation,
+                "labeling": train_report,
+                "eval_labeling": eval_report,
+            }
+
+        labelled, hit = cached(cache_dir, "imdb-pairs", key, label)
+        console.print(
+            f"seed {seed}: {'cached ' if hit else ''}training pairs from {labelled['labeling']}; "
+            f"held-out pairs from {labelled['eval_labeling']}"
         )
+        train, evaluation = (
+            [tokenize_pair(tokenizer, PromptPair(*texts), self.tokenization) for texts in labelled[split]]
+            for split in ("train", "evaluation")
+        )
+        provenance = {key: labelled[key] for key in ("reward_model", "labeling", "eval_labeling")}
+        return Prepared(train, evaluation, sft | provenance)
 
     def _pairs(
         self, tokenizer: Any, base: PreTrainedModel, reward: RewardModel, reviews: list[Review], seed: int, pad: int
-    ) -> tuple[list[TokenizedPair], str]:
-        """Sample completions of each review's prefix, score prefix + completion, keep pairs by margin."""
+    ) -> tuple[list[list[str]], str]:
+        """Sample completions of each review's prefix, score prefix + completion, keep pairs by margin;
+        the pairs come back as ``[prompt, chosen, rejected]`` texts (what the cache stores)."""
         low, high = self.prompt_tokens
         prompts = make_prompts(reviews, tokenizer, low, high, seed)
         samples = sample_responses(base, prompts, self.completions, pad, tokenizer.eos_token_id, seed)
@@ -136,4 +164,4 @@ class IMDbTask(LanguageModelTask):
             reward.score([prompt + text for text in group]) for prompt, group in zip(prompt_texts, completions, strict=True)
         ]
         pairs, report = label_pairs(prompt_texts, completions, rewards, self.margin)
-        return [tokenize_pair(tokenizer, pair, self.tokenization) for pair in pairs], report.summary()
+        return [[pair.prompt, pair.chosen, pair.rejected] for pair in pairs], report.summary()

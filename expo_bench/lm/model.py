@@ -66,6 +66,14 @@ class CausalLMScorer(nn.Module):
         logits = self.model(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).logits
         return response_logps(logits, sequences["input_ids"], sequences["loss_mask"])
 
+    @torch.no_grad()
+    def response_entropy(self, sequences: Sequences) -> Tensor:
+        logits = self.model(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).logits
+        logps = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        entropy = -(logps.exp() * logps).sum(-1)  # at t - 1: the distribution that predicts token t
+        mask = sequences["loss_mask"][:, 1:].float()
+        return (entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
 
 def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())

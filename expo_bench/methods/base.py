@@ -51,6 +51,8 @@ def preference_nll(logit: Tensor, label: Tensor | float, gamma: float | Tensor =
 class PreferenceMethod(L.LightningModule):
     """A preference-optimization method as a LightningModule.
 
+    ``policy`` is a module implementing :class:`~expo_bench.contracts.Policy`, ``reference`` a
+    :class:`~expo_bench.contracts.SequenceScorer` (or ``None`` for reference-free methods).
     ``params`` is one :class:`MethodParams` per replica. A single language model has one replica;
     the tabular task trains a λ-grid as replicas of one policy whose parameters carry a leading replica
     dimension. Hyperparameters that differ across replicas become ``(G, 1)`` tensors that broadcast
@@ -152,7 +154,9 @@ class PreferenceMethod(L.LightningModule):
         per_replica = torch.stack(list(terms.values())).sum(0)
         # Lightning's log() costs more than a tabular step; call it only on the steps a logger would keep.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
-            self.log_dict(pair_metrics("train", logps, terms), batch_size=len(batch), sync_dist=True)
+            metrics = pair_metrics("train", logps, terms)
+            metrics["train/entropy"] = self.policy.response_entropy(concat_sequences(batch.chosen, batch.rejected)).mean()  # type: ignore[operator]
+            self.log_dict(metrics, batch_size=len(batch), sync_dist=True)
         # Summing over replicas keeps each replica's gradient what it would be if trained alone.
         return per_replica.sum()
 

@@ -19,6 +19,12 @@ class TabularPolicy(nn.Module):
         """``(G, N)`` log π(response | prompt)."""
         return torch.log_softmax(self.logits, dim=-1)[:, sequences["prompt"], sequences["response"]]
 
+    @torch.no_grad()
+    def response_entropy(self, sequences: Sequences) -> Tensor:
+        """``(G, N)`` entropy of π(· | prompt): a tabular response is a single token."""
+        logps = torch.log_softmax(self.logits, dim=-1)
+        return -(logps.exp() * logps).sum(-1)[:, sequences["prompt"]]
+
     def probabilities(self) -> Tensor:
         """``(G, P, R)`` π(· | prompt) per replica."""
         return torch.softmax(self.logits.detach(), dim=-1)
