@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -40,12 +43,13 @@ class InOrder(L.LightningDataModule):
 
 
 def train_and_validate(devices: int, batch_size: int) -> tuple[dict[str, float], torch.Tensor]:
+    """Fit two epochs; the validation after the last epoch scores the final weights."""
     L.seed_everything(0, verbose=False)
     module = DPO(TabularPolicy(PI_REF), TabularPolicy(PI_REF), [DPO.Params(beta=0.5, gamma=0.1)], OptimizerConfig(lr=0.05))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        strategy="ddp" if devices > 1 else "auto",
         max_epochs=2,
         logger=False,
         enable_checkpointing=False,
@@ -54,19 +58,37 @@ def train_and_validate(devices: int, batch_size: int) -> tuple[dict[str, float],
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the data module shards in order itself
     )
-    data = InOrder(PAIRS, batch_size)
-    trainer.fit(module, datamodule=data)
-    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+    trainer.fit(module, datamodule=InOrder(PAIRS, batch_size))
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
     return metrics, module.policy.logits.detach().clone()
 
 
+def ddp_rank(rank: int, world: int, port: int, result: Path) -> None:
+    """One DDP rank, launched here rather than by Lightning, so it can leave the process group cleanly."""
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
+    os.environ |= {"NODE_RANK": "0", "LOCAL_RANK": str(rank), "RANK": str(rank)}
+    metrics, logits = train_and_validate(devices=world, batch_size=2)
+    if rank == 0:
+        torch.save({"metrics": metrics, "logits": logits}, result)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
-def test_two_ranks_match_one_process() -> None:
+def test_two_ranks_match_one_process(tmp_path: Path) -> None:
     assert len(PAIRS) % 4 == 0, len(PAIRS)  # equal shards: no padding by the distributed sampler
     one_metrics, one_logits = train_and_validate(devices=1, batch_size=4)
-    two_metrics, two_logits = train_and_validate(devices=2, batch_size=2)
-    torch.testing.assert_close(two_logits, one_logits, rtol=0, atol=1e-6)  # gradients averaged across ranks
-    assert set(two_metrics) == set(one_metrics) >= {"val/loss", "val/rewards_accuracy", "val/rewards_margin"}
+    result = tmp_path / "rank0.pt"
+    torch.multiprocessing.start_processes(ddp_rank, args=(2, free_port(), result), nprocs=2, start_method="spawn")
+    two = torch.load(result, weights_only=True)
+    torch.testing.assert_close(two["logits"], one_logits, rtol=0, atol=1e-6)  # gradients averaged across ranks
+    assert set(two["metrics"]) == set(one_metrics) >= {"val/loss", "val/rewards_accuracy", "val/rewards_margin"}
     for name, value in one_metrics.items():
-        assert two_metrics[name] == pytest.approx(value, abs=1e-6), name
+        assert two["metrics"][name] == pytest.approx(value, abs=1e-6), name
     assert one_metrics["val/rewards_accuracy"] not in (0.0, 0.5, 1.0)  # the metrics say something
