@@ -71,14 +71,20 @@ class HHSplitReport:
         return f"{self.total} pairs: kept {self.kept}, dropped {dropped}; {self.malformed} malformed lines skipped"
 
 
-def _check_record(line: str) -> dict[str, str]:
-    """The record of one line, or ValueError saying what is wrong with it."""
+def json_object(line: str) -> dict[str, Any]:
+    """The JSON object on one line, or ValueError saying what is wrong with it."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise ValueError(f"invalid JSON ({error})") from None
     if not isinstance(record, dict):
         raise ValueError(f"a {type(record).__name__}, not an object")
+    return record
+
+
+def _check_record(line: str) -> dict[str, str]:
+    """The record of one line, or ValueError saying what is wrong with it."""
+    record = json_object(line)
     for name in FIELDS:
         if not isinstance(record.get(name), str):
             raise ValueError(f"{name!r} is {'missing' if name not in record else type(record[name]).__name__}")

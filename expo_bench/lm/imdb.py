@@ -9,7 +9,6 @@ evaluation (:mod:`expo_bench.lm.sentiment`).
 from __future__ import annotations
 
 import html
-import json
 import lzma
 import random
 import re
@@ -20,7 +19,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from expo_bench.lm.hh import _OPENERS, DataError, PromptPair
+from expo_bench.lm.hh import _OPENERS, DataError, PromptPair, json_object
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -55,13 +54,7 @@ class Review:
 
 def _review(row: str | dict[str, Any], fallback_id: str) -> Review:
     """The review in a JSONL line or a hub row, or ValueError saying what is wrong with it."""
-    if isinstance(row, str):
-        try:
-            row = json.loads(row)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"invalid JSON ({error})") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"a {type(row).__name__}, not an object")
+    row = json_object(row) if isinstance(row, str) else row
     text, label, review_id = row.get("text"), row.get("label"), row.get("id", fallback_id)
     if not isinstance(text, str):
         raise ValueError(f"'text' is {'missing' if 'text' not in row else type(text).__name__}")
