@@ -58,15 +58,15 @@ def describe(experiment: Experiment) -> Table:
     """One row per method: what will be trained, with which λ grid, non-default hyperparameters and budget."""
     recipe = experiment.recipe
     table = Table(title=f"{recipe.experiment} · recipe {recipe.fingerprint()} · seeds {recipe.seeds}")
-    for column in ("method", "λ grid", "other params", "epochs", "batch", "optimizer"):
+    for column in ("method", "λ", "other params", "epochs", "batch", "optimizer"):
         table.add_column(column, overflow="fold")
     for run in experiment.runs:
-        params = run.grid[0].model_dump(
-            exclude_defaults=True, exclude={run.method.regularization} if run.lam and run.method.regularization else None
-        )
+        params = run.grid[0].model_dump(exclude_defaults=True, exclude={run.method.regularization or ""})
         table.add_row(
             run.label,
-            lam_summary(run.lam),
+            lam_summary(run.lam)
+            if run.lam or run.method.regularization is None
+            else f"{run.method.regularization}={getattr(run.grid[0], run.method.regularization):g}",
             ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items())
             or "—",
             str(run.train.max_epochs),
