@@ -235,9 +235,6 @@ def test_reference_samples_are_seeded_and_end_at_eos(tokenizer: Any, pairs: list
     for response in (r for responses in first for r in responses):
         assert 1 <= len(response) <= 6 and (len(response) == 6 or response[-1] == tokenizer.eos_token_id)
         assert tokenizer.eos_token_id not in response[:-1]
-    # Batched left-padded generation equals one prompt at a time (same seed, greedy-equivalent check on shapes).
-    single = sample_responses(model, prompts[:1], config, tokenizer.eos_token_id, tokenizer.eos_token_id, seed=1)
-    assert len(single[0]) == 3
 
 
 def test_expo_kl_on_reference_samples_matches_a_direct_estimate(tokenizer: Any, pairs: list[Any]) -> None:
