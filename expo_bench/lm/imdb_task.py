@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
 from rich.console import Console
 from torch import nn
@@ -21,10 +20,11 @@ from expo_bench.lm import imdb
 from expo_bench.lm.data import fingerprint_module
 from expo_bench.lm.hh import PromptPair
 from expo_bench.lm.imdb import Review, label_pairs, load_reviews, make_prompts
+from expo_bench.lm.model import accelerator_device
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.sentiment import HFSentimentClassifier, RewardModel, TfidfSentiment
 from expo_bench.lm.task import LanguageModelTask, Prepared
-from expo_bench.lm.tokenize import TokenizedPair, tokenize_pair
+from expo_bench.lm.tokenize import TokenizedPair, pad_token_id, tokenize_pair
 
 
 class RewardModelConfig(ConfigModel):
@@ -53,7 +53,7 @@ def _tfidf(config: RewardModelConfig, reviews: list[Review], seed: int, cache_di
 
 
 def _huggingface(config: RewardModelConfig, reviews: list[Review], seed: int, cache_dir: Path) -> RewardModel:
-    return HFSentimentClassifier(config.name_or_path, device="cuda" if torch.cuda.is_available() else "cpu")
+    return HFSentimentClassifier(config.name_or_path, device=accelerator_device())
 
 
 REWARD_MODELS: dict[str, Callable[[RewardModelConfig, list[Review], int, Path], RewardModel]] = {
@@ -106,7 +106,7 @@ class IMDbTask(LanguageModelTask):
         shuffled, held_out = train_reviews[:], eval_reviews[:]
         random.Random(seed).shuffle(shuffled)
         random.Random(seed + 1).shuffle(held_out)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_token_id(tokenizer)
         max_length = self.tokenization.max_length
         sft: dict[str, Any] = {}
         if self.sft is not None:
@@ -123,8 +123,7 @@ class IMDbTask(LanguageModelTask):
 
         def label() -> dict[str, Any]:
             reward = self.reward_model.build(train_reviews, seed, cache_dir)
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            nn.Module.to(base, device)
+            nn.Module.to(base, accelerator_device())
             try:
                 train, train_report = self._pairs(tokenizer, base, reward, prompt_reviews[0], seed, pad)
                 evaluation, eval_report = self._pairs(tokenizer, base, reward, prompt_reviews[1], seed + 1, pad)

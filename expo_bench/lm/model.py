@@ -75,6 +75,11 @@ class CausalLMScorer(nn.Module):
         return (entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+def accelerator_device() -> torch.device:
+    """Where one-off work outside the Trainer (reference passes, sampling, scoring) runs: a GPU if there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 

@@ -39,11 +39,12 @@ from expo_bench.lm.model import (
     CausalLMScorer,
     LoraSettings,
     ModelConfig,
+    accelerator_device,
     count_parameters,
 )
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.sft import SupervisedFineTuning
-from expo_bench.lm.tokenize import TokenizationConfig, TokenizedPair, fingerprint_tokenizer, tokenize_pair
+from expo_bench.lm.tokenize import TokenizationConfig, TokenizedPair, fingerprint_tokenizer, pad_token_id, tokenize_pair
 from expo_bench.training import TrainConfig, build_trainer
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class LanguageModelTask(ConfigModel):
     def _run_seed(
         self, experiment: Experiment, tokenizer: Any, seed: int, cache_dir: Path, console: Console
     ) -> list[dict[str, Any]]:
-        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_token_id(tokenizer)
         L.seed_everything(seed, verbose=False)
         base = self.model.build(vocab_size=len(tokenizer))
         prepared = self.prepare(seed, tokenizer, base, cache_dir, console)
@@ -122,23 +123,23 @@ class LanguageModelTask(ConfigModel):
             **prepared.provenance,
         }
         console.print(f"seed {seed}: {provenance}")
-        datasets = PairDataset(train, pad_token_id), PairDataset(evaluation, pad_token_id)
+        datasets = PairDataset(train, pad), PairDataset(evaluation, pad)
         key = {"reference": provenance["reference_fingerprint"], "data": provenance["data_fingerprint"]}
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        nn.Module.to(base, device)
+        nn.Module.to(base, accelerator_device())
         if self.reference_samples is not None:  # first: the cached reference log-probs cover the samples too
-            sampling = self.reference_samples
-            self._cache_reference_samples(base, datasets, sampling, tokenizer.eos_token_id, seed, key, cache_dir, console)
-            key |= {"sampling": sampling.model_dump(), "seed": seed}
+            key |= {"sampling": self.reference_samples.model_dump(), "seed": seed}
+            self._cache_reference_samples(
+                base, datasets, self.reference_samples, tokenizer.eos_token_id, seed, key, cache_dir, console
+            )
         if self.reference == "cached":
             self._cache_reference_logps(base, datasets, experiment.runs[0].train.batch_size, key, cache_dir, console)
         base.cpu()
         records = []
+        fingerprints = {name: provenance[name] for name in ("data_fingerprint", "reference_fingerprint")}
         for run in experiment.runs:
             for index, params in enumerate(run.grid):
                 lam = None if run.lam is None else run.lam[index]
                 data = PairData(*datasets, batch_size=run.train.batch_size, seed=seed)
-                fingerprints = {key: provenance[key] for key in ("data_fingerprint", "reference_fingerprint")}
                 records.append(
                     self._fit(run, params, lam, base, data, seed, fingerprints, cache_dir.parent / "runs", console) | provenance
                 )
@@ -191,7 +192,7 @@ class LanguageModelTask(ConfigModel):
         def compute() -> list[list[list[int]]]:
             return sample_responses(base, prompts, sampling, datasets[0].pad_token_id, eos, seed)
 
-        samples, hit = cached(cache_dir, "reference-samples", key | {"sampling": sampling.model_dump(), "seed": seed}, compute)
+        samples, hit = cached(cache_dir, "reference-samples", key, compute)
         split = len(datasets[0])
         datasets[0].reference_samples, datasets[1].reference_samples = samples[:split], samples[split:]
         console.print(f"{sampling.samples_per_prompt} reference samples per prompt: {'from the cache' if hit else 'drawn once'}")
@@ -347,7 +348,7 @@ class HHTask(LanguageModelTask):
             console.print(f"seed {seed}: {note}")
         train = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in train_pairs]
         evaluation = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in eval_pairs]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_token_id(tokenizer)
         sft = self._sft(base, train, evaluation, pad, seed, console) if self.sft else {}
         return Prepared(train, evaluation, sft)
 

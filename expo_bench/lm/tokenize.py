@@ -112,6 +112,14 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Preferen
     )
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's pad token, or EOS where it has none (GPT-2, Pythia): padding is masked out anyway."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an EOS token")
+    return int(pad)
+
+
 def fingerprint_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str:
     """Short sha256 of the tokenizer's serialization (vocab, merges, normalizer), for results' provenance."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
