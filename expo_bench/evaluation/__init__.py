@@ -1,0 +1,1 @@
+"""Evaluation: sampling policies, judging their samples, and the metrics that compare methods."""

@@ -1,0 +1,258 @@
+"""An LLM judge over any OpenAI-compatible chat-completions endpoint (OpenAI, a local vLLM server, ...).
+
+Each comparison puts the candidate at position A or B by a hash of the seed and the texts, so the order is
+random across comparisons (LLM judges favour one position) yet the same on every rerun. Every answer is
+written to disk as soon as it arrives, keyed by a hash of everything the request depends on, so an
+interrupted judging resumes without asking twice. The API key is read from the environment when sending and
+kept out of logs, errors and the cache.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import http.client
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Literal
+
+from expo_bench.errors import UserError
+from expo_bench.evaluation.judges import Comparison, LLMJudgeConfig, Verdict
+
+log = logging.getLogger(__name__)
+
+Position = Literal["A", "B"]
+
+
+class JudgeError(UserError):
+    """The judge's endpoint refused a request, or kept failing after every retry."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying: HTTP 429 or 5xx, a timeout, a dropped connection."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def candidate_position(seed: int, comparison: Comparison) -> Position:
+    """Where the candidate goes, A or B: a fair coin per comparison, fixed by the seed and the texts."""
+    texts = json.dumps([seed, comparison.prompt, comparison.candidate, comparison.baseline])
+    return "A" if hashlib.sha256(texts.encode()).digest()[0] % 2 == 0 else "B"
+
+
+def parse_choice(answer: str, label: str = "More helpful") -> Position | None:
+    """The choice on the answer's one line ``<label>: A`` (or ``"A"``, ``A.``); None unless exactly one line matches."""
+    pattern = re.compile(rf"""\s*{re.escape(label)}:\s*(?:(?P<quote>["']?)(?P<plain>[AB])(?P=quote)|“(?P<curly>[AB])”)\.?\s*""")
+    matches = [match for line in answer.splitlines() if (match := pattern.fullmatch(line))]
+    if len(matches) != 1:
+        return None
+    choice = matches[0]["plain"] or matches[0]["curly"]
+    return "A" if choice == "A" else "B"
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: a number of seconds or an HTTP date."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+class LLMJudge:
+    """Asks a chat model which of two responses is better; built by :meth:`LLMJudgeConfig.build`.
+
+    Verdict details: ``candidate_position`` (A or B), the raw ``answer`` and the parsed ``choice`` (None when
+    the answer does not follow the format: outcome NaN). Identical responses tie without a request (answer
+    None). ``progress(done, total)`` is called as the answers not found in the cache arrive.
+    """
+
+    def __init__(
+        self, config: LLMJudgeConfig, cache_dir: Path, seed: int, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        self.config, self.cache_dir, self.seed, self.progress = config, cache_dir, seed, progress
+        self.name = f"llm:{config.model}"
+        self.url = f"{config.base_url}/chat/completions"
+
+    def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
+        positions = [candidate_position(self.seed, comparison) for comparison in comparisons]
+        questions = [
+            (c.prompt, c.candidate, c.baseline) if position == "A" else (c.prompt, c.baseline, c.candidate)
+            for c, position in zip(comparisons, positions, strict=True)
+        ]
+        keys = [self._key(*question) for question in questions]
+        answers: dict[str, str] = {}
+        to_ask: dict[str, tuple[str, str, str]] = {}
+        for key, question in zip(keys, questions, strict=True):
+            if question[1] != question[2] and key not in answers and key not in to_ask:
+                cached = self._load(key)
+                if cached is None:
+                    to_ask[key] = question
+                else:
+                    answers[key] = cached
+        log.info(
+            "%s: %d comparisons, %d answers cached, %d to ask %s",
+            self.name,
+            len(comparisons),
+            len(answers),
+            len(to_ask),
+            self.url,
+        )
+        answers.update(self._ask_all(to_ask))
+
+        verdicts = []
+        for key, (_, a, b), position in zip(keys, questions, positions, strict=True):
+            if a == b:
+                verdicts.append(Verdict(0.5, {"candidate_position": position, "choice": None, "answer": None}))
+                continue
+            choice = parse_choice(answers[key], self.config.choice_label)
+            outcome = math.nan if choice is None else float(choice == position)
+            verdicts.append(Verdict(outcome, {"candidate_position": position, "choice": choice, "answer": answers[key]}))
+        return verdicts
+
+    def _ask_all(self, questions: dict[str, tuple[str, str, str]]) -> dict[str, str]:
+        """Each question's answer, ``max_concurrency`` requests at a time; on a failure, requests already
+        sent are awaited (their answers cached) and no more are sent before the error is raised."""
+        if not questions:
+            return {}
+        self._headers()  # a missing API key fails here, before any thread starts
+        stop = threading.Event()
+        answers: dict[str, str] = {}
+        executor = ThreadPoolExecutor(min(self.config.max_concurrency, len(questions)), thread_name_prefix="llm-judge")
+        futures = {executor.submit(self._ask, key, *question, stop): key for key, question in questions.items()}
+        try:
+            for future in as_completed(futures):
+                answer = future.result()
+                if answer is not None:
+                    answers[futures[future]] = answer
+                    if self.progress is not None:
+                        self.progress(len(answers), len(questions))
+        except JudgeError as error:
+            executor.shutdown(wait=True, cancel_futures=True)
+            saved = sum(
+                not future.cancelled() and future.exception() is None and future.result() is not None for future in futures
+            )
+            raise JudgeError(
+                f"{error}\n{saved} of {len(questions)} new answers are cached in {self.cache_dir}; a rerun resumes from them"
+            ) from None
+        except BaseException:  # e.g. Ctrl-C: let the requests in flight finish and be cached, send no more
+            stop.set()
+            raise
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+        return answers
+
+    def _ask(self, key: str, prompt: str, response_a: str, response_b: str, stop: threading.Event) -> str | None:
+        """The model's answer, cached before it is returned, retried with exponential backoff on transient
+        failures; None when ``stop`` was set (another request failed) before an answer came."""
+        content = self.config.template.format(prompt=prompt, response_a=response_a, response_b=response_b)
+        body = json.dumps(
+            {
+                "model": self.config.model,
+                "messages": [{"role": "user", "content": content}],
+                "temperature": self.config.temperature,
+                "max_tokens": self.config.max_tokens,
+            }
+        ).encode()
+        retries = 0
+        try:
+            while not stop.is_set():
+                try:
+                    answer = self._send(body)
+                except _Transient as error:
+                    if retries == self.config.max_retries:
+                        raise JudgeError(f"{error}; gave up after {retries + 1} attempts") from None
+                    delay = error.retry_after if error.retry_after is not None else self.config.backoff * 2**retries
+                    retries += 1
+                    log.warning("%s; retry %d of %d in %.3g s", error, retries, self.config.max_retries, delay)
+                    stop.wait(delay)
+                else:
+                    self._store(key, answer)
+                    return answer
+        except BaseException:
+            stop.set()  # the other workers send no more requests; the caller reports this error
+            raise
+        return None
+
+    def _send(self, body: bytes) -> str:
+        request = urllib.request.Request(self.url, data=body, headers=self._headers(), method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.config.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as error:
+            message = f"HTTP {error.code} {error.reason} from {self.url}: {self._excerpt(error)}"
+            if error.code == 429 or error.code >= 500:
+                raise _Transient(message, _retry_after(error.headers.get("Retry-After"))) from None
+            raise JudgeError(message) from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
+            reason = error.reason if isinstance(error, urllib.error.URLError) else error
+            raise _Transient(f"no answer from {self.url} ({type(error).__name__}: {reason})") from None
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, LookupError, TypeError):
+            raise JudgeError(
+                f"{self.url} answered without choices[0].message.content: {self._redact(raw[:300].decode(errors='replace'))}"
+            ) from None
+        return content if isinstance(content, str) else ""  # a null content (a refusal) is an unparseable answer
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.config.api_key_env is not None:
+            key = os.environ.get(self.config.api_key_env, "")
+            if not key:
+                raise JudgeError(
+                    f"the LLM judge reads its API key from the environment variable {self.config.api_key_env}, which is "
+                    "unset or empty (set api_key_env to null for a server without authentication)"
+                )
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _redact(self, text: str) -> str:
+        """``text`` without the API key: servers may echo it in their error messages."""
+        key = os.environ.get(self.config.api_key_env, "") if self.config.api_key_env is not None else ""
+        return text.replace(key, "[API key]") if key else text
+
+    def _excerpt(self, error: urllib.error.HTTPError) -> str:
+        try:
+            text = error.read(300).decode(errors="replace")
+        except (OSError, http.client.HTTPException):
+            text = ""
+        return self._redact(" ".join(text.split()))
+
+    def _key(self, prompt: str, response_a: str, response_b: str) -> str:
+        """sha256 of everything the answer depends on: the judge (endpoint, model, template, sampling) and the texts."""
+        identity = self.config.model_dump(include={"base_url", "model", "template", "temperature", "max_tokens"})
+        identity.update(prompt=prompt, response_a=response_a, response_b=response_b)
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def _load(self, key: str) -> str | None:
+        try:
+            answer = json.loads((self.cache_dir / f"{key}.json").read_text(encoding="utf-8"))["answer"]
+        except FileNotFoundError:
+            return None
+        return str(answer)
+
+    def _store(self, key: str, answer: str) -> None:
+        """Write through a temporary file and an atomic rename: concurrent writers and crashes leave whole files."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=self.cache_dir, prefix=f".{key}.", delete=False) as file:
+            json.dump({"answer": answer}, file)
+        os.replace(file.name, self.cache_dir / f"{key}.json")
