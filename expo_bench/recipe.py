@@ -19,12 +19,13 @@ from pydantic import Field, ValidationError, field_validator
 from expo_bench.config_model import ConfigModel
 from expo_bench.errors import RecipeError
 from expo_bench.lm.imdb_task import IMDbTask
+from expo_bench.lm.synthetic import SyntheticTokensTask
 from expo_bench.lm.task import HHTask
 from expo_bench.methods import MethodParams, PreferenceMethod, UnknownMethodError, method_class
 from expo_bench.tabular.task import TabularTask
 from expo_bench.training import TrainConfig
 
-Task = TabularTask | HHTask | IMDbTask
+Task = TabularTask | SyntheticTokensTask | HHTask | IMDbTask
 TASK_KINDS = {get_args(task.model_fields["kind"].annotation)[0] for task in get_args(Task)}
 
 

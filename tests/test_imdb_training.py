@@ -31,9 +31,17 @@ def test_imdb_twin_runs_end_to_end(tmp_path: Path) -> None:
     data["task"] |= {"sft_reviews": 64, "train_prompts": 16, "eval_prompts": 8}
     data["methods"] = [{"method": "dpo", "params": {"beta": 0.1}}, {"method": "expo_compositional", "params": {"lam": 0.1}}]
     out = run_experiment(validate_recipe(data, "imdb.yaml"), tmp_path, Console(quiet=True))
-    runs = json.loads((out / "summary.json").read_text())["runs"]
+    reference, *runs = json.loads((out / "summary.json").read_text())["runs"]
+    # the SFT model judged against itself: the same seeded samples, so every comparison ties and KL is 0
+    assert reference["method"] == "sft-reference"
+    assert reference["eval"]["eval/win_rate"] == 0.5 and reference["eval"]["eval/kl"] == 0.0
     assert [run["method"] for run in runs] == ["dpo", "expo_compositional"]
     for run in runs:
+        [samples] = (out / "runs").glob(f"{run['method']}-*/evaluation-*/T1/samples.jsonl")
+        rows = [json.loads(line) for line in samples.read_text().splitlines()]
+        rewards = [row["reward"] for row in rows]
+        assert len(rows) == run["eval"]["eval/n"] == 2 * len({row["prompt"] for row in rows})  # 2 samples per prompt
+        assert 0.0 <= run["eval"]["eval/reward"] <= 1.0 and run["eval"]["eval/reward"] == pytest.approx(sum(rewards) / len(rows))
         assert run["reward_model"] == "tfidf-logreg" and run["sft_val_nll_after"] < run["sft_val_nll_before"]
         kept = int(re.search(r"kept (\d+)", run["labeling"]).group(1))  # type: ignore[union-attr]
         assert run["train_pairs"] == kept > 0 and run["labeling"].startswith("16 prompts, 96 candidate pairs")

@@ -7,16 +7,14 @@ import logging
 import math
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from chat_server import ChatServer, Scripted, serving
 from pydantic import TypeAdapter, ValidationError
 
 from expo_bench.errors import UserError
@@ -37,96 +35,10 @@ KEY = "sk-test-S3CRET-0123456789abcdef"
 KEY_ENV = "EXPO_BENCH_TEST_JUDGE_KEY"
 
 
-# --- a scripted OpenAI-compatible server ------------------------------------------------------------------
-
-
-@dataclass
-class Scripted:
-    """One response the server sends instead of its answer, to the next request that arrives."""
-
-    status: int
-    headers: dict[str, str] = field(default_factory=dict)
-    body: str = '{"error": {"message": "scripted"}}'
-    sleep: float = 0.0
-
-
-class QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a client that timed out closed its socket before the scripted slow answer: expected
-
-
-class ChatServer:
-    """Answers chat completions like a judge preferring the longer response (prompts with GARBAGE get an
-    unparseable answer); ``script`` responses come first, and after ``fail_after`` answers it fails with 500."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: list[dict[str, Any]] = []
-        self.script: list[Scripted] = []
-        self.fail_after: int | None = None
-        self.answered = 0
-        self.delay = 0.0
-        self.active = self.max_active = 0
-        self.httpd = QuietServer(("127.0.0.1", 0), self._handler())
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def answer(self, content: str) -> str:
-        match = re.search(r"Response A:\n(.*)\nResponse B:\n(.*)\nFIRST provide", content, re.DOTALL)
-        assert match is not None, content
-        if "GARBAGE" in content:
-            return "Both responses are fine, I cannot pick one."
-        a, b = match.groups()
-        return f"Comparison: one response is longer.\nMore helpful: {'A' if len(a) > len(b) else 'B'}"
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        chat = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with chat.lock:
-                    chat.requests.append({"path": self.path, "authorization": self.headers.get("Authorization"), "body": request})
-                    chat.active += 1
-                    chat.max_active = max(chat.max_active, chat.active)
-                    scripted = chat.script.pop(0) if chat.script else None
-                    if scripted is None and chat.fail_after is not None and chat.answered >= chat.fail_after:
-                        scripted = Scripted(500)
-                    elif scripted is None:
-                        chat.answered += 1
-                if scripted is None:
-                    answer = chat.answer(request["messages"][0]["content"])
-                    scripted = Scripted(
-                        200, body=json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]})
-                    )
-                if scripted.status == 401:  # like a careless server, echo the credentials back
-                    scripted.body = json.dumps({"error": {"message": f"Incorrect API key: {self.headers.get('Authorization')}"}})
-                time.sleep(chat.delay + scripted.sleep)
-                with chat.lock:
-                    chat.active -= 1
-                body = scripted.body.encode()
-                self.send_response(scripted.status)
-                for name, value in {"Content-Type": "application/json", **scripted.headers}.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        return Handler
-
-
 @pytest.fixture
 def server() -> Iterator[ChatServer]:
-    chat = ChatServer()
-    thread = threading.Thread(target=chat.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield chat
-    chat.httpd.shutdown()
-    chat.httpd.server_close()
+    with serving() as chat:
+        yield chat
 
 
 @pytest.fixture(autouse=True)

@@ -130,8 +130,10 @@ def test_module_fingerprint_follows_the_weights(tokenizer: Any) -> None:
 
 
 def local_twin(**changes: Any) -> dict[str, Any]:
+    """The HH twin without its evaluation (that needs a judge server: tests/test_evaluation.py starts one)."""
     data = yaml.safe_load((ROOT / "recipes" / "hh_tiny_local.yaml").read_text())
     data["task"] |= {"source": str(SHARED / "hh-rlhf"), "tokenizer": str(SHARED / "tokenizers" / "gpt-neox-20b")}
+    del data["task"]["evaluation"]
     data.update(changes)
     return data
 

@@ -7,7 +7,7 @@ import hashlib
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 from rich.console import Console
@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from expo_bench.cache import cached
 from expo_bench.config_model import ConfigModel
+from expo_bench.evaluation.judges import RewardModelJudge
 from expo_bench.lm import imdb
 from expo_bench.lm.data import fingerprint_module
 from expo_bench.lm.hh import PromptPair
@@ -74,6 +75,7 @@ class IMDbTask(LanguageModelTask):
     """IMDb reviews from the hub (``stanfordnlp/imdb``) or local jsonl files (``train``/``test`` splits)."""
 
     kind: Literal["imdb"]
+    has_own_judge: ClassVar[bool] = True
     tokenizer: str = "gpt2-large"
     source: str = imdb.HUB_ID
     train_split: str = "train"
@@ -147,7 +149,8 @@ class IMDbTask(LanguageModelTask):
             for split in ("train", "evaluation")
         )
         provenance = {key: labelled[key] for key in ("reward_model", "labeling", "eval_labeling")}
-        return Prepared(train, evaluation, sft | provenance)
+        judge = None if self.evaluation is None else RewardModelJudge(self.reward_model.build(train_reviews, seed, cache_dir))
+        return Prepared(train, evaluation, sft | provenance, judge=judge)
 
     def _pairs(
         self, tokenizer: Any, base: PreTrainedModel, reward: RewardModel, reviews: list[Review], seed: int, pad: int

@@ -75,6 +75,11 @@ class CausalLMScorer(nn.Module):
         return (entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+def policy_model(module: nn.Module) -> PreTrainedModel:
+    """The causal LM inside a method module's :class:`CausalLMScorer` policy."""
+    return cast(PreTrainedModel, cast(CausalLMScorer, module.policy).model)
+
+
 def accelerator_device() -> torch.device:
     """Where one-off work outside the Trainer (reference passes, sampling, scoring) runs: a GPU if there is one."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

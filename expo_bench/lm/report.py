@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.table import Table
 
-from expo_bench import reporting
+from expo_bench import metric_keys, reporting
 
 COLUMNS = {
     "val/loss": "loss",
@@ -40,6 +40,22 @@ def metric_rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
         ]
         for record in records
     ]
+
+
+def evaluation_table(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and one row per evaluated run (the SFT reference included): the leaderboard's columns it logged."""
+    evaluated = [record for record in records if "eval" in record]
+    columns = [column for column in metric_keys.LEADERBOARD_COLUMNS if any(column.key in r["eval"] for r in evaluated)]
+    rows = [
+        [
+            record["method"],
+            "—" if record["lam"] is None else f"{record['lam']:g}",
+            str(record["seed"]),
+            *(f"{record['eval'][column.key]:.4f}" if column.key in record["eval"] else "—" for column in columns),
+        ]
+        for record in evaluated
+    ]
+    return ["method", "λ", "seed", *(column.title for column in columns)], rows
 
 
 def markdown_table(rows: Sequence[Sequence[str]]) -> str:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -21,8 +21,11 @@ from rich.console import Console
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
+from expo_bench import metric_keys, reporting
 from expo_bench.cache import cached
 from expo_bench.config_model import ConfigModel
+from expo_bench.errors import UserError
+from expo_bench.evaluation.judges import Judge
 from expo_bench.lm import report
 from expo_bench.lm.data import (
     PairData,
@@ -32,6 +35,7 @@ from expo_bench.lm.data import (
     reference_logps,
     reference_sample_logps,
 )
+from expo_bench.lm.evaluation import EvaluationConfig, Evaluator, ExactMetrics, HeldOutPrompts, PeriodicEvaluation, strip_eos
 from expo_bench.lm.hh import HUB_ID, PromptPair, load_hh_pairs
 from expo_bench.lm.model import (
     AdapterDisabledScorer,
@@ -41,10 +45,12 @@ from expo_bench.lm.model import (
     ModelConfig,
     accelerator_device,
     count_parameters,
+    policy_model,
 )
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.sft import SupervisedFineTuning
 from expo_bench.lm.tokenize import TokenizationConfig, TokenizedPair, fingerprint_tokenizer, pad_token_id, tokenize_pair
+from expo_bench.methods.base import PreferenceMethod
 from expo_bench.training import TrainConfig, build_trainer
 
 if TYPE_CHECKING:
@@ -58,6 +64,9 @@ class Prepared:
     train: list[TokenizedPair]
     evaluation: list[TokenizedPair]
     provenance: dict[str, Any]
+    judge: Judge | None = None
+    """The task's own ground-truth judge (a reward model, an oracle), used when the recipe names none."""
+    exact: ExactMetrics | None = None
 
 
 class LanguageModelTask(ConfigModel):
@@ -81,15 +90,25 @@ class LanguageModelTask(ConfigModel):
     memory; ``frozen_copy``: a frozen copy runs forward on every batch; ``adapter_disabled``: the policy
     with its LoRA adapter switched off (needs ``lora``), no second copy."""
 
+    evaluation: EvaluationConfig | None = None
+    """Sample every trained policy on held-out prompts and judge the samples (win rate, diversity, reward, KL)."""
+    has_own_judge: ClassVar[bool] = False
+    """Whether :meth:`prepare` supplies a ground-truth judge, so ``evaluation.judge`` may be left unset."""
+
     @model_validator(mode="after")
     def _lora_reference(self) -> LanguageModelTask:
         if self.reference == "adapter_disabled" and self.lora is None:
             raise ValueError("reference 'adapter_disabled' needs a LoRA policy: add lora: {r: 16}")
+        if self.evaluation is not None and self.evaluation.judge is None and not self.has_own_judge:
+            raise ValueError("this task has no ground-truth judge of its own: set evaluation.judge (kind: llm or reward_model)")
         return self
 
     def prepare(self, seed: int, tokenizer: Any, base: PreTrainedModel, cache_dir: Path, console: Console) -> Prepared:
         """Load and tokenize this seed's pairs and run the SFT stage on ``base`` (in place)."""
         raise NotImplementedError
+
+    def load_tokenizer(self) -> Any:
+        return AutoTokenizer.from_pretrained(self.tokenizer)
 
     def provides(self) -> frozenset[str]:
         """Optional batch fields the data carries: reference samples when ``reference_samples`` is set."""
@@ -97,7 +116,7 @@ class LanguageModelTask(ConfigModel):
 
     def run(self, experiment: Experiment, console: Console, cache_dir: Path) -> list[dict[str, Any]]:
         """SFT, then every method from the SFT weights; shared reference work is cached under ``cache_dir``."""
-        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer)
+        tokenizer = self.load_tokenizer()
         records: list[dict[str, Any]] = []
         for seed in experiment.recipe.seeds:
             records += self._run_seed(experiment, tokenizer, seed, cache_dir, console)
@@ -136,14 +155,56 @@ class LanguageModelTask(ConfigModel):
         base.cpu()
         records = []
         fingerprints = {name: provenance[name] for name in ("data_fingerprint", "reference_fingerprint")}
-        for run in experiment.runs:
-            for index, params in enumerate(run.grid):
-                lam = None if run.lam is None else run.lam[index]
-                data = PairData(*datasets, batch_size=run.train.batch_size, seed=seed)
-                records.append(
-                    self._fit(run, params, lam, base, data, seed, fingerprints, cache_dir.parent / "runs", console) | provenance
+        runs_dir = cache_dir.parent / "runs"
+        units = [
+            FitUnit(run, params, None if run.lam is None else run.lam[index], seed, fingerprints, runs_dir)
+            for run in experiment.runs
+            for index, params in enumerate(run.grid)
+        ]
+        if self.evaluation is not None and self.evaluation.evaluate_only:
+            missing = [unit for unit in units if not (self._run_dir(unit) / "record.json").exists()]
+            if missing:
+                raise UserError(
+                    "evaluate_only, but these runs have not finished training (seed "
+                    f"{seed}): {', '.join(f'{unit.name} under {self._run_dir(unit)}' for unit in missing)}; "
+                    "train them first (task.evaluation.evaluate_only: false)"
                 )
+        evaluator = None if self.evaluation is None else self._evaluator(prepared, tokenizer, base, seed, cache_dir)
+        if evaluator is not None:
+            records.append(self._evaluate_reference(evaluator, seed, fingerprints, runs_dir, console) | provenance)
+        for unit in units:
+            data = PairData(*datasets, batch_size=unit.run.train.batch_size, seed=seed)
+            records.append(self._fit(unit, base, data, evaluator, console) | provenance)
         return records
+
+    def _run_dir(self, unit: FitUnit) -> Path:
+        identity = unit.identity(self.lora, self.reference)
+        return unit.runs_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', unit.run.label)}-{digest(identity)}"
+
+    def _evaluator(self, prepared: Prepared, tokenizer: Any, base: PreTrainedModel, seed: int, cache_dir: Path) -> Evaluator:
+        """Judge and held-out prompts (each distinct prompt once, with its first chosen response)."""
+        config = self.evaluation
+        assert config is not None
+        judge = prepared.judge if config.judge is None else config.judge.build(cache_dir / "judgments", seed)
+        assert judge is not None, "the recipe validator requires a judge for tasks without their own"
+        first_pairs = list({tuple(pair.prompt_ids): pair for pair in reversed(prepared.evaluation)}.values())[::-1]
+        pairs = first_pairs[: config.prompts]
+        eos = tokenizer.eos_token_id
+        held_out = HeldOutPrompts(
+            [pair.prompt_ids for pair in pairs],
+            [tokenizer.decode(pair.prompt_ids) for pair in pairs],
+            [tokenizer.decode(strip_eos(pair.chosen_ids, eos), skip_special_tokens=True) for pair in pairs],
+        )
+        return Evaluator(config, tokenizer, base, held_out, judge, seed, cache_dir, prepared.exact)
+
+    def _evaluate_reference(
+        self, evaluator: Evaluator, seed: int, fingerprints: dict[str, str], runs_dir: Path, console: Console
+    ) -> dict[str, Any]:
+        """The SFT reference evaluated like a method: the frontier's origin and the win rate of "no optimization"."""
+        identity = {"method_class": "reference", "seed": seed, **fingerprints}
+        run_dir = runs_dir / f"{REFERENCE_LABEL}-{digest(identity)}"
+        metrics = self._evaluate(evaluator, REFERENCE_LABEL, evaluator.reference, run_dir, console)
+        return {"method": REFERENCE_LABEL, "lam": None, **identity, "params": {}, "eval": metrics}
 
     def _cache_reference_logps(
         self,
@@ -222,79 +283,118 @@ class LanguageModelTask(ConfigModel):
         return {"sft_val_nll_before": before, "sft_val_nll_after": after, "sft_steps": trainer.global_step}
 
     def _fit(
+        self, unit: FitUnit, base: PreTrainedModel, data: PairData, evaluator: Evaluator | None, console: Console
+    ) -> dict[str, Any]:
+        """Train one (method, λ, seed), checkpointing under its run directory, then evaluate it: a finished
+        run is reused, a checkpointed one resumed, and evaluations are kept per evaluation config."""
+        identity, run_dir = unit.identity(self.lora, self.reference), self._run_dir(unit)
+        module = None
+        if (run_dir / "record.json").exists():
+            console.print(f"  {unit.name}: finished in an earlier run, reusing {run_dir / 'record.json'}")
+            record = dict(json.loads((run_dir / "record.json").read_text()))
+        else:
+            module, record = self._train(unit, identity, base, data, run_dir, evaluator, console)
+        if evaluator is not None:
+            if module is None and not evaluator.has_result(run_dir):
+                module = self._restore(unit, base, run_dir)
+            record["eval"] = self._evaluate(
+                evaluator, unit.name, None if module is None else policy_model(module), run_dir, console
+            )
+        return record
+
+    def _train(
         self,
-        run: MethodRun,
-        params: Any,
-        lam: float | None,
+        unit: FitUnit,
+        identity: dict[str, Any],
         base: PreTrainedModel,
         data: PairData,
-        seed: int,
-        fingerprints: dict[str, str],
-        runs_dir: Path,
+        run_dir: Path,
+        evaluator: Evaluator | None,
         console: Console,
-    ) -> dict[str, Any]:
-        """Train one (method, λ, seed), checkpointing under ``runs_dir``: a finished run is reused, a
-        checkpointed one resumed."""
-        identity = {
-            "method_class": f"{run.method.__module__}:{run.method.__qualname__}",
-            "params": params.model_dump(mode="json"),
-            "train": run.train.model_dump(mode="json"),
-            "seed": seed,
-            "lora": None if self.lora is None else self.lora.model_dump(),
-            "reference": self.reference,
-            **fingerprints,
-        }
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-        run_dir = runs_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', run.label)}-{digest}"
-        lam_text = "" if lam is None else f" λ={lam:g}"
-        if (run_dir / "record.json").exists():
-            console.print(f"  {run.label}{lam_text}: finished in an earlier run, reusing {run_dir / 'record.json'}")
-            return dict(json.loads((run_dir / "record.json").read_text()))
-        L.seed_everything(seed, verbose=False)
-        policy = copy.deepcopy(base) if self.lora is None else self.lora.wrap(copy.deepcopy(base))
-        reference = None if run.method.reference_free else REFERENCES[self.reference](base, policy)
-        module = run.method(CausalLMScorer(policy), reference, [params], run.train.optimizer)
+    ) -> tuple[PreferenceMethod, dict[str, Any]]:
+        run = unit.run
+        module = self._module(unit, base)
         history = LossHistory()
         checkpoints = ModelCheckpoint(
             dirpath=run_dir, filename="last", enable_version_counter=False, every_n_train_steps=run.train.checkpoint_every_n_steps
         )
-        trainer = build_trainer(run.train, [history, checkpoints, RichProgressBar(leave=False)], enable_checkpointing=True)
+        callbacks: list[Callback] = [history, checkpoints, RichProgressBar(leave=False)]
+        every = None if self.evaluation is None else self.evaluation.every_n_steps
+        periodic = None
+        if evaluator is not None and every is not None:
+            periodic = PeriodicEvaluation(evaluator, every, run_dir / "evaluation-during-training", {"method": unit.name})
+            callbacks.append(periodic)
+        trainer = build_trainer(run.train, callbacks, enable_checkpointing=True)
         before = trainer.validate(module, datamodule=data, verbose=False)[0]
         resume = run_dir / "last.ckpt"
         if resume.exists():
-            console.print(f"  {run.label}{lam_text}: resuming from {resume}")
+            console.print(f"  {unit.name}: resuming from {resume}")
         started = time.perf_counter()
         trainer.fit(module, datamodule=data, ckpt_path=resume if resume.exists() else None)
         seconds = time.perf_counter() - started
         after = trainer.validate(module, datamodule=data, verbose=False)[0]
         accuracy = "rewards_accuracy" if "val/rewards_accuracy" in after else "preference_accuracy"
         console.print(
-            f"  {run.label}{lam_text}: {trainer.global_step} steps in {seconds:.1f} s; held-out loss "
+            f"  {unit.name}: {trainer.global_step} steps in {seconds:.1f} s; held-out loss "
             f"{before['val/loss']:.4f} -> {after['val/loss']:.4f}, {accuracy} {after[f'val/{accuracy}']:.3f}"
         )
         record = {
             "method": run.label,
-            "lam": lam,
+            "lam": unit.lam,
             **identity,
             "steps": trainer.global_step,
             "train_seconds": round(seconds, 3),
             "eval_before": before,
             "eval_after": after,
             "loss_history": history.losses,
+            "eval_history": [] if periodic is None else periodic.history,
             "checkpoint": str(resume),
         }
         partial = run_dir / "record.json.partial"
         partial.write_text(json.dumps(record, indent=2))
         partial.replace(run_dir / "record.json")  # written last: its presence means the run finished
-        return record
+        return module, record
+
+    def _module(self, unit: FitUnit, base: PreTrainedModel) -> PreferenceMethod:
+        """The method's module around a fresh copy of the SFT weights (LoRA-wrapped if asked)."""
+        L.seed_everything(unit.seed, verbose=False)
+        policy = copy.deepcopy(base) if self.lora is None else self.lora.wrap(copy.deepcopy(base))
+        reference = None if unit.run.method.reference_free else REFERENCES[self.reference](base, policy)
+        return unit.run.method(CausalLMScorer(policy), reference, [unit.params], unit.run.train.optimizer)
+
+    def _restore(self, unit: FitUnit, base: PreTrainedModel, run_dir: Path) -> PreferenceMethod:
+        """A finished run's trained module, from its last checkpoint."""
+        module = self._module(unit, base)
+        checkpoint = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)
+        module.load_state_dict(checkpoint["state_dict"])
+        return module
+
+    def _evaluate(
+        self, evaluator: Evaluator, name: str, policy: PreTrainedModel | None, run_dir: Path, console: Console
+    ) -> dict[str, float]:
+        metrics, hit = evaluator.evaluate_once(policy, run_dir, {"method": name, "run": run_dir.name})
+        headline = ", ".join(
+            f"{key.removeprefix('eval/')} {metrics[key]:.3f}"
+            for key in (metric_keys.WIN_RATE, metric_keys.REWARD, metric_keys.KL, metric_keys.KL_TO_TARGET)
+            if key in metrics
+        )
+        console.print(f"  {name}: {'evaluated in an earlier run' if hit else 'evaluated'}: {headline}")
+        return metrics
 
     def report(self, experiment: Experiment, records: list[dict[str, Any]], out_dir: Path, console: Console) -> list[Path]:
-        rows = report.metric_rows(records)
-        console.print(report.rich_table(f"{experiment.recipe.experiment}: held-out pairs after training", rows))
+        name = experiment.recipe.experiment
+        trained = [record for record in records if "eval_after" in record]
+        rows = report.metric_rows(trained)
+        console.print(report.rich_table(f"{name}: held-out pairs after training", rows))
+        text = f"# {name}: held-out pairs after training\n\n" + report.markdown_table(rows)
+        header, evaluated = report.evaluation_table(records)
+        if evaluated:
+            console.print(reporting.rich_table(f"{name}: sampled evaluation", header, evaluated))
+            text += f"\n## Sampled evaluation\n\n{reporting.markdown_table(header, evaluated)}"
         table = out_dir / "methods.md"
-        table.write_text(f"# {experiment.recipe.experiment}: held-out pairs after training\n\n" + report.markdown_table(rows))
+        table.write_text(text)
         curves = out_dir / "training.png"
-        report.plot_training(records, curves)
+        report.plot_training(trained, curves)
         return [table, curves]
 
 
@@ -351,6 +451,41 @@ class HHTask(LanguageModelTask):
         pad = pad_token_id(tokenizer)
         sft = self._sft(base, train, evaluation, pad, seed, console) if self.sft else {}
         return Prepared(train, evaluation, sft)
+
+
+REFERENCE_LABEL = "sft-reference"
+"""How the SFT reference appears among the methods when it is evaluated."""
+
+
+def digest(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class FitUnit:
+    """One (method, hyperparameters, seed) to train: what identifies its run directory."""
+
+    run: MethodRun
+    params: Any
+    lam: float | None
+    seed: int
+    fingerprints: dict[str, str]
+    runs_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.run.label + ("" if self.lam is None else f" λ={self.lam:g}")
+
+    def identity(self, lora: LoraSettings | None, reference: str) -> dict[str, Any]:
+        return {
+            "method_class": f"{self.run.method.__module__}:{self.run.method.__qualname__}",
+            "params": self.params.model_dump(mode="json"),
+            "train": self.run.train.model_dump(mode="json"),
+            "seed": self.seed,
+            "lora": None if lora is None else lora.model_dump(),
+            "reference": reference,
+            **self.fingerprints,
+        }
 
 
 class LossHistory(Callback):

@@ -1,0 +1,309 @@
+"""Evaluation of a trained policy: sample held-out prompts at each temperature, judge every sample against a
+baseline response, and measure win rate, diversity, reward and KL(π‖π_ref) (the DPO paper's protocols).
+
+Samples and verdicts are written as jsonl next to the run, so judging can be redone without sampling again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from pydantic import Field, model_validator
+from torch import nn
+from transformers import PreTrainedModel
+
+from expo_bench import metric_keys
+from expo_bench.cache import cached
+from expo_bench.config_model import ConfigModel
+from expo_bench.evaluation.judges import Comparison, Judge, JudgeConfig, RewardJudge
+from expo_bench.evaluation.metrics import Diversity, RewardKL, WinRate
+from expo_bench.lm.data import fingerprint_module
+from expo_bench.lm.model import accelerator_device, policy_model, response_logps
+from expo_bench.lm.sampling import SamplingConfig, sample_responses
+from expo_bench.lm.tokenize import padded_sequences
+
+ExactMetrics = Callable[[PreTrainedModel], dict[str, float]]
+"""Metrics a task can compute exactly from a policy's weights (the synthetic tasks' distance to π*)."""
+
+
+class EvaluationConfig(ConfigModel):
+    """Sample each trained policy on held-out prompts and judge the samples (DPO paper, §6)."""
+
+    temperatures: list[float] = Field([1.0], min_length=1)
+    """Sampling temperatures; the DPO paper's HH evaluation used 0.25, 0.5, 0.75 and 1.0."""
+    leaderboard_temperature: float | None = None
+    """The temperature whose metrics the leaderboard shows (default: the first)."""
+    samples_per_prompt: int = Field(1, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    top_p: float = Field(1.0, gt=0, le=1)
+    prompts: int | None = Field(None, gt=0)
+    """Evaluate on the first this many held-out prompts (all when unset)."""
+    batch_size: int = Field(16, ge=1)
+    baseline: Literal["reference", "chosen"] = "reference"
+    """What each sample is judged against: the reference (SFT) model's sample for the same prompt at the
+    same temperature, or the held-out pair's chosen response (the DPO paper's HH win rate)."""
+    judge: JudgeConfig | None = None
+    """The judge; unset: the task's own ground truth (the IMDb reward model, the synthetic oracle)."""
+    bootstrap_resamples: int = Field(1000, ge=1)
+    every_n_steps: int | None = Field(None, gt=0)
+    """Also evaluate during training every this many optimizer steps, at the leaderboard temperature."""
+    evaluate_only: bool = False
+    """Evaluate the checkpoints of finished runs without training anything: a run that has not finished is an error."""
+
+    @model_validator(mode="after")
+    def _leaderboard_temperature_sampled(self) -> EvaluationConfig:
+        if self.leaderboard_temperature is not None and self.leaderboard_temperature not in self.temperatures:
+            raise ValueError(
+                f"leaderboard_temperature {self.leaderboard_temperature} is not among temperatures {self.temperatures}"
+            )
+        return self
+
+    @property
+    def headline_temperature(self) -> float:
+        return self.temperatures[0] if self.leaderboard_temperature is None else self.leaderboard_temperature
+
+    def sampling(self, temperature: float) -> SamplingConfig:
+        return SamplingConfig(
+            samples_per_prompt=self.samples_per_prompt,
+            max_new_tokens=self.max_new_tokens,
+            temperature=temperature,
+            top_p=self.top_p,
+            batch_size=self.batch_size,
+        )
+
+
+@dataclass(frozen=True)
+class HeldOutPrompts:
+    """The evaluation prompts of one seed, with the dataset's chosen response to each."""
+
+    prompt_ids: list[list[int]]
+    prompts: list[str]
+    chosen: list[str]
+
+
+class Evaluator:
+    """Evaluates policies of one seed against one baseline: the reference's samples are drawn once and cached."""
+
+    def __init__(
+        self,
+        config: EvaluationConfig,
+        tokenizer: Any,
+        reference: PreTrainedModel,
+        held_out: HeldOutPrompts,
+        judge: Judge,
+        seed: int,
+        cache_dir: Path,
+        exact: ExactMetrics | None = None,
+    ) -> None:
+        self.config, self.tokenizer, self.reference, self.held_out = config, tokenizer, reference, held_out
+        self.judge, self.seed, self.cache_dir, self.exact = judge, seed, cache_dir, exact
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._baselines: dict[float, list[list[list[int]]]] = {}
+
+    def _sample(self, model: PreTrainedModel, temperature: float) -> list[list[list[int]]]:
+        return sample_responses(
+            model, self.held_out.prompt_ids, self.config.sampling(temperature), self.pad, self.tokenizer.eos_token_id, self.seed
+        )
+
+    def _baseline_samples(self, temperature: float) -> list[list[list[int]]]:
+        if temperature not in self._baselines:
+            key = {
+                "reference": fingerprint_module(self.reference),
+                "prompts": self.held_out.prompt_ids,
+                "sampling": self.config.sampling(temperature).model_dump(),
+                "seed": self.seed,
+            }
+            self._baselines[temperature], _ = cached(
+                self.cache_dir, "baseline-samples", key, lambda: self._sample(self.reference, temperature)
+            )
+        return self._baselines[temperature]
+
+    def _text(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _baselines_for(self, temperature: float) -> list[list[list[int]]]:
+        if self.config.baseline == "chosen":
+            chosen = [list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in self.held_out.chosen]
+            return [[ids] * self.config.samples_per_prompt for ids in chosen]
+        return self._baseline_samples(temperature)
+
+    def results_dir(self, run_dir: Path) -> Path:
+        """Where this evaluation (config and judge) of a run keeps its samples, verdicts and metrics."""
+        identity = {"evaluation": self.config.model_dump(mode="json"), "judge": self.judge.name}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+        return run_dir / f"evaluation-{digest}"
+
+    def has_result(self, run_dir: Path) -> bool:
+        return (self.results_dir(run_dir) / "metrics.json").exists()
+
+    def evaluate_once(
+        self, policy: PreTrainedModel | None, run_dir: Path, provenance: dict[str, Any]
+    ) -> tuple[dict[str, float], bool]:
+        """The run's metrics under this evaluation, computed at most once (``policy`` may be None then)."""
+        out_dir = self.results_dir(run_dir)
+        done = out_dir / "metrics.json"
+        if done.exists():
+            return dict(json.loads(done.read_text())), True
+        assert policy is not None, "a run without stored metrics needs its policy"
+        metrics = self.evaluate(policy, out_dir, provenance)
+        partial = done.with_suffix(".json.partial")
+        partial.write_text(json.dumps(metrics, indent=2))
+        partial.replace(done)  # written last: its presence means the evaluation finished
+        return metrics, False
+
+    def evaluate(
+        self, policy: PreTrainedModel, out_dir: Path, provenance: dict[str, Any], temperatures: Sequence[float] | None = None
+    ) -> dict[str, float]:
+        """Metrics of ``policy`` at every temperature (keys ``eval/T<t>/...``) and, unprefixed, at the
+        leaderboard temperature; samples and verdicts go to ``out_dir/T<t>/{samples,judgments}.jsonl``."""
+        homes = [next(policy.parameters()).device, next(self.reference.parameters()).device]
+        device = accelerator_device()
+        nn.Module.to(policy, device)
+        nn.Module.to(self.reference, device)
+        metrics: dict[str, float] = {}
+        try:
+            for temperature in temperatures or self.config.temperatures:
+                results = self._evaluate_at(policy, temperature, out_dir / f"T{temperature:g}", provenance)
+                metrics |= {metric_keys.at_temperature(f"eval/{name}", temperature): value for name, value in results.items()}
+                if temperature == self.config.headline_temperature:
+                    metrics |= {f"eval/{name}": value for name, value in results.items()}
+            if self.exact is not None:
+                metrics |= self.exact(policy)
+        finally:  # back where they were: a periodic evaluation runs in the middle of training
+            nn.Module.to(policy, homes[0])
+            nn.Module.to(self.reference, homes[1])
+        return metrics
+
+    def _evaluate_at(
+        self, policy: PreTrainedModel, temperature: float, out_dir: Path, provenance: dict[str, Any]
+    ) -> dict[str, float]:
+        samples = self._sample(policy, temperature)
+        baselines = self._baselines_for(temperature)
+        prompts, held_out = [], self.held_out
+        comparisons, lengths = [], []
+        for index, (group, baseline_group) in enumerate(zip(samples, baselines, strict=True)):
+            for sample, baseline in zip(group, baseline_group, strict=True):
+                prompts.append(index)
+                comparisons.append(Comparison(held_out.prompts[index], self._text(sample), self._text(baseline)))
+                lengths.append(len(sample) - len(baseline))
+        verdicts = self.judge.judge(comparisons)
+        win_rate = WinRate(resamples=self.config.bootstrap_resamples)
+        win_rate.update(torch.tensor([verdict.outcome for verdict in verdicts]), torch.tensor(lengths, dtype=torch.float64))
+        diversity = Diversity()
+        diversity.update([[strip_eos(sample, self.tokenizer.eos_token_id) for sample in group] for group in samples])
+        results = {**scalars(win_rate.compute()), **scalars(diversity.compute())}
+        rewards: list[float] | None = None
+        if isinstance(self.judge, RewardJudge):
+            rewards = self.judge.rewards([comparison.prompt for comparison in comparisons], [c.candidate for c in comparisons])
+            flat = [sample for group in samples for sample in group]
+            prompt_ids = [held_out.prompt_ids[index] for index in prompts]
+            reward_kl = RewardKL()
+            reward_kl.update(
+                torch.tensor(rewards, dtype=torch.float64),
+                sequence_logps(policy, prompt_ids, flat, self.pad, self.config.batch_size, temperature),
+                sequence_logps(self.reference, prompt_ids, flat, self.pad, self.config.batch_size),
+            )
+            results |= scalars(reward_kl.compute())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        common = {**provenance, "seed": self.seed, "temperature": temperature}
+        write_jsonl(
+            out_dir / "samples.jsonl",
+            [
+                {**common, "prompt_index": index, "prompt": comparison.prompt, "response": comparison.candidate}
+                | ({} if rewards is None else {"reward": rewards[row]})
+                for row, (index, comparison) in enumerate(zip(prompts, comparisons, strict=True))
+            ],
+        )
+        write_jsonl(
+            out_dir / "judgments.jsonl",
+            [
+                {
+                    **common,
+                    "judge": self.judge.name,
+                    "prompt_index": index,
+                    "prompt": comparison.prompt,
+                    "candidate": comparison.candidate,
+                    "baseline": comparison.baseline,
+                    "outcome": verdict.outcome,
+                    **verdict.detail,
+                }
+                for index, comparison, verdict in zip(prompts, comparisons, verdicts, strict=True)
+            ],
+        )
+        return results
+
+
+def strip_eos(ids: list[int], eos_token_id: int) -> list[int]:
+    return ids[:-1] if ids and ids[-1] == eos_token_id else ids
+
+
+def scalars(computed: dict[str, Any]) -> dict[str, float]:
+    return {name: float(value) for name, value in computed.items()}
+
+
+@torch.no_grad()
+def sequence_logps(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad: int,
+    batch_size: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log π(y | x) of each response under ``model`` with its logits divided by ``temperature``: the
+    log-probability under the distribution the response was sampled from."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logps = []
+    for start in range(0, len(prompts), batch_size):
+        chunk_prompts, chunk_responses = prompts[start : start + batch_size], responses[start : start + batch_size]
+        length = max(len(p) + len(r) for p, r in zip(chunk_prompts, chunk_responses, strict=True))
+        sequences = {
+            key: value.to(device) for key, value in padded_sequences(chunk_prompts, chunk_responses, length, pad).items()
+        }
+        logits = model(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).logits / temperature
+        logps.append(response_logps(logits, sequences["input_ids"], sequences["loss_mask"]).double().cpu())
+    model.train(was_training)
+    return torch.cat(logps)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    partial = path.with_suffix(".jsonl.partial")
+    partial.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    partial.replace(path)
+
+
+class PeriodicEvaluation(Callback):
+    """Evaluates the policy every ``every`` optimizer steps at the leaderboard temperature and logs the
+    metrics at that step; the global-zero rank samples for everyone (sampling is not sharded)."""
+
+    def __init__(self, evaluator: Evaluator, every: int, out_dir: Path, provenance: dict[str, Any]) -> None:
+        self.evaluator, self.every, self.out_dir, self.provenance = evaluator, every, out_dir, provenance
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(int(step), dict(metrics)) for step, metrics in state_dict["history"]]
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every or (self.history and self.history[-1][0] == step) or not trainer.is_global_zero:
+            return
+        temperature = self.evaluator.config.headline_temperature
+        metrics = self.evaluator.evaluate(policy_model(pl_module), self.out_dir / f"step-{step}", self.provenance, [temperature])
+        self.history.append((step, metrics))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)

@@ -1,0 +1,157 @@
+"""The embedded quickstart task: preferences over short token sequences with a known reward, so the
+Bradley–Terry-optimal policy and an oracle judge are exact. It needs no hub, no GPU and no download.
+
+Each prompt is one token ``p<i>``; a response is ``response_length`` tokens from ``response_tokens``, then
+EOS. The reward is additive, r(x, y) = Σ_t w[x, y_t] with w ~ N(0, reward_scale²) drawn from
+``reward_seed``. Pairs of distinct responses are labelled by the BT model, P(y ≻ y') = σ(r(x, y) − r(x, y')),
+whose preferences are exactly those of π*(y | x) ∝ exp r(x, y): the policy EXPO recovers as λ → 0 (the
+paper's interpolation test, §6.1, here at the sequence level with a transformer policy).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from rich.console import Console
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from expo_bench import metric_keys
+from expo_bench.evaluation.judges import OracleJudge
+from expo_bench.lm.evaluation import sequence_logps
+from expo_bench.lm.hh import PromptPair
+from expo_bench.lm.model import ModelConfig
+from expo_bench.lm.task import LanguageModelTask, Prepared
+from expo_bench.lm.tokenize import tokenize_pair
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+
+TINY_TRANSFORMER = ModelConfig(
+    tiny={
+        "model_type": "gpt_neox",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "max_position_embeddings": 16,
+    }
+)
+
+
+class SyntheticTokensTask(LanguageModelTask):
+    """Sequence-level preferences with a known additive reward; π* ∝ exp r is the BT-optimal policy."""
+
+    kind: Literal["synthetic_tokens"]
+    has_own_judge: ClassVar[bool] = True
+    tokenizer: Literal["embedded"] = "embedded"
+    """A word-level vocabulary built in code: pad, EOS, the prompt tokens and the response tokens."""
+    model: ModelConfig = TINY_TRANSFORMER
+    prompts: int = Field(8, ge=1)
+    response_tokens: int = Field(4, ge=2, le=26)
+    response_length: int = Field(3, ge=1, le=6)
+    reward_scale: float = Field(1.0, gt=0)
+    reward_seed: int = 0
+    """The reward is the task's definition: fixed across training seeds."""
+    train_pairs_per_prompt: int = Field(64, ge=1)
+    eval_pairs_per_prompt: int = Field(8, ge=1)
+
+    @cached_property
+    def vocabulary(self) -> list[str]:
+        return [PAD, EOS, UNK, *(f"p{i}" for i in range(self.prompts)), *self._letters]
+
+    @property
+    def _letters(self) -> list[str]:
+        return [chr(ord("a") + i) for i in range(self.response_tokens)]
+
+    @cached_property
+    def weights(self) -> torch.Tensor:
+        """w[x, v]: the reward of response token v after prompt x."""
+        generator = torch.Generator().manual_seed(self.reward_seed)
+        return self.reward_scale * torch.randn(self.prompts, self.response_tokens, generator=generator, dtype=torch.float64)
+
+    @cached_property
+    def responses(self) -> list[tuple[int, ...]]:
+        """Every response, as indices into the response tokens, in lexicographic order."""
+        return list(itertools.product(range(self.response_tokens), repeat=self.response_length))
+
+    def rewards(self) -> torch.Tensor:
+        """r(x, y) for every prompt and response: ``(prompts, responses)``."""
+        index = torch.tensor(self.responses)
+        return self.weights[:, index].sum(-1)
+
+    def optimal_policy(self) -> torch.Tensor:
+        """π*(y | x) ∝ exp r(x, y) over every response: ``(prompts, responses)``."""
+        return torch.softmax(self.rewards(), dim=-1)
+
+    def load_tokenizer(self) -> PreTrainedTokenizerFast:
+        vocabulary = {token: index for index, token in enumerate(self.vocabulary)}
+        backend = Tokenizer(models.WordLevel(vocabulary, unk_token=UNK))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+
+    def reward(self, prompt: str, response: str) -> float:
+        """The oracle: r(x, y) for a well-formed response; anything else (wrong length, foreign tokens)
+        scores below every well-formed response."""
+        prompt_index = int(prompt.strip()[1:])
+        letters = response.split()
+        if len(letters) != self.response_length or not set(letters) <= set(self._letters):
+            return float(self.rewards()[prompt_index].min()) - 1.0
+        return float(sum(self.weights[prompt_index, ord(letter) - ord("a")] for letter in letters))
+
+    def text(self, response: tuple[int, ...]) -> str:
+        return " ".join(self._letters[token] for token in response)
+
+    def _pairs(self, per_prompt: int, rng: random.Random) -> list[PromptPair]:
+        """Distinct responses drawn uniformly, ordered by a BT coin flip on their rewards."""
+        rewards = self.rewards()
+        pairs = []
+        for prompt in range(self.prompts):
+            for _ in range(per_prompt):
+                first, second = rng.sample(range(len(self.responses)), 2)
+                margin = float(rewards[prompt, first] - rewards[prompt, second])
+                chosen, rejected = (first, second) if rng.random() < 1 / (1 + math.exp(-margin)) else (second, first)
+                pairs.append(PromptPair(f"p{prompt}", self.text(self.responses[chosen]), self.text(self.responses[rejected])))
+        return pairs
+
+    def prepare(self, seed: int, tokenizer: Any, base: PreTrainedModel, cache_dir: Path, console: Console) -> Prepared:
+        rng = random.Random(seed)
+        train = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in self._pairs(self.train_pairs_per_prompt, rng)]
+        evaluation = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in self._pairs(self.eval_pairs_per_prompt, rng)]
+        sft = self._sft(base, train, evaluation, tokenizer.pad_token_id, seed, console) if self.sft else {}
+        optimal = self.optimal_policy()
+        console.print(
+            f"seed {seed}: π* puts {float(optimal.max(-1).values.mean()):.3f} on each prompt's best response on average; "
+            f"{len(self.responses)} responses per prompt"
+        )
+        return Prepared(
+            train, evaluation, sft, judge=OracleJudge(self.reward, name="oracle"), exact=self.exact_metrics(tokenizer)
+        )
+
+    def exact_metrics(self, tokenizer: Any) -> Any:
+        """KL(π*‖π) summed over prompts and the mass on each prompt's best response, by enumerating every response."""
+        prompt_ids = [[tokenizer.convert_tokens_to_ids(f"p{prompt}")] for prompt in range(self.prompts)]
+        response_ids = [
+            [*tokenizer.convert_tokens_to_ids([self._letters[t] for t in response]), tokenizer.eos_token_id]
+            for response in self.responses
+        ]
+        optimal = self.optimal_policy()
+        best = self.rewards().argmax(-1)
+
+        def metrics(policy: PreTrainedModel) -> dict[str, float]:
+            prompts = [ids for ids in prompt_ids for _ in response_ids]
+            logps = sequence_logps(policy, prompts, response_ids * self.prompts, tokenizer.pad_token_id, 512)
+            logps = logps.view(self.prompts, len(self.responses))
+            kl = (optimal * (optimal.log() - logps)).sum()
+            return {
+                metric_keys.KL_TO_TARGET: float(kl),
+                metric_keys.TOP_RESPONSE_MASS: float(logps.exp().gather(1, best[:, None]).mean()),
+            }
+
+        return metrics

@@ -1,0 +1,127 @@
+"""The embedded quickstart task: its exact reward, BT labels and optimal policy, and the quickstart end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from rich.console import Console
+
+from expo_bench import metric_keys
+from expo_bench.lm.synthetic import SyntheticTokensTask
+from expo_bench.recipe import validate_recipe
+from expo_bench.runner import run_experiment
+
+ROOT = Path(__file__).parent.parent
+
+
+def task(**changes: object) -> SyntheticTokensTask:
+    return SyntheticTokensTask.model_validate({"kind": "synthetic_tokens", "prompts": 3, **changes})
+
+
+def test_optimal_policy_is_the_product_of_per_token_softmaxes() -> None:
+    synthetic = task()
+    optimal = synthetic.optimal_policy()
+    per_token = torch.softmax(synthetic.weights, dim=-1)
+    for x in range(3):
+        for index, response in enumerate(synthetic.responses):
+            assert float(optimal[x, index]) == pytest.approx(math.prod(float(per_token[x, t]) for t in response), rel=1e-12)
+    assert torch.allclose(optimal.sum(-1), torch.ones(3, dtype=torch.float64))
+    assert len(synthetic.responses) == 4**3
+
+
+def test_oracle_reward_reads_the_text_and_ranks_malformed_responses_last() -> None:
+    synthetic = task()
+    w = synthetic.weights
+    assert synthetic.reward("p1", "a c c") == pytest.approx(float(w[1, 0] + 2 * w[1, 2]))
+    worst = float(synthetic.rewards()[1].min())
+    for malformed in ("", "a c", "a c c d", "a p0 c", "a <eos> c"):
+        assert synthetic.reward("p1", malformed) == worst - 1.0
+
+
+def test_pairs_are_labelled_by_bradley_terry_on_the_reward() -> None:
+    synthetic = task(prompts=2, reward_scale=0.5)
+    pairs = synthetic._pairs(4000, random.Random(0))
+    rewards = {
+        (f"p{x}", synthetic.text(y)): float(synthetic.rewards()[x, i])
+        for x in range(2)
+        for i, y in enumerate(synthetic.responses)
+    }
+    margins = [rewards[(pair.prompt, pair.chosen)] - rewards[(pair.prompt, pair.rejected)] for pair in pairs]
+    # P(the higher-reward response is chosen) = σ(|Δr|): compare the observed count with its expectation
+    agree = sum(margin > 0 for margin in margins)
+    expected = sum(1 / (1 + math.exp(-abs(margin))) for margin in margins)
+    variance = sum(p * (1 - p) for p in (1 / (1 + math.exp(-abs(margin))) for margin in margins))
+    assert abs(agree - expected) < 4 * math.sqrt(variance)
+    assert all(pair.chosen != pair.rejected for pair in pairs)
+
+
+def test_exact_metrics_of_a_uniform_model_match_the_closed_form() -> None:
+    synthetic = task(
+        model={
+            "tiny": {
+                "model_type": "gpt_neox",
+                "hidden_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 32,
+                "max_position_embeddings": 8,
+            }
+        }
+    )
+    tokenizer = synthetic.load_tokenizer()
+    model = synthetic.model.build(vocab_size=len(tokenizer))
+    for parameter in model.parameters():
+        torch.nn.init.zeros_(parameter)  # zero logits: every token has probability 1/V at every step
+    metrics = synthetic.exact_metrics(tokenizer)(model)
+    vocabulary, steps = len(tokenizer), synthetic.response_length + 1  # the response tokens and EOS
+    optimal = synthetic.optimal_policy()
+    entropy = float((optimal * optimal.log()).sum())
+    assert metrics[metric_keys.KL_TO_TARGET] == pytest.approx(
+        entropy + 3 * steps * math.log(vocabulary), rel=1e-6
+    )  # float32 logits
+    assert metrics[metric_keys.TOP_RESPONSE_MASS] == pytest.approx(vocabulary**-steps, rel=1e-6)
+
+
+def test_tokenizer_round_trips_prompts_and_responses() -> None:
+    tokenizer = task().load_tokenizer()
+    ids = tokenizer("p2 a b d", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode([*ids, tokenizer.eos_token_id], skip_special_tokens=True) == "p2 a b d"
+    assert tokenizer.unk_token_id not in ids
+
+
+def test_quickstart_slice_runs_end_to_end_and_reuses_its_work(tmp_path: Path) -> None:
+    data = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    data["seeds"] = [0]
+    data["task"] |= {"prompts": 4, "train_pairs_per_prompt": 32}
+    data["task"]["evaluation"] |= {"samples_per_prompt": 8}
+    data["methods"] = [{"method": "expo_compositional", "params": {"lam": 0.1}}, {"method": "dpo", "params": {"beta": 0.1}}]
+    experiment = validate_recipe(data, "quickstart.yaml")
+    out = run_experiment(experiment, tmp_path, Console(quiet=True))
+    reference, *runs = json.loads((out / "summary.json").read_text())["runs"]
+    # the reference judged against its own seeded samples: all ties, zero KL
+    assert reference["eval"][metric_keys.WIN_RATE] == 0.5 and reference["eval"][metric_keys.KL] == 0.0
+    assert [run["method"] for run in runs] == ["expo_compositional", "dpo"]
+    for run in runs:
+        metrics = run["eval"]
+        assert metrics[metric_keys.JUDGED] == 4 * 8 and metrics[metric_keys.INVALID_VERDICTS] == 0
+        [judgments] = (out / "runs").glob(f"{run['method']}-*/evaluation-*/T1/judgments.jsonl")
+        rows = [json.loads(line) for line in judgments.read_text().splitlines()]
+        assert sum(row["outcome"] for row in rows) / len(rows) == pytest.approx(metrics[metric_keys.WIN_RATE])
+        assert sum(row["candidate_reward"] for row in rows) / len(rows) == pytest.approx(metrics[metric_keys.REWARD])
+        assert metrics[metric_keys.KL_TO_TARGET] > 0 and 0 < metrics[metric_keys.TOP_RESPONSE_MASS] < 1
+    log = Console(record=True, width=200)
+    run_experiment(experiment, tmp_path, log)
+    assert log.export_text().count("evaluated in an earlier run") == 3
+    assert json.loads((out / "summary.json").read_text())["runs"][1]["eval"] == runs[0]["eval"]
+
+
+def test_responses_enumerate_every_sequence_once() -> None:
+    synthetic = task(response_tokens=3, response_length=2)
+    assert synthetic.responses == list(itertools.product(range(3), repeat=2))
