@@ -13,14 +13,18 @@ import torch
 T = TypeVar("T")
 
 
+def digest(key: dict[str, Any], length: int = 12) -> str:
+    """A short sha256 of a JSON-able key, the same for equal content whatever its dict order."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:length]
+
+
 def cached(directory: Path, name: str, key: dict[str, Any], compute: Callable[[], T]) -> tuple[T, bool]:
     """``compute()``'s value, stored under ``directory/name-<hash of key>.pt``; also whether it was a hit.
 
     The key must name everything the value depends on (model, data and tokenization fingerprints,
     settings, seed). Writes go through a temporary file, so an interrupted run leaves no half-written entry.
     """
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = directory / f"{name}-{digest}.pt"
+    path = directory / f"{name}-{digest(key, 16)}.pt"
     if path.exists():
         return torch.load(path, weights_only=True), True
     value = compute()

@@ -1,8 +1,12 @@
-"""``expo-bench``: run and validate benchmark recipes."""
+"""``expo-bench``: run and validate benchmark recipes, build the leaderboard, browse runs in the MLflow UI."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +17,7 @@ from rich.text import Text
 
 from expo_bench import __version__
 from expo_bench.errors import UserError
+from expo_bench.metric_keys import LEADERBOARD_COLUMNS
 from expo_bench.recipe import Experiment, load_recipe
 
 EXIT_USER_ERROR = 2
@@ -45,6 +50,36 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "run":
             command.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results/)")
+    board = commands.add_parser(
+        "leaderboard",
+        help="tables and plots of the best configuration per method, from the tracking store",
+        description="Build the leaderboard from the complete runs in the tracking store: per dataset, each method's best "
+        "configuration by its rank metric, metrics as mean ± 95% CI over seeds. Writes leaderboard.md, leaderboard.csv "
+        "and leaderboard-*.png into RESULTS/EXPERIMENT/ (RESULTS/leaderboard/ for every experiment).",
+    )
+    board.set_defaults(handler=leaderboard)
+    board.add_argument(
+        "experiment", nargs="?", metavar="EXPERIMENT", help="a recipe's experiment: name (default: every experiment in the store)"
+    )
+    ui_command = commands.add_parser(
+        "ui",
+        help="browse the tracking store in the MLflow UI (http://127.0.0.1:5000)",
+        description="Start the MLflow UI over the tracking store; Ctrl-C stops it. Sweeps save a view named "
+        "'leaderboard' per experiment (its URL is printed): the runs table with the leaderboard metrics, "
+        f"sorted by the rank metric; or add them under Columns: {', '.join(column.key for column in LEADERBOARD_COLUMNS)}.",
+    )
+    ui_command.set_defaults(handler=ui)
+    ui_command.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    ui_command.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, this machine only)")
+    for command in (board, ui_command):
+        command.add_argument(
+            "--results", type=Path, default=Path("results"), help="results root, home of the default store (default: results/)"
+        )
+        command.add_argument(
+            "--tracking-uri",
+            metavar="URI",
+            help="MLflow tracking URI, as a recipe's tracking.uri (default: $MLFLOW_TRACKING_URI, else sqlite:///RESULTS/mlflow.db)",
+        )
     return parser
 
 
@@ -89,6 +124,63 @@ def run(args: argparse.Namespace, console: Console) -> None:
     for experiment in experiments:
         console.print(describe(experiment))
         run_experiment(experiment, args.results, console)
+
+
+def leaderboard(args: argparse.Namespace, console: Console) -> None:
+    from expo_bench.leaderboard import load_leaderboard, write_leaderboard  # imports MLflow and matplotlib
+    from expo_bench.tracking import resolve_tracking_uri
+
+    tables = load_leaderboard(resolve_tracking_uri(args.tracking_uri, args.results), args.experiment)
+    written = write_leaderboard(tables, args.results / (args.experiment or "leaderboard"), console)
+    console.print(f"wrote {', '.join(str(path) for path in written)}")
+
+
+def ui(args: argparse.Namespace, console: Console) -> None:
+    from expo_bench.tracking import LEADERBOARD_VIEW, leaderboard_views, resolve_tracking_uri, sqlite_path
+
+    uri = resolve_tracking_uri(args.tracking_uri, args.results)
+    if uri.startswith(("http://", "https://")):
+        raise UserError(f"the tracking store {uri} is a server with its own UI: open it in a browser")
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():
+        raise UserError(f"no tracking store at {database} (URI {uri}): run a recipe first (expo-bench run RECIPE)")
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed port in TIME_WAIT is free
+        try:
+            probe.bind((args.host, args.port))
+        except (OSError, OverflowError) as error:
+            raise UserError(f"cannot listen on {args.host}:{args.port} ({error}): pass another --port") from error
+    url = f"http://{args.host}:{args.port}"
+    for name, experiment_id in leaderboard_views(uri).items():
+        console.print(f"{name}: {url}/#/experiments/{experiment_id}?viewStateShareKey={LEADERBOARD_VIEW}")
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host]
+    server = subprocess.Popen(
+        [*command, "--port", str(args.port), "--workers", "1"],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job-runner processes: the UI only reads
+        start_new_session=True,  # its own process group: all of it can be killed if it does not stop when asked
+    )
+    console.print(f"MLflow UI over {uri}: {url} (Ctrl-C stops it)")
+    stopping: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        stopping.append(signum)
+        server.send_signal(signum)  # mlflow server passes it on to its workers
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        status = server.wait()
+    except KeyboardInterrupt:
+        forward(signal.SIGINT, None)
+        try:
+            status = server.wait(timeout=30)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # hung, or Ctrl-C again: stop all of it now
+            os.killpg(server.pid, signal.SIGKILL)
+            status = server.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if status != 0 and not stopping:
+        raise UserError(f"the MLflow server exited with status {status}: see its messages above")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

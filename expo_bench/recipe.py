@@ -43,6 +43,14 @@ class MethodEntry(ConfigModel):
     train: dict[str, Any] = Field(default_factory=dict)
 
 
+class TrackingConfig(ConfigModel):
+    """Where runs are recorded (``tracking:`` in a recipe)."""
+
+    uri: str | None = None
+    """An MLflow tracking URI (``sqlite:///path.db``, ``http://host:5000``); default ``$MLFLOW_TRACKING_URI``, else
+    ``sqlite:///<results>/mlflow.db``."""
+
+
 class Recipe(ConfigModel):
     """A benchmark: one task, the methods to compare on it, one budget, seeds and a λ grid."""
 
@@ -53,6 +61,7 @@ class Recipe(ConfigModel):
     lam: list[float] | None = Field(None, min_length=1)
     """The paper's λ, applied to each method's regularization parameter (DPO's β, IPO's τ, EXPO's λ)."""
     methods: list[MethodEntry] = Field(min_length=1)
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("seeds")
     @classmethod
@@ -62,8 +71,8 @@ class Recipe(ConfigModel):
         return seeds
 
     def fingerprint(self) -> str:
-        """sha256 of the validated recipe (defaults filled in), the same for equal content."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """sha256 of the validated recipe (defaults filled in; where it is tracked aside), the same for equal content."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"tracking"}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

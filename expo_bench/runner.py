@@ -12,8 +12,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 
+from expo_bench import tracking
+from expo_bench.leaderboard import load_leaderboard, write_leaderboard
 from expo_bench.recipe import Experiment
 
 EXPECTED_WARNINGS = (
@@ -52,18 +55,45 @@ def package_versions() -> dict[str, str]:
 
 
 def run_experiment(experiment: Experiment, results_root: Path, console: Console) -> Path:
-    """Train and evaluate every method of the recipe; write results under ``results_root/<experiment>``."""
+    """Train and evaluate every method of the recipe, recording each run in the tracking store; write
+    results, the leaderboard among them, under ``results_root/<experiment>``."""
     recipe = experiment.recipe
     out_dir = results_root / recipe.experiment
     out_dir.mkdir(parents=True, exist_ok=True)
     revision = git_revision(Path(__file__).parent)  # the code as it was when the run started
     started = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    with warnings.catch_warnings():
-        for message in EXPECTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=message)
-        records = recipe.task.run(experiment, console, out_dir / "cache")
-    written = recipe.task.report(experiment, records, out_dir, console)
+    uri = tracking.resolve_tracking_uri(recipe.tracking.uri, results_root)
+    versions = package_versions()
+    tags = {tracking.GIT_SHA: revision, tracking.RECIPE_HASH: recipe.fingerprint(), **tracking.version_tags(versions)}
+    resolved = recipe.model_dump(mode="json")
+    with tracking.SweepTracker(uri, recipe.experiment, recipe.fingerprint(), resolved, tags) as sweep:
+        with warnings.catch_warnings():
+            for message in EXPECTED_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            records = recipe.task.run(experiment, console, out_dir / "cache", tracking.RunLog(sweep, tags))
+        written = recipe.task.report(experiment, records, out_dir, console)
+        summary_path = write_summary(experiment, records, out_dir, revision, started, started_at, versions)
+        recipe_path = out_dir / "resolved_recipe.yaml"
+        recipe_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        written += write_leaderboard(load_leaderboard(uri, recipe.experiment), out_dir, console)
+        sweep.parent.log_artifacts([recipe_path, summary_path, *written])
+    console.print(f"wrote {', '.join(str(path) for path in [summary_path, recipe_path, *written])}")
+    console.print(f"tracked in {uri} (browse: expo-bench ui --results {results_root})")
+    console.print(f"finished in {round(time.perf_counter() - started, 1)} s")
+    return out_dir
+
+
+def write_summary(
+    experiment: Experiment,
+    records: list[dict[str, Any]],
+    out_dir: Path,
+    revision: str,
+    started: float,
+    started_at: str,
+    versions: dict[str, str],
+) -> Path:
+    recipe = experiment.recipe
     summary: dict[str, Any] = {
         "experiment": recipe.experiment,
         "recipe": str(experiment.source),
@@ -72,12 +102,10 @@ def run_experiment(experiment: Experiment, results_root: Path, console: Console)
         "started_at": started_at,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "python": platform.python_version(),
-        "packages": package_versions(),
+        "packages": versions,
         "resolved_recipe": recipe.model_dump(mode="json"),
         "runs": [{key: value for key, value in record.items() if key != "trajectory"} for record in records],
     }
     summary_path = out_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    console.print(f"wrote {', '.join(str(path) for path in [summary_path, *written])}")
-    console.print(f"finished in {summary['wall_seconds']} s")
-    return out_dir
+    return summary_path

@@ -6,7 +6,6 @@ Samples and verdicts are written as jsonl next to the run, so judging can be red
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from expo_bench import metric_keys
-from expo_bench.cache import cached
+from expo_bench.cache import cached, digest
 from expo_bench.config_model import ConfigModel
 from expo_bench.evaluation.judges import Comparison, Judge, JudgeConfig, RewardJudge
 from expo_bench.evaluation.metrics import Diversity, RewardKL, WinRate
@@ -137,9 +136,11 @@ class Evaluator:
 
     def results_dir(self, run_dir: Path) -> Path:
         """Where this evaluation (config and judge) of a run keeps its samples, verdicts and metrics."""
-        identity = {"evaluation": self.config.model_dump(mode="json"), "judge": self.judge.name}
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-        return run_dir / f"evaluation-{digest}"
+        return run_dir / f"evaluation-{self.identity()}"
+
+    def identity(self) -> str:
+        """A digest of what makes two evaluations of one policy differ: the config and the judge."""
+        return digest({"evaluation": self.config.model_dump(mode="json"), "judge": self.judge.name})
 
     def has_result(self, run_dir: Path) -> bool:
         return (self.results_dir(run_dir) / "metrics.json").exists()

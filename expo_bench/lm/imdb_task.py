@@ -14,6 +14,7 @@ from rich.console import Console
 from torch import nn
 from transformers import PreTrainedModel
 
+from expo_bench import metric_keys
 from expo_bench.cache import cached
 from expo_bench.config_model import ConfigModel
 from expo_bench.evaluation.judges import RewardModelJudge
@@ -76,6 +77,7 @@ class IMDbTask(LanguageModelTask):
 
     kind: Literal["imdb"]
     has_own_judge: ClassVar[bool] = True
+    rank_by: ClassVar[tuple[str, str]] = (metric_keys.REWARD, "max")
     tokenizer: str = "gpt2-large"
     source: str = imdb.HUB_ID
     train_split: str = "train"
@@ -101,6 +103,10 @@ class IMDbTask(LanguageModelTask):
         if not 1 <= low <= high:
             raise ValueError(f"prompt_tokens must be [low, high] with 1 <= low <= high, got {list(self.prompt_tokens)}")
         return self
+
+    @property
+    def dataset(self) -> str:
+        return "imdb"
 
     def prepare(self, seed: int, tokenizer: Any, base: PreTrainedModel, cache_dir: Path, console: Console) -> Prepared:
         train_reviews = load_reviews(self.source, self.train_split, self.skip_malformed)

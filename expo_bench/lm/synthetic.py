@@ -50,6 +50,7 @@ class SyntheticTokensTask(LanguageModelTask):
 
     kind: Literal["synthetic_tokens"]
     has_own_judge: ClassVar[bool] = True
+    rank_by: ClassVar[tuple[str, str]] = (metric_keys.KL_TO_TARGET, "min")
     tokenizer: Literal["embedded"] = "embedded"
     """A word-level vocabulary built in code: pad, EOS, the prompt tokens and the response tokens."""
     model: ModelConfig = TINY_TRANSFORMER
@@ -119,6 +120,10 @@ class SyntheticTokensTask(LanguageModelTask):
                 chosen, rejected = (first, second) if rng.random() < 1 / (1 + math.exp(-margin)) else (second, first)
                 pairs.append(PromptPair(f"p{prompt}", self.text(self.responses[chosen]), self.text(self.responses[rejected])))
         return pairs
+
+    @property
+    def dataset(self) -> str:
+        return "synthetic_tokens"
 
     def prepare(self, seed: int, tokenizer: Any, base: PreTrainedModel, cache_dir: Path, console: Console) -> Prepared:
         rng = random.Random(seed)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import random
 import re
@@ -22,7 +21,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
 from expo_bench import metric_keys, reporting
-from expo_bench.cache import cached
+from expo_bench.cache import cached, digest
 from expo_bench.config_model import ConfigModel
 from expo_bench.errors import UserError
 from expo_bench.evaluation.judges import Judge
@@ -55,6 +54,7 @@ from expo_bench.training import TrainConfig, build_trainer
 
 if TYPE_CHECKING:
     from expo_bench.recipe import Experiment, MethodRun
+    from expo_bench.tracking import RunLog, TrackedRun
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,8 @@ class LanguageModelTask(ConfigModel):
     """Sample every trained policy on held-out prompts and judge the samples (win rate, diversity, reward, KL)."""
     has_own_judge: ClassVar[bool] = False
     """Whether :meth:`prepare` supplies a ground-truth judge, so ``evaluation.judge`` may be left unset."""
+    rank_by: ClassVar[tuple[str, str]] = (metric_keys.WIN_RATE, "max")
+    """The metric (and whether higher or lower is better) that picks a method's best configuration."""
 
     @model_validator(mode="after")
     def _lora_reference(self) -> LanguageModelTask:
@@ -110,20 +112,66 @@ class LanguageModelTask(ConfigModel):
     def load_tokenizer(self) -> Any:
         return AutoTokenizer.from_pretrained(self.tokenizer)
 
+    @property
+    def dataset(self) -> str:
+        """The dataset's name in the tracking store: the leaderboard has one table per dataset."""
+        raise NotImplementedError
+
+    def _tags(
+        self,
+        method: str,
+        method_class: str,
+        seed: int,
+        configuration: dict[str, Any],
+        fingerprints: dict[str, Any],
+        evaluator: Evaluator | None,
+    ) -> dict[str, str]:
+        from expo_bench import tracking  # MLflow loads only when runs are recorded: validate stays fast
+
+        rank_metric, goal = self.rank_by if evaluator is not None else (metric_keys.VAL_PREFERENCE_ACCURACY, "max")
+        tiny = self.model.tiny or {}
+        return {
+            tracking.METHOD: method,
+            tracking.METHOD_CLASS: method_class,
+            tracking.DATASET: self.dataset,
+            tracking.MODEL: self.model.name_or_path or f"tiny {tiny.get('model_type')}",
+            tracking.SEED: str(seed),
+            tracking.DATA_FINGERPRINT: fingerprints["data_fingerprint"],
+            tracking.MODEL_FINGERPRINT: fingerprints["reference_fingerprint"],
+            tracking.CONFIG_KEY: digest(configuration),
+            tracking.RANK_METRIC: rank_metric,
+            tracking.RANK_GOAL: goal,
+        } | ({} if evaluator is None else {tracking.JUDGE: evaluator.judge.name})
+
+    def _record_run(
+        self, runs: RunLog, run_dir: Path, method: str, identity: dict[str, Any], evaluator: Evaluator | None
+    ) -> TrackedRun:
+        """The tracking-store run of one trained (or reference) policy under one evaluation."""
+        evaluation = None if evaluator is None else evaluator.identity()
+        # seeds of one configuration differ in their data and SFT weights too, so fingerprints stay out of its key
+        varying = {"seed", "data_fingerprint", "reference_fingerprint"}
+        configuration = {key: value for key, value in identity.items() if key not in varying} | {"evaluation": evaluation}
+        params = {"method": method, **identity}
+        if evaluator is not None:
+            params["evaluation"] = evaluator.config.model_dump(mode="json")
+        lam = "" if identity.get("lam") is None else f" λ={identity['lam']:g}"
+        tags = self._tags(method, identity["method_class"], identity["seed"], configuration, identity, evaluator)
+        return runs.child(f"{run_dir.name}/{evaluation}", f"{method}{lam} s{identity['seed']}", params, tags)
+
     def provides(self) -> frozenset[str]:
         """Optional batch fields the data carries: reference samples when ``reference_samples`` is set."""
         return frozenset({"kl_samples"}) if self.reference_samples is not None else frozenset()
 
-    def run(self, experiment: Experiment, console: Console, cache_dir: Path) -> list[dict[str, Any]]:
+    def run(self, experiment: Experiment, console: Console, cache_dir: Path, runs: RunLog) -> list[dict[str, Any]]:
         """SFT, then every method from the SFT weights; shared reference work is cached under ``cache_dir``."""
         tokenizer = self.load_tokenizer()
         records: list[dict[str, Any]] = []
         for seed in experiment.recipe.seeds:
-            records += self._run_seed(experiment, tokenizer, seed, cache_dir, console)
+            records += self._run_seed(experiment, tokenizer, seed, cache_dir, runs, console)
         return records
 
     def _run_seed(
-        self, experiment: Experiment, tokenizer: Any, seed: int, cache_dir: Path, console: Console
+        self, experiment: Experiment, tokenizer: Any, seed: int, cache_dir: Path, runs: RunLog, console: Console
     ) -> list[dict[str, Any]]:
         pad = pad_token_id(tokenizer)
         L.seed_everything(seed, verbose=False)
@@ -171,10 +219,10 @@ class LanguageModelTask(ConfigModel):
                 )
         evaluator = None if self.evaluation is None else self._evaluator(prepared, tokenizer, base, seed, cache_dir)
         if evaluator is not None:
-            records.append(self._evaluate_reference(evaluator, seed, fingerprints, runs_dir, console) | provenance)
+            records.append(self._evaluate_reference(evaluator, seed, fingerprints, runs_dir, runs, console) | provenance)
         for unit in units:
             data = PairData(*datasets, batch_size=unit.run.train.batch_size, seed=seed)
-            records.append(self._fit(unit, base, data, evaluator, console) | provenance)
+            records.append(self._fit(unit, base, data, evaluator, runs, console) | provenance)
         return records
 
     def _run_dir(self, unit: FitUnit) -> Path:
@@ -198,12 +246,17 @@ class LanguageModelTask(ConfigModel):
         return Evaluator(config, tokenizer, base, held_out, judge, seed, cache_dir, prepared.exact)
 
     def _evaluate_reference(
-        self, evaluator: Evaluator, seed: int, fingerprints: dict[str, str], runs_dir: Path, console: Console
+        self, evaluator: Evaluator, seed: int, fingerprints: dict[str, str], runs_dir: Path, runs: RunLog, console: Console
     ) -> dict[str, Any]:
         """The SFT reference evaluated like a method: the frontier's origin and the win rate of "no optimization"."""
         identity = {"method_class": "reference", "seed": seed, **fingerprints}
         run_dir = runs_dir / f"{REFERENCE_LABEL}-{digest(identity)}"
+        tracked = self._record_run(runs, run_dir, REFERENCE_LABEL, identity, evaluator)
         metrics = self._evaluate(evaluator, REFERENCE_LABEL, evaluator.reference, run_dir, console)
+        if not tracked.complete:
+            tracked.log_metrics(metrics)
+            tracked.log_artifacts([evaluator.results_dir(run_dir)])
+            tracked.mark_complete()
         return {"method": REFERENCE_LABEL, "lam": None, **identity, "params": {}, "eval": metrics}
 
     def _cache_reference_logps(
@@ -283,23 +336,29 @@ class LanguageModelTask(ConfigModel):
         return {"sft_val_nll_before": before, "sft_val_nll_after": after, "sft_steps": trainer.global_step}
 
     def _fit(
-        self, unit: FitUnit, base: PreTrainedModel, data: PairData, evaluator: Evaluator | None, console: Console
+        self, unit: FitUnit, base: PreTrainedModel, data: PairData, evaluator: Evaluator | None, runs: RunLog, console: Console
     ) -> dict[str, Any]:
         """Train one (method, λ, seed), checkpointing under its run directory, then evaluate it: a finished
         run is reused, a checkpointed one resumed, and evaluations are kept per evaluation config."""
         identity, run_dir = unit.identity(self.lora, self.reference), self._run_dir(unit)
+        tracked = self._record_run(runs, run_dir, unit.run.label, identity | {"lam": unit.lam}, evaluator)
         module = None
         if (run_dir / "record.json").exists():
             console.print(f"  {unit.name}: finished in an earlier run, reusing {run_dir / 'record.json'}")
             record = dict(json.loads((run_dir / "record.json").read_text()))
         else:
-            module, record = self._train(unit, identity, base, data, run_dir, evaluator, console)
+            module, record = self._train(unit, identity, base, data, run_dir, evaluator, tracked, console)
         if evaluator is not None:
             if module is None and not evaluator.has_result(run_dir):
                 module = self._restore(unit, base, run_dir)
             record["eval"] = self._evaluate(
                 evaluator, unit.name, None if module is None else policy_model(module), run_dir, console
             )
+        if not tracked.complete:
+            tracked.log_metrics(record["eval_after"] | record.get("eval", {}))
+            done = [run_dir / "record.json"] + ([] if evaluator is None else [evaluator.results_dir(run_dir)])
+            tracked.log_artifacts(done)
+            tracked.mark_complete()
         return record
 
     def _train(
@@ -310,6 +369,7 @@ class LanguageModelTask(ConfigModel):
         data: PairData,
         run_dir: Path,
         evaluator: Evaluator | None,
+        tracked: TrackedRun,
         console: Console,
     ) -> tuple[PreferenceMethod, dict[str, Any]]:
         run = unit.run
@@ -324,7 +384,7 @@ class LanguageModelTask(ConfigModel):
         if evaluator is not None and every is not None:
             periodic = PeriodicEvaluation(evaluator, every, run_dir / "evaluation-during-training", {"method": unit.name})
             callbacks.append(periodic)
-        trainer = build_trainer(run.train, callbacks, enable_checkpointing=True)
+        trainer = build_trainer(run.train, callbacks, logger=tracked.logger(), enable_checkpointing=True)
         before = trainer.validate(module, datamodule=data, verbose=False)[0]
         resume = run_dir / "last.ckpt"
         if resume.exists():
@@ -430,6 +490,10 @@ class HHTask(LanguageModelTask):
             raise ValueError(f"source {self.source!r} is neither an existing file or folder nor the hub id {HUB_ID!r}")
         return self
 
+    @property
+    def dataset(self) -> str:
+        return "hh-rlhf" if self.data_dir is None else f"hh-rlhf/{self.data_dir}"
+
     def _pairs(self, seed: int) -> tuple[list[PromptPair], list[PromptPair], list[str]]:
         train, train_report = load_hh_pairs(self.source, self.data_dir, self.train_split, self.skip_malformed)
         notes = [f"{self.train_split}: {train_report.summary()}"]
@@ -455,10 +519,6 @@ class HHTask(LanguageModelTask):
 
 REFERENCE_LABEL = "sft-reference"
 """How the SFT reference appears among the methods when it is evaluated."""
-
-
-def digest(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar
 from pydantic import Field, model_validator
 from rich.console import Console
 
+from expo_bench import metric_keys
+from expo_bench.cache import digest
 from expo_bench.config_model import ConfigModel
 from expo_bench.reporting import markdown_table, rich_table
 from expo_bench.tabular import report
@@ -21,6 +23,7 @@ from expo_bench.training import TrainConfig, build_trainer
 
 if TYPE_CHECKING:
     from expo_bench.recipe import Experiment, MethodRun
+    from expo_bench.tracking import RunLog
 
 
 class TabularPrompt(ConfigModel):
@@ -72,7 +75,7 @@ class TabularTask(ConfigModel):
         """Optional batch fields the data carries: every response of a prompt, weighted by π_ref."""
         return frozenset({"kl_samples"})
 
-    def run(self, experiment: Experiment, console: Console, cache_dir: Path) -> list[dict[str, Any]]:
+    def run(self, experiment: Experiment, console: Console, cache_dir: Path, runs: RunLog) -> list[dict[str, Any]]:
         """Train every method (all λ as replicas) per seed and objective; return one record per replica.
 
         Nothing here is worth caching (``cache_dir`` is unused): a tabular run costs less than a lookup.
@@ -88,7 +91,7 @@ class TabularTask(ConfigModel):
                 console.print(f"seed {seed}: {len(sampled)} sampled pairs over {len(self.prompts)} prompt(s)")
                 for run in experiment.runs:
                     data = TabularPreferenceData(sampled, pi_ref, run.train.batch_size, seed)
-                    records += self._fit(run, run.train, data, "sampled", pi_star, seed, console)
+                    records += self._tracked(self._fit(run, run.train, data, "sampled", pi_star, seed, console), experiment, runs)
                     if self.population is not None:
                         train = run.train.model_copy(
                             update={
@@ -99,7 +102,8 @@ class TabularTask(ConfigModel):
                         data = TabularPreferenceData(
                             population_pairs(pi_star.tolist()), pi_ref, 0, seed, full_batch_steps=self.population.steps
                         )
-                        records += self._fit(run, train, data, "population", pi_star, seed, console)
+                        fitted = self._fit(run, train, data, "population", pi_star, seed, console)
+                        records += self._tracked(fitted, experiment, runs)
         finally:
             torch.set_num_threads(threads)
         return records
@@ -115,6 +119,42 @@ class TabularTask(ConfigModel):
         lam_labels = experiment.recipe.lam or next((run.lam for run in experiment.runs if run.lam), [0.0])
         report.plot_lambda_sweep(records, self.prompts, lam_labels, sweep)
         return [table, trajectories, sweep]
+
+    def _tracked(self, records: list[dict[str, Any]], experiment: Experiment, runs: RunLog) -> list[dict[str, Any]]:
+        """Record each replica as its own run: KL(π*‖π) summed over prompts ranks them (lower is better)."""
+        from expo_bench import tracking  # MLflow loads only when runs are recorded: validate stays fast
+
+        pi_star = {prompt.name: prompt.pi_star for prompt in self.prompts}
+        for record in records:
+            identity = {key: record[key] for key in ("method_class", "params", "train", "objective", "seed")}
+            configuration = {key: value for key, value in identity.items() if key != "seed"}
+            lam = "" if record["lam"] is None else f" λ={record['lam']:g}"
+            tracked = runs.child(
+                digest(identity | {"task": self.model_dump(mode="json")}),
+                f"{record['method']}{lam} {record['objective']} s{record['seed']}",
+                {"method": record["method"], "lam": record["lam"], **identity},
+                {
+                    tracking.METHOD: record["method"],
+                    tracking.METHOD_CLASS: record["method_class"],
+                    tracking.DATASET: f"{experiment.recipe.experiment}/{record['objective']}",
+                    tracking.MODEL: "tabular softmax",
+                    tracking.SEED: str(record["seed"]),
+                    tracking.CONFIG_KEY: digest(configuration),
+                    tracking.RANK_METRIC: metric_keys.KL_TO_TARGET,
+                    tracking.RANK_GOAL: "min",
+                },
+            )
+            if not tracked.complete:
+                final = record["final_policy"]
+                best = {name: max(range(len(p)), key=p.__getitem__) for name, p in pi_star.items()}
+                tracked.log_metrics(
+                    {
+                        metric_keys.KL_TO_TARGET: sum(record["kl_star_to_policy"].values()),
+                        metric_keys.TOP_RESPONSE_MASS: sum(final[name][best[name]] for name in final) / len(final),
+                    }
+                )
+                tracked.mark_complete()
+        return records
 
     def _fit(
         self,

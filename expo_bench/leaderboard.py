@@ -1,0 +1,483 @@
+"""The leaderboard, generated from the tracking store and never edited by hand.
+
+One table per (experiment, dataset): each method's best configuration by its rank metric, every leaderboard metric
+as mean ± 95% CI over seeds (Student t), and where each number came from (runs, git sha, recipe hash, parameters).
+The best configuration is picked on the metric it is reported on, so its estimate is optimistic when grids are large.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from rich.console import Console
+from scipy import stats
+
+from expo_bench.config_model import closest
+from expo_bench.errors import UserError
+from expo_bench.metric_keys import (
+    JUDGED,
+    KL,
+    LC_WIN_RATE,
+    LEADERBOARD_COLUMNS,
+    MEAN_LENGTH,
+    REWARD,
+    WIN_RATE,
+    WIN_RATE_STDERR,
+    Column,
+    at_temperature,
+)
+from expo_bench.reporting import markdown_table, rich_table
+from expo_bench.tracking import (
+    COMPLETE,
+    CONFIG_KEY,
+    DATASET,
+    GIT_SHA,
+    METHOD,
+    RANK_GOAL,
+    RANK_METRIC,
+    RECIPE_HASH,
+    open_client,
+    retrying,
+    search_all,
+    sqlite_path,
+)
+
+Goal = Literal["max", "min"]
+LAM = "lam"
+"""The run param that the λ-sweep plot puts on its x-axis."""
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean over seeds and the half-width of its 95% Student-t interval (None with one seed)."""
+
+    mean: float
+    half_width: float | None
+    n: int
+
+
+def estimate(values: Sequence[float]) -> Estimate:
+    """mean ± t_{0.975, n−1} · sd / √n, sd with n − 1 degrees of freedom."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return Estimate(mean, None, n)
+    half_width = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+    return Estimate(mean, half_width, n)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    metrics: dict[str, float]
+    params: dict[str, str]
+    tags: dict[str, str]
+
+    @classmethod
+    def of(cls, run: Run) -> RunRecord:
+        return cls(run.info.run_id, dict(run.data.metrics), dict(run.data.params), dict(run.data.tags))
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """The seeds of one method's hyperparameter configuration (tag ``expo_bench.config_key``)."""
+
+    method: str
+    config_key: str
+    runs: tuple[RunRecord, ...]
+
+    @cached_property
+    def estimates(self) -> dict[str, Estimate]:
+        """Every metric the runs logged, over the runs that logged it."""
+        keys = dict.fromkeys(key for run in self.runs for key in run.metrics)
+        return {key: estimate([run.metrics[key] for run in self.runs if key in run.metrics]) for key in keys}
+
+    @cached_property
+    def params(self) -> dict[str, str]:
+        """The params all its runs share (the seed, where it is a param, differs and is left out)."""
+        first = self.runs[0].params
+        return {key: value for key, value in sorted(first.items()) if all(run.params.get(key) == value for run in self.runs)}
+
+    @cached_property
+    def rank(self) -> tuple[str, Goal]:
+        """The rank metric and goal its runs were tagged with (the most common), else the first leaderboard column logged."""
+        tagged = Counter((run.tags[RANK_METRIC], run.tags.get(RANK_GOAL, "max")) for run in self.runs if RANK_METRIC in run.tags)
+        if tagged:
+            metric, goal = tagged.most_common(1)[0][0]
+            return metric, "min" if goal == "min" else "max"
+        column = next((column for column in LEADERBOARD_COLUMNS if column.key in self.estimates), LEADERBOARD_COLUMNS[0])
+        return column.key, column.goal
+
+    def provenance(self, tag: str) -> list[str]:
+        return list(dict.fromkeys(run.tags[tag] for run in self.runs if tag in run.tags))
+
+
+def _sort_key(metric: str, goal: Goal) -> Callable[[Configuration], tuple[bool, float, int, str, str]]:
+    """Best first: configurations lacking the metric last, then more seeds, then by name (deterministic ties)."""
+
+    def key(configuration: Configuration) -> tuple[bool, float, int, str, str]:
+        found = configuration.estimates.get(metric)
+        value = math.inf if found is None else -found.mean if goal == "max" else found.mean
+        return found is None, value, -len(configuration.runs), configuration.method, configuration.config_key
+
+    return key
+
+
+@dataclass(frozen=True)
+class LeaderboardTable:
+    """One (experiment, dataset): the best configuration per method, best first, and all configurations."""
+
+    store: str
+    experiment: str
+    dataset: str
+    rank_metric: str
+    rank_goal: Goal
+    columns: tuple[Column, ...]
+    rows: tuple[Configuration, ...]
+    configurations: tuple[Configuration, ...]
+
+
+def build_table(store: str, experiment: str, dataset: str, runs: Sequence[RunRecord]) -> LeaderboardTable:
+    groups: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
+    for run in runs:
+        groups[run.tags.get(METHOD, run.tags.get("mlflow.runName", run.run_id)), run.tags.get(CONFIG_KEY, run.run_id)].append(run)
+    configurations = [Configuration(method, key, tuple(members)) for (method, key), members in sorted(groups.items())]
+    by_method: dict[str, list[Configuration]] = defaultdict(list)
+    for configuration in configurations:
+        by_method[configuration.method].append(configuration)
+    ranks = {method: Counter(c.rank for c in candidates).most_common(1)[0][0] for method, candidates in by_method.items()}
+    best = [min(candidates, key=_sort_key(*ranks[method])) for method, candidates in by_method.items()]
+    rank_metric, rank_goal = Counter(ranks.values()).most_common(1)[0][0]  # methods may disagree: the majority sorts
+    rows = sorted(best, key=_sort_key(rank_metric, rank_goal))
+    logged = {key for row in rows for key in row.estimates}
+    columns = tuple(column for column in LEADERBOARD_COLUMNS if column.key in logged)
+    if rank_metric not in {column.key for column in columns}:
+        columns = (Column(rank_metric, rank_metric, rank_goal), *columns)
+    return LeaderboardTable(store, experiment, dataset, rank_metric, rank_goal, columns, tuple(rows), tuple(configurations))
+
+
+def _experiments(client: MlflowClient, uri: str, name: str | None) -> list[tuple[str, str]]:
+    """(id, name) of the named experiment, or of every active one; a UserError names what exists."""
+    existing = [(str(e.experiment_id), e.name) for e in retrying(client.search_experiments, max_results=50000)]
+    if name is None:
+        return existing
+    found = [(experiment_id, known) for experiment_id, known in existing if known == name]
+    if not found:
+        names = [known for _, known in existing]
+        raise UserError(
+            f"no experiment {name!r} in the tracking store {uri}{closest(name, names)}; "
+            f"experiments there: {', '.join(sorted(names)) or 'none'}"
+        )
+    return found
+
+
+def load_leaderboard(uri: str, experiment: str | None) -> list[LeaderboardTable]:
+    """The tables of one experiment (None: of every experiment) from the complete child runs in the store."""
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():
+        raise UserError(f"no tracking store at {database} (URI {uri}): run a recipe first (expo-bench run RECIPE)")
+    try:
+        client = open_client(uri)
+    except MlflowException as error:
+        raise UserError(f"cannot read the tracking store {uri}: {error.message}") from error
+    tables = []
+    for experiment_id, name in _experiments(client, uri, experiment):
+        runs = [RunRecord.of(run) for run in search_all(client, [experiment_id], f"tags.`{COMPLETE}` = 'true'")]
+        by_dataset: dict[str, list[RunRecord]] = defaultdict(list)
+        for run in runs:
+            by_dataset[run.tags.get(DATASET, "unknown")].append(run)
+        tables += [build_table(uri, name, dataset, members) for dataset, members in sorted(by_dataset.items())]
+    if not tables:
+        where = f"experiment {experiment!r}" if experiment else "any experiment"
+        raise UserError(
+            f"no complete runs in {where} of the tracking store {uri}: a run counts once its sweep marked it complete"
+        )
+    return tables
+
+
+def _cell(found: Estimate | None, spread: bool = True) -> str:
+    if found is None:
+        return "—"
+    if not spread or not found.half_width:
+        return f"{found.mean:.4g}"
+    decimals = min(6, max(0, 1 - math.floor(math.log10(found.half_width))))  # two significant digits of the CI
+    return f"{found.mean:.{decimals}f} ± {found.half_width:.{decimals}f}"
+
+
+def _params_text(params: dict[str, str]) -> str:
+    """The method's hyperparameters (λ and ``params.*``); the full configuration is in the CSV and the store."""
+    shown = {key.removeprefix("params."): value for key, value in params.items() if key == LAM or key.startswith("params.")}
+    return ", ".join(f"{key}={value}" for key, value in shown.items()) or "—"
+
+
+def _display(table: LeaderboardTable) -> tuple[list[str], list[list[str]]]:
+    header = ["method", *(column.title for column in table.columns), "seeds", "config", "runs", "git", "recipe"]
+    rows = [
+        [
+            row.method,
+            *(_cell(row.estimates.get(column.key), column.spread) for column in table.columns),
+            str(len(row.runs)),
+            _params_text(row.params),
+            " ".join(run.run_id[:8] for run in row.runs),
+            " ".join(sha[:12] + ("-dirty" if sha.endswith("-dirty") else "") for sha in row.provenance(GIT_SHA)) or "—",
+            " ".join(row.provenance(RECIPE_HASH)) or "—",
+        ]
+        for row in table.rows
+    ]
+    return header, rows
+
+
+def _title(table: LeaderboardTable) -> str:
+    return f"{table.experiment} · {table.dataset}"
+
+
+def _caption(table: LeaderboardTable) -> str:
+    direction = "higher" if table.rank_goal == "max" else "lower"
+    return (
+        f"Best configuration per method by `{table.rank_metric}` ({direction} is better); mean ± 95% CI over seeds "
+        f"(Student t). Source: {table.store}."
+    )
+
+
+Cell = Callable[[LeaderboardTable, Configuration], str]
+
+
+def _number(found: Estimate | None, half_width: bool = False) -> str:
+    value = None if found is None else found.half_width if half_width else found.mean
+    return "" if value is None else repr(value)
+
+
+def _mean(key: str) -> Cell:
+    return lambda table, row: _number(row.estimates.get(key))
+
+
+def _ci95(key: str) -> Cell:
+    return lambda table, row: _number(row.estimates.get(key), half_width=True)
+
+
+def _csv_columns(tables: Sequence[LeaderboardTable]) -> list[tuple[str, Cell]]:
+    """AlpacaEval's leading columns, the other metrics (mean, CI half-width) that any row logged, then provenance.
+
+    ``standard_error`` is AlpacaEval's: the judged win rate's own, over prompts (averaged over seeds); ``*_ci95`` is the
+    half-width of the 95% CI over seeds.
+    """
+    columns: list[tuple[str, Cell]] = [
+        ("method", lambda table, row: row.method),
+        ("win_rate", _mean(WIN_RATE)),
+        ("standard_error", _mean(WIN_RATE_STDERR)),
+        ("lc_win_rate", _mean(LC_WIN_RATE)),
+        ("n_total", _mean(JUDGED)),
+        ("avg_length", _mean(MEAN_LENGTH)),
+        ("win_rate_ci95", _ci95(WIN_RATE)),
+        ("lc_win_rate_ci95", _ci95(LC_WIN_RATE)),
+    ]
+    logged = {key for table in tables for row in table.rows for key in row.estimates}
+    leading = {WIN_RATE, LC_WIN_RATE, MEAN_LENGTH}
+    rest = [column.key for column in LEADERBOARD_COLUMNS if column.key not in leading]
+    rest += sorted({table.rank_metric for table in tables} - {column.key for column in LEADERBOARD_COLUMNS})
+    for key in rest:
+        if key in logged:
+            columns += [(key, _mean(key)), (f"{key}_ci95", _ci95(key))]
+    return [
+        *columns,
+        ("n_seeds", lambda table, row: str(len(row.runs))),
+        ("rank_metric", lambda table, row: table.rank_metric),
+        ("experiment", lambda table, row: table.experiment),
+        ("dataset", lambda table, row: table.dataset),
+        ("config_key", lambda table, row: row.config_key),
+        ("params", lambda table, row: json.dumps(row.params, sort_keys=True)),
+        ("run_ids", lambda table, row: " ".join(run.run_id for run in row.runs)),
+        ("git_sha", lambda table, row: " ".join(row.provenance(GIT_SHA))),
+        ("recipe_hash", lambda table, row: " ".join(row.provenance(RECIPE_HASH))),
+    ]
+
+
+def _write_csv(tables: Sequence[LeaderboardTable], path: Path) -> None:
+    columns = _csv_columns(tables)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([name for name, _ in columns])
+        writer.writerows([cell(table, row) for _, cell in columns] for table in tables for row in table.rows)
+
+
+def _colours(table: LeaderboardTable) -> dict[str, str]:
+    """One colour per method, the same in every plot of a table."""
+    methods = sorted({configuration.method for configuration in table.configurations})
+    return {method: f"C{index % 10}" for index, method in enumerate(methods)}
+
+
+def _save(fig: Figure, ax: Axes, path: Path, legend: bool = True) -> Path:
+    if legend:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_ranking(table: LeaderboardTable, path: Path) -> Path | None:
+    rows = [row for row in table.rows if table.rank_metric in row.estimates]
+    if not rows:
+        return None
+    colours = _colours(table)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.6))
+    found = [row.estimates[table.rank_metric] for row in rows]
+    ax.bar(
+        [row.method for row in rows],
+        [estimate.mean for estimate in found],
+        yerr=[estimate.half_width or 0.0 for estimate in found],
+        capsize=4,
+        color=[colours[row.method] for row in rows],
+    )
+    ax.set_ylabel(table.rank_metric)
+    ax.set_title(f"{_title(table)}: best configuration, mean ± 95% CI", fontsize="medium")
+    ax.tick_params(axis="x", labelrotation=30)
+    return _save(fig, ax, path, legend=False)
+
+
+def _plot_lam_sweep(table: LeaderboardTable, path: Path) -> Path | None:
+    """The rank metric against λ, every configuration of each method that has a positive ``lam`` param."""
+    curves: dict[str, list[tuple[float, Estimate]]] = defaultdict(list)
+    for configuration in table.configurations:
+        try:
+            lam = float(configuration.params[LAM])
+        except (KeyError, ValueError):
+            continue
+        if lam > 0 and table.rank_metric in configuration.estimates:
+            curves[configuration.method].append((lam, configuration.estimates[table.rank_metric]))
+    if not curves:
+        return None
+    colours = _colours(table)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for method, points in sorted(curves.items()):
+        points.sort(key=lambda point: point[0])
+        ax.errorbar(
+            [lam for lam, _ in points],
+            [found.mean for _, found in points],
+            yerr=[found.half_width or 0.0 for _, found in points],
+            marker="o",
+            capsize=3,
+            color=colours[method],
+            label=method,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("λ")
+    ax.set_ylabel(table.rank_metric)
+    ax.set_title(f"{_title(table)}: λ sweep, mean ± 95% CI", fontsize="medium")
+    return _save(fig, ax, path)
+
+
+def _plot_frontier(table: LeaderboardTable, path: Path) -> Path | None:
+    """Reward against KL(π‖π_ref), one point per run of every configuration."""
+    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for configuration in table.configurations:
+        for run in configuration.runs:
+            if REWARD in run.metrics and KL in run.metrics:
+                points[configuration.method].append((run.metrics[KL], run.metrics[REWARD]))
+    if not points:
+        return None
+    colours = _colours(table)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for method, xy in sorted(points.items()):
+        ax.scatter([x for x, _ in xy], [y for _, y in xy], s=18, color=colours[method], label=method)
+    ax.set_xlabel(KL)
+    ax.set_ylabel(REWARD)
+    ax.set_title(f"{_title(table)}: reward–KL frontier (one point per run)", fontsize="medium")
+    return _save(fig, ax, path)
+
+
+def _temperatures(keys: Sequence[str]) -> dict[float, str]:
+    """Sampling temperature → its win rate key, for the keys that ``at_temperature`` writes."""
+    prefix, name = WIN_RATE.split("/", 1)
+    pattern = re.compile(re.escape(prefix) + r"/T([^/]+)/" + re.escape(name))
+    found = {}
+    for key in keys:
+        match = pattern.fullmatch(key)
+        if match:
+            try:
+                temperature = float(match.group(1))
+            except ValueError:
+                continue
+            if at_temperature(WIN_RATE, temperature) == key:
+                found[temperature] = key
+    return dict(sorted(found.items()))
+
+
+def _plot_temperature(table: LeaderboardTable, path: Path) -> Path | None:
+    colours = _colours(table)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    plotted = False
+    for row in table.rows:
+        curve = _temperatures(list(row.estimates))
+        if not curve:
+            continue
+        found = [row.estimates[key] for key in curve.values()]
+        ax.errorbar(
+            list(curve),
+            [estimate.mean for estimate in found],
+            yerr=[estimate.half_width or 0.0 for estimate in found],
+            marker="o",
+            capsize=3,
+            color=colours[row.method],
+            label=row.method,
+        )
+        plotted = True
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("sampling temperature")
+    ax.set_ylabel(WIN_RATE)
+    ax.set_title(f"{_title(table)}: win rate vs temperature (best configuration)", fontsize="medium")
+    return _save(fig, ax, path)
+
+
+PLOTS = {"ranking": _plot_ranking, "lam_sweep": _plot_lam_sweep, "reward_kl": _plot_frontier, "temperature": _plot_temperature}
+"""File suffix → plot; a plot whose metrics no run logged is skipped."""
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def write_leaderboard(tables: Sequence[LeaderboardTable], out_dir: Path, console: Console) -> list[Path]:
+    """Print each table; write ``leaderboard.md``, ``leaderboard.csv`` and ``leaderboard-<table>-<plot>.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    several = len({table.experiment for table in tables}) > 1
+    sections = ["# Leaderboard\n\nGenerated by `expo-bench leaderboard` from the tracking store: do not edit.\n"]
+    written = []
+    for table in tables:
+        header, rows = _display(table)
+        terminal = header.index("runs")  # provenance columns go to the files only: they would not fit a terminal
+        console.print(rich_table(_title(table), header[:terminal], [row[:terminal] for row in rows]))
+        console.print(_caption(table), style="dim")
+        slug = _slug(f"{table.experiment}-{table.dataset}" if several else table.dataset)
+        images = [path for name, plot in PLOTS.items() if (path := plot(table, out_dir / f"leaderboard-{slug}-{name}.png"))]
+        figures = "".join(f"\n![{path.stem}]({path.name})\n" for path in images)
+        sections.append(f"## {_title(table)}\n\n{_caption(table)}\n\n{markdown_table(header, rows)}{figures}")
+        written += images
+    markdown = out_dir / "leaderboard.md"
+    markdown.write_text("\n".join(sections))
+    table_csv = out_dir / "leaderboard.csv"
+    _write_csv(tables, table_csv)
+    return [markdown, table_csv, *written]

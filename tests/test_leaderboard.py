@@ -1,0 +1,287 @@
+"""The leaderboard from a tracking store: exact means and Student-t CIs, best configurations, files, CLI and UI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scipy import stats
+
+from expo_bench import metric_keys as keys
+from expo_bench import tracking
+from expo_bench.cli import EXIT_USER_ERROR, main
+from expo_bench.leaderboard import LeaderboardTable, estimate, load_leaderboard, write_leaderboard
+from expo_bench.tracking import SweepTracker
+
+T_975_2 = 4.302652729911275  # t_{0.975, 2}: three seeds
+
+# dataset → rank (metric, goal) and method → λ → per-seed values of the rank metric
+HH = {"dpo": {0.1: [0.50, 0.55, 0.60], 1.0: [0.60, 0.62, 0.70]}, "expo": {0.1: [0.70, 0.75, 0.77], 1.0: [0.40, 0.45, 0.41]}}
+SYNTHETIC = {"dpo": {0.1: [0.30, 0.35, 0.32], 1.0: [0.50, 0.52, 0.51]}, "expo": {0.1: [0.20], 1.0: [0.10, 0.12, 0.11]}}
+DATASETS = {"hh": (keys.WIN_RATE, "max", HH), "synthetic": (keys.KL_TO_TARGET, "min", SYNTHETIC)}
+TEMPERATURES = (0.5, 1.0)
+
+
+def hh_metrics(value: float, seed: int) -> dict[str, float]:
+    return {
+        keys.WIN_RATE: value,
+        keys.WIN_RATE_STDERR: 0.02 + 0.01 * seed,
+        keys.LC_WIN_RATE: value - 0.05,
+        keys.JUDGED: 100.0,
+        keys.MEAN_LENGTH: 200.0 + seed,
+        keys.REWARD: 2 * value,
+        keys.KL: 1.0 + seed,
+        **{keys.at_temperature(keys.WIN_RATE, t): value - 0.1 * t for t in TEMPERATURES},
+    }
+
+
+def synthetic_metrics(value: float, seed: int) -> dict[str, float]:
+    return {keys.KL_TO_TARGET: value, keys.TOP_RESPONSE_MASS: 1 - value}
+
+
+def log_store(uri: str) -> dict[tuple[str, str, float], list[str]]:
+    """Both datasets as one sweep, plus a run never completed; returns (dataset, method, λ) → run ids."""
+    ids: dict[tuple[str, str, float], list[str]] = {}
+    with SweepTracker(uri, "exp", "recipe0", {"experiment": "exp"}, {}) as sweep:
+        for dataset, (metric, goal, grid) in DATASETS.items():
+            for method, by_lam in grid.items():
+                for lam, values in by_lam.items():
+                    for seed, value in enumerate(values):
+                        tags = {
+                            tracking.METHOD: method,
+                            tracking.DATASET: dataset,
+                            tracking.SEED: str(seed),
+                            tracking.CONFIG_KEY: f"{dataset}-{method}-{lam:g}",
+                            tracking.RANK_METRIC: metric,
+                            tracking.RANK_GOAL: goal,
+                            tracking.GIT_SHA: "0123456789abcdef",
+                            tracking.RECIPE_HASH: "recipe0",
+                        }
+                        run = sweep.child(f"{dataset}/{method}/{lam:g}/{seed}", method, {"lam": lam, "seed": seed}, tags)
+                        run.log_metrics((hh_metrics if dataset == "hh" else synthetic_metrics)(value, seed))
+                        run.mark_complete()
+                        ids.setdefault((dataset, method, lam), []).append(run.run_id)
+        unfinished = {tracking.METHOD: "expo", tracking.DATASET: "hh", tracking.CONFIG_KEY: "hh-expo-1", tracking.SEED: "3"}
+        sweep.child("hh/expo/1/3", "expo", {"lam": 1.0, "seed": 3}, unfinished).log_metrics({keys.WIN_RATE: 0.0})
+    return ids
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    results = tmp_path_factory.mktemp("results")
+    uri = f"sqlite:///{results / 'mlflow.db'}"  # the default store, whatever $MLFLOW_TRACKING_URI says
+    return {"uri": uri, "results": results, "ids": log_store(uri), "tables": load_leaderboard(uri, "exp")}
+
+
+def expected_ci(values: list[float]) -> float:
+    return float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def test_estimate_is_the_student_t_interval() -> None:
+    values = [0.50, 0.55, 0.60]
+    found = estimate(values)
+    assert found.mean == pytest.approx(0.55) and found.n == 3
+    assert found.half_width == pytest.approx(expected_ci(values))
+    assert found.half_width == pytest.approx(T_975_2 * 0.05 / math.sqrt(3))
+    assert estimate([0.2]).half_width is None
+
+
+def test_best_configuration_per_method_for_max_and_min_goals(store: dict[str, Any]) -> None:
+    tables: list[LeaderboardTable] = store["tables"]
+    assert [(table.experiment, table.dataset) for table in tables] == [("exp", "hh"), ("exp", "synthetic")]
+    for table, (metric, goal, grid) in zip(tables, DATASETS.values(), strict=True):
+        assert (table.rank_metric, table.rank_goal) == (metric, goal)
+        means = {(method, lam): statistics.fmean(values) for method, by_lam in grid.items() for lam, values in by_lam.items()}
+        sign = -1 if goal == "max" else 1
+        best = {method: min(by_lam, key=lambda lam, method=method: sign * means[method, lam]) for method, by_lam in grid.items()}
+        order = sorted(best, key=lambda method: sign * means[method, best[method]])
+        assert [row.method for row in table.rows] == order
+        for row in table.rows:
+            values = grid[row.method][best[row.method]]
+            found = row.estimates[metric]
+            assert found.mean == pytest.approx(statistics.fmean(values)) and found.n == len(values)
+            assert found.half_width == pytest.approx(expected_ci(values))
+            assert [run.run_id for run in row.runs] == store["ids"][table.dataset, row.method, best[row.method]]
+            assert row.params == {"lam": str(best[row.method])}  # the seed differs between runs: not a config param
+            assert row.provenance(tracking.GIT_SHA) == ["0123456789abcdef"]
+            assert row.provenance(tracking.RECIPE_HASH) == ["recipe0"]
+    hh, synthetic = tables
+    assert [row.method for row in hh.rows] == ["expo", "dpo"] and [row.method for row in synthetic.rows] == ["expo", "dpo"]
+    assert len(hh.configurations) == 4 and all(len(c.runs) == 3 for c in hh.configurations)  # the unfinished run is left out
+    single = next(c for c in synthetic.configurations if c.config_key == "synthetic-expo-0.1")
+    assert single.estimates[keys.KL_TO_TARGET].half_width is None
+    assert [column.key for column in hh.columns] == [
+        keys.WIN_RATE,
+        keys.LC_WIN_RATE,
+        keys.REWARD,
+        keys.KL,
+        keys.MEAN_LENGTH,
+    ]
+    assert [column.key for column in synthetic.columns] == [keys.KL_TO_TARGET, keys.TOP_RESPONSE_MASS]
+
+
+def test_markdown_csv_and_plots(store: dict[str, Any], tmp_path: Path) -> None:
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    written = write_leaderboard(store["tables"], tmp_path, console)
+    names = sorted(path.name for path in written)
+    assert names == sorted(
+        [
+            "leaderboard.md",
+            "leaderboard.csv",
+            *(f"leaderboard-hh-{plot}.png" for plot in ("ranking", "lam_sweep", "reward_kl", "temperature")),
+            *(f"leaderboard-synthetic-{plot}.png" for plot in ("ranking", "lam_sweep")),  # no reward, KL or temperatures
+        ]
+    )
+    for path in written:
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    hh_expo = [0.70, 0.75, 0.77]
+    expo_cell = "0.740 ± 0.090"  # the mean to the CI's two significant digits
+    assert expected_ci(hh_expo) == pytest.approx(0.0896, abs=1e-4)
+    markdown = (tmp_path / "leaderboard.md").read_text()
+    assert "## exp · hh" in markdown and "## exp · synthetic" in markdown
+    assert (
+        "| method | win rate | LC win rate | reward | KL(π‖π_ref) | length | seeds | config | runs | git | recipe |" in markdown
+    )
+    assert f"| expo | {expo_cell} |" in markdown and "lam=0.1" in markdown and "0123456789ab" in markdown
+    assert "![leaderboard-hh-ranking](leaderboard-hh-ranking.png)" in markdown
+    assert expo_cell in console.export_text()
+
+    with (tmp_path / "leaderboard.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    header = list(rows[0])
+    assert header[:6] == ["method", "win_rate", "standard_error", "lc_win_rate", "n_total", "avg_length"]
+    assert header[-8:] == ["rank_metric", "experiment", "dataset", "config_key", "params", "run_ids", "git_sha", "recipe_hash"]
+    assert [(row["dataset"], row["method"]) for row in rows] == [
+        ("hh", "expo"),
+        ("hh", "dpo"),
+        ("synthetic", "expo"),
+        ("synthetic", "dpo"),
+    ]
+    expo = rows[0]
+    assert float(expo["win_rate"]) == pytest.approx(statistics.fmean(hh_expo))
+    assert float(expo["win_rate_ci95"]) == pytest.approx(expected_ci(hh_expo))
+    assert float(expo["standard_error"]) == pytest.approx(0.03)  # the judge's own, averaged over seeds
+    assert float(expo["lc_win_rate"]) == pytest.approx(statistics.fmean(hh_expo) - 0.05)
+    assert float(expo["n_total"]) == 100 and float(expo["avg_length"]) == pytest.approx(201)
+    assert expo["n_seeds"] == "3" and json.loads(expo["params"]) == {"lam": "0.1"}
+    assert expo["run_ids"].split() == store["ids"]["hh", "expo", 0.1]
+    synthetic_expo = rows[2]
+    assert float(synthetic_expo[keys.KL_TO_TARGET]) == pytest.approx(0.11)
+    assert float(synthetic_expo[f"{keys.KL_TO_TARGET}_ci95"]) == pytest.approx(expected_ci([0.10, 0.12, 0.11]))
+    assert synthetic_expo["win_rate"] == "" and synthetic_expo["rank_metric"] == keys.KL_TO_TARGET
+
+
+def test_cli_writes_into_the_experiment_folder(store: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["leaderboard", "exp", "--results", str(store["results"])]) == 0
+    out = store["results"] / "exp"
+    assert (out / "leaderboard.md").is_file() and (out / "leaderboard.csv").is_file()
+    assert main(["leaderboard", "--results", str(store["results"]), "--tracking-uri", store["uri"]]) == 0
+    assert (store["results"] / "leaderboard" / "leaderboard-hh-ranking.png").is_file()
+
+
+def test_cli_names_what_is_missing(store: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["leaderboard", "exq", "--tracking-uri", store["uri"]]) == EXIT_USER_ERROR
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no experiment 'exq'" in err and "did you mean 'exp'?" in err and "experiments there: Default, exp" in err
+    assert main(["leaderboard", "--results", str(tmp_path)]) == EXIT_USER_ERROR
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"no tracking store at {tmp_path / 'mlflow.db'}" in err
+    assert not (tmp_path / "mlflow.db").exists()  # looking did not create an empty store
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _descendants(pid: int) -> set[int]:
+    """Processes below ``pid`` (Linux /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return dict(json.loads(response.read()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the server's processes in /proc")
+def test_ui_serves_the_store_and_stops_without_orphans(store: dict[str, Any], tmp_path: Path) -> None:
+    port = _free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "expo_bench", "ui", "--results", str(store["results"]), "--port", str(port)],
+        cwd=tmp_path,
+        env={key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    children: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert ui.poll() is None, ui.communicate()[0]
+            try:
+                experiments = _post(f"{base}/experiments/search", {"max_results": 10})["experiments"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the MLflow UI did not answer within 60 s"
+                time.sleep(0.5)
+        experiment_id = next(e["experiment_id"] for e in experiments if e["name"] == "exp")
+        runs = _post(f"{base}/runs/search", {"experiment_ids": [experiment_id], "max_results": 100})["runs"]
+        assert len(runs) == 1 + 12 + 10 + 1  # parent, hh, synthetic, the unfinished run
+        win_rates = [m["value"] for run in runs for m in run["data"].get("metrics", []) if m["key"] == keys.WIN_RATE]
+        assert sorted(win_rates)[-1] == pytest.approx(0.77)
+        children = _descendants(ui.pid)
+        assert children, "the UI runs the MLflow server as a child process"
+        ui.send_signal(signal.SIGTERM)  # to the expo-bench process only: it must stop the server and its workers
+        output = ui.communicate(timeout=30)[0]
+        assert f"http://127.0.0.1:{port}" in output and "viewStateShareKey=leaderboard" in output
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in children if _alive(pid)]
+        assert not (tmp_path / "mlartifacts").exists() and not (tmp_path / "mlruns").exists()
+    finally:
+        for pid in [ui.pid, *children]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        ui.wait()
