@@ -251,11 +251,19 @@ def _title(table: LeaderboardTable) -> str:
     return f"{table.experiment} · {table.dataset}"
 
 
+def _shown(uri: str) -> str:
+    """A store under the working directory as a relative URI: committed tables name no machine's paths."""
+    database = sqlite_path(uri)
+    if database is None or not database.absolute().is_relative_to(Path.cwd()):
+        return uri
+    return f"sqlite:///{database.absolute().relative_to(Path.cwd())}"
+
+
 def _caption(table: LeaderboardTable) -> str:
     direction = "higher" if table.rank_goal == "max" else "lower"
     return (
         f"Best configuration per method by `{table.rank_metric}` ({direction} is better); mean ± 95% CI over seeds "
-        f"(Student t). Source: {table.store}."
+        f"(Student t). Source: {_shown(table.store)}."
     )
 
 
