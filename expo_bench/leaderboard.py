@@ -34,6 +34,7 @@ from scipy import stats
 from expo_bench.config_model import closest
 from expo_bench.errors import UserError
 from expo_bench.metric_keys import (
+    DISTINCT_2,
     JUDGED,
     KL,
     LC_WIN_RATE,
@@ -396,6 +397,21 @@ def _plot_lam_sweep(table: LeaderboardTable, path: Path) -> Path | None:
     return _save(fig, ax, path)
 
 
+def _scatter(
+    table: LeaderboardTable, path: Path, points: dict[str, list[tuple[float, float]]], x: str, y: str, title: str
+) -> Path | None:
+    if not points:
+        return None
+    colours = _colours(table)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for method, xy in sorted(points.items()):
+        ax.scatter([a for a, _ in xy], [b for _, b in xy], s=18, color=colours[method], label=method)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(f"{_title(table)}: {title}", fontsize="medium")
+    return _save(fig, ax, path)
+
+
 def _plot_frontier(table: LeaderboardTable, path: Path) -> Path | None:
     """Reward against KL(π‖π_ref), one point per run of every configuration."""
     points: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -403,16 +419,19 @@ def _plot_frontier(table: LeaderboardTable, path: Path) -> Path | None:
         for run in configuration.runs:
             if REWARD in run.metrics and KL in run.metrics:
                 points[configuration.method].append((run.metrics[KL], run.metrics[REWARD]))
-    if not points:
-        return None
-    colours = _colours(table)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for method, xy in sorted(points.items()):
-        ax.scatter([x for x, _ in xy], [y for _, y in xy], s=18, color=colours[method], label=method)
-    ax.set_xlabel(KL)
-    ax.set_ylabel(REWARD)
-    ax.set_title(f"{_title(table)}: reward–KL frontier (one point per run)", fontsize="medium")
-    return _save(fig, ax, path)
+    return _scatter(table, path, points, KL, REWARD, "reward–KL frontier (one point per run)")
+
+
+def _plot_diversity(table: LeaderboardTable, path: Path) -> Path | None:
+    """Win rate against diversity (distinct-2 within prompts), one point per run and sampling temperature."""
+    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for configuration in table.configurations:
+        for run in configuration.runs:
+            pairs = [[at_temperature(key, t) for key in (DISTINCT_2, WIN_RATE)] for t in _temperatures(list(run.metrics))]
+            for keys in pairs or [[DISTINCT_2, WIN_RATE]]:
+                if all(key in run.metrics for key in keys):
+                    points[configuration.method].append((run.metrics[keys[0]], run.metrics[keys[1]]))
+    return _scatter(table, path, points, DISTINCT_2, WIN_RATE, "win rate vs diversity (one point per run and temperature)")
 
 
 def _temperatures(keys: Sequence[str]) -> dict[float, str]:
@@ -460,7 +479,13 @@ def _plot_temperature(table: LeaderboardTable, path: Path) -> Path | None:
     return _save(fig, ax, path)
 
 
-PLOTS = {"ranking": _plot_ranking, "lam_sweep": _plot_lam_sweep, "reward_kl": _plot_frontier, "temperature": _plot_temperature}
+PLOTS = {
+    "ranking": _plot_ranking,
+    "lam_sweep": _plot_lam_sweep,
+    "reward_kl": _plot_frontier,
+    "temperature": _plot_temperature,
+    "diversity": _plot_diversity,
+}
 """File suffix → plot; a plot whose metrics no run logged is skipped."""
 
 

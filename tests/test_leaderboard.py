@@ -44,6 +44,7 @@ def hh_metrics(value: float, seed: int) -> dict[str, float]:
         keys.REWARD: 2 * value,
         keys.KL: 1.0 + seed,
         **{keys.at_temperature(keys.WIN_RATE, t): value - 0.1 * t for t in TEMPERATURES},
+        **{keys.at_temperature(keys.DISTINCT_2, t): 0.5 + 0.1 * t for t in TEMPERATURES},  # the diversity plot's x
     }
 
 
@@ -142,7 +143,7 @@ def test_markdown_csv_and_plots(store: dict[str, Any], tmp_path: Path) -> None:
         [
             "leaderboard.md",
             "leaderboard.csv",
-            *(f"leaderboard-hh-{plot}.png" for plot in ("ranking", "lam_sweep", "reward_kl", "temperature")),
+            *(f"leaderboard-hh-{plot}.png" for plot in ("ranking", "lam_sweep", "reward_kl", "temperature", "diversity")),
             *(f"leaderboard-synthetic-{plot}.png" for plot in ("ranking", "lam_sweep")),  # no reward, KL or temperatures
         ]
     )

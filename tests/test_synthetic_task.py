@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,8 +119,41 @@ def test_quickstart_slice_runs_end_to_end_and_reuses_its_work(tmp_path: Path) ->
         assert metrics[metric_keys.KL_TO_TARGET] > 0 and 0 < metrics[metric_keys.TOP_RESPONSE_MASS] < 1
     log = Console(record=True, width=200)
     run_experiment(experiment, tmp_path, log)
-    assert log.export_text().count("evaluated in an earlier run") == 3
+    text = log.export_text()
+    assert text.count("evaluated in an earlier run") == 3 and "SFT: held-out NLL" in text and "steps, from the cache" in text
+    assert "reference log-probs of 160 pairs: from the cache" in text  # the cached SFT weights are the same reference
     assert json.loads((out / "summary.json").read_text())["runs"][1]["eval"] == runs[0]["eval"]
+
+    # evaluation only: a lost evaluation is recomputed from the run's checkpoint, to the same numbers
+    [evaluation] = (out / "runs").glob("dpo-*/evaluation-*")
+    shutil.rmtree(evaluation)
+    data["task"]["evaluation"]["evaluate_only"] = True
+    log = Console(record=True, width=200)
+    run_experiment(validate_recipe(data, "quickstart.yaml"), tmp_path, log)
+    assert "dpo: finished in an earlier run" in log.export_text()
+    restored = json.loads((out / "summary.json").read_text())["runs"][2]
+    assert restored["method"] == "dpo" and restored["eval"] == runs[1]["eval"]
+
+
+def test_periodic_evaluation_logs_metrics_during_training(tmp_path: Path) -> None:
+    from expo_bench.tracking import open_client
+
+    data = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    data["seeds"] = [0]
+    data["task"] |= {"prompts": 2, "train_pairs_per_prompt": 16, "sft": None}
+    data["task"]["evaluation"] |= {"samples_per_prompt": 4, "every_n_steps": 1}
+    data["train"] |= {"max_epochs": 2, "batch_size": 16}
+    data["methods"] = [{"method": "dpo", "params": {"beta": 0.1}}]
+    out = run_experiment(validate_recipe(data, "quickstart.yaml"), tmp_path, Console(quiet=True))
+    run = json.loads((out / "summary.json").read_text())["runs"][1]
+    assert [step for step, _ in run["eval_history"]] == [1, 2, 3, 4]  # 2 batches × 2 epochs
+    assert all(metric_keys.KL_TO_TARGET in metrics for _, metrics in run["eval_history"])
+    client = open_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [tracked] = client.search_runs(
+        [client.get_experiment_by_name("quickstart").experiment_id], "tags.`expo_bench.method` = 'dpo'"
+    )
+    history = client.get_metric_history(tracked.info.run_id, metric_keys.WIN_RATE)
+    assert sorted(point.step for point in history) == [0, 1, 2, 3, 4]  # during training, then the final evaluation
 
 
 def test_responses_enumerate_every_sequence_once() -> None:

@@ -120,7 +120,7 @@ class IMDbTask(LanguageModelTask):
         if self.sft is not None:
             examples = [review_example(tokenizer, review, max_length) for review in shuffled[: self.sft_reviews]]
             held = [review_example(tokenizer, review, max_length) for review in held_out[: self.eval_prompts]]
-            sft = self._sft(base, examples, held, pad, seed, console)
+            sft = self._sft(base, examples, held, pad, seed, cache_dir, console)
         prompt_reviews = shuffled[: self.train_prompts], held_out[: self.eval_prompts]
         key = {
             "sft_model": fingerprint_module(base),

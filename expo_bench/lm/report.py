@@ -79,7 +79,8 @@ def plot_training(records: Sequence[dict[str, Any]], path: Any) -> None:
             curves.plot(steps, [loss / losses[0] for loss in losses], label=label)
     curves.set_xlabel("optimizer step")
     curves.set_ylabel("training loss / first logged loss")
-    curves.legend(fontsize=7)
+    if curves.get_legend_handles_labels()[0]:  # runs shorter than the logging interval have no curve
+        curves.legend(fontsize=7)
     accuracy = [record["eval_after"].get("val/rewards_accuracy", float("nan")) for record in records]
     bars.barh(range(len(records)), accuracy)
     bars.set_yticks(range(len(records)), labels, fontsize=7)

@@ -129,7 +129,7 @@ class SyntheticTokensTask(LanguageModelTask):
         rng = random.Random(seed)
         train = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in self._pairs(self.train_pairs_per_prompt, rng)]
         evaluation = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in self._pairs(self.eval_pairs_per_prompt, rng)]
-        sft = self._sft(base, train, evaluation, tokenizer.pad_token_id, seed, console) if self.sft else {}
+        sft = self._sft(base, train, evaluation, tokenizer.pad_token_id, seed, cache_dir, console) if self.sft else {}
         optimal = self.optimal_policy()
         console.print(
             f"seed {seed}: π* puts {float(optimal.max(-1).values.mean()):.3f} on each prompt's best response on average; "

@@ -318,22 +318,44 @@ class LanguageModelTask(ConfigModel):
         evaluation: list[TokenizedPair],
         pad: int,
         seed: int,
+        cache_dir: Path,
         console: Console,
     ) -> dict[str, Any]:
-        assert self.sft is not None
-        module = SupervisedFineTuning(CausalLMScorer(base), self.sft.optimizer)
-        data = PairData(PairDataset(train, pad), PairDataset(evaluation, pad), self.sft.batch_size, seed)
-        trainer = build_trainer(self.sft, [RichProgressBar(leave=False)])
-        before = trainer.validate(module, datamodule=data, verbose=False)[0]["sft/val_nll"]
-        started = time.perf_counter()
-        trainer.fit(module, datamodule=data)
-        after = trainer.validate(module, datamodule=data, verbose=False)[0]["sft/val_nll"]
-        seconds = time.perf_counter() - started
+        """Fine-tune ``base`` in place on the chosen responses; the result is cached, keyed by the initial
+        weights, the data, the SFT settings and the seed, so a rerun or a later sweep loads it instead."""
+        sft = self.sft
+        assert sft is not None
+        key = {
+            "initial": fingerprint_module(base),
+            "data": fingerprint_pairs(train + evaluation),
+            "sft": sft.model_dump(mode="json"),
+            "seed": seed,
+        }
+
+        def compute() -> dict[str, Any]:
+            module = SupervisedFineTuning(CausalLMScorer(base), sft.optimizer)
+            data = PairData(PairDataset(train, pad), PairDataset(evaluation, pad), sft.batch_size, seed)
+            trainer = build_trainer(sft, [RichProgressBar(leave=False)])
+            before = trainer.validate(module, datamodule=data, verbose=False)[0]["sft/val_nll"]
+            started = time.perf_counter()
+            trainer.fit(module, datamodule=data)
+            after = trainer.validate(module, datamodule=data, verbose=False)[0]["sft/val_nll"]
+            base.cpu()
+            return {
+                "weights": {name: tensor.detach().clone() for name, tensor in base.state_dict().items()},
+                "metrics": {"sft_val_nll_before": before, "sft_val_nll_after": after, "sft_steps": trainer.global_step},
+                "seconds": time.perf_counter() - started,
+            }
+
+        result, hit = cached(cache_dir, "sft", key, compute)
+        if hit:
+            base.load_state_dict(result["weights"])
+        metrics = result["metrics"]
         console.print(
-            f"  SFT: held-out NLL per token {before:.3f} -> {after:.3f} in {trainer.global_step} steps, {seconds:.1f} s"
+            f"  SFT: held-out NLL per token {metrics['sft_val_nll_before']:.3f} -> {metrics['sft_val_nll_after']:.3f} "
+            f"in {metrics['sft_steps']} steps, " + ("from the cache" if hit else f"{result['seconds']:.1f} s")
         )
-        base.cpu()
-        return {"sft_val_nll_before": before, "sft_val_nll_after": after, "sft_steps": trainer.global_step}
+        return dict(metrics)
 
     def _fit(
         self, unit: FitUnit, base: PreTrainedModel, data: PairData, evaluator: Evaluator | None, runs: RunLog, console: Console
@@ -513,7 +535,7 @@ class HHTask(LanguageModelTask):
         train = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in train_pairs]
         evaluation = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in eval_pairs]
         pad = pad_token_id(tokenizer)
-        sft = self._sft(base, train, evaluation, pad, seed, console) if self.sft else {}
+        sft = self._sft(base, train, evaluation, pad, seed, cache_dir, console) if self.sft else {}
         return Prepared(train, evaluation, sft)
 
 
