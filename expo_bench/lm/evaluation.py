@@ -43,6 +43,7 @@ class EvaluationConfig(ConfigModel):
     samples_per_prompt: int = Field(1, ge=1)
     max_new_tokens: int = Field(64, ge=1)
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling; the KL estimate scores samples under the full tempered policy, so it is exact at 1 only."""
     prompts: int | None = Field(None, gt=0)
     """Evaluate on the first this many held-out prompts (all when unset)."""
     batch_size: int = Field(16, ge=1)
