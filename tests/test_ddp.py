@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
+from network import free_port
 from torch.utils.data import DataLoader, DistributedSampler
 
 from expo_bench.contracts import whole_batch
@@ -72,12 +72,6 @@ def ddp_rank(rank: int, world: int, port: int, result: Path) -> None:
         torch.save({"metrics": metrics, "logits": logits}, result)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")

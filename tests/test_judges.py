@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import re
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from chat_server import ChatServer, Scripted, serving
+from network import free_port
 from pydantic import TypeAdapter, ValidationError
 
 from expo_bench.errors import UserError
@@ -159,9 +159,7 @@ def test_429_5xx_and_timeouts_are_retried(server: ChatServer, tmp_path: Path, ca
 
 
 def test_an_unreachable_server_fails_clearly_after_the_retries(tmp_path: Path) -> None:
-    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = LLMJudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", api_key_env=None, max_retries=2, backoff=0.001)
     with pytest.raises(
         JudgeError, match=rf"no answer from http://127.0.0.1:{port}/v1/chat/completions .*gave up after 3 attempts"

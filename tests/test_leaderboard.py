@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from network import free_port
 from scipy import stats
 
 from expo_bench import metric_keys as keys
@@ -207,12 +207,6 @@ def test_cli_names_what_is_missing(store: dict[str, Any], tmp_path: Path, capsys
     assert not (tmp_path / "mlflow.db").exists()  # looking did not create an empty store
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _descendants(pid: int) -> set[int]:
     """Processes below ``pid`` (Linux /proc)."""
     parents = {}
@@ -244,7 +238,7 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the server's processes in /proc")
 def test_ui_serves_the_store_and_stops_without_orphans(store: dict[str, Any], tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     ui = subprocess.Popen(
         [sys.executable, "-m", "expo_bench", "ui", "--results", str(store["results"]), "--port", str(port)],
         cwd=tmp_path,

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import random
-import socket
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from network import free_port
 
 from expo_bench import metric_keys
 from expo_bench.evaluation.metrics import (
@@ -363,12 +363,6 @@ def ddp_rank(rank: int, world: int, port: int, shards: list[dict[str, Any]], res
         torch.save(compute_all(shards[rank], merged(shards) if rank == 0 else None), result_dir / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import random
@@ -41,7 +40,7 @@ def test_oracle_reward_reads_the_text_and_ranks_malformed_responses_last() -> No
     synthetic = task()
     w = synthetic.weights
     assert synthetic.reward("p1", "a c c") == pytest.approx(float(w[1, 0] + 2 * w[1, 2]))
-    worst = float(synthetic.rewards()[1].min())
+    worst = float(synthetic.rewards[1].min())
     for malformed in ("", "a c", "a c c d", "a p0 c", "a <eos> c"):
         assert synthetic.reward("p1", malformed) == worst - 1.0
 
@@ -50,9 +49,7 @@ def test_pairs_are_labelled_by_bradley_terry_on_the_reward() -> None:
     synthetic = task(prompts=2, reward_scale=0.5)
     pairs = synthetic._pairs(4000, random.Random(0))
     rewards = {
-        (f"p{x}", synthetic.text(y)): float(synthetic.rewards()[x, i])
-        for x in range(2)
-        for i, y in enumerate(synthetic.responses)
+        (f"p{x}", synthetic.text(y)): float(synthetic.rewards[x, i]) for x in range(2) for i, y in enumerate(synthetic.responses)
     }
     margins = [rewards[(pair.prompt, pair.chosen)] - rewards[(pair.prompt, pair.rejected)] for pair in pairs]
     # P(the higher-reward response is chosen) = σ(|Δr|): compare the observed count with its expectation
@@ -158,4 +155,4 @@ def test_periodic_evaluation_logs_metrics_during_training(tmp_path: Path) -> Non
 
 def test_responses_enumerate_every_sequence_once() -> None:
     synthetic = task(response_tokens=3, response_length=2)
-    assert synthetic.responses == list(itertools.product(range(3), repeat=2))
+    assert synthetic.responses == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]

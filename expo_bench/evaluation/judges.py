@@ -19,6 +19,7 @@ import torch
 from pydantic import Field, field_validator
 
 from expo_bench.config_model import ConfigModel
+from expo_bench.lm.sentiment import classifier_logits
 from expo_bench.lm.tokenize import pad_token_id
 
 if TYPE_CHECKING:
@@ -120,20 +121,10 @@ class HFRewardModel:
         if self.model.config.pad_token_id is None:  # decoder classifiers find each row's last token by the pad id
             self.model.config.pad_token_id = pad_token_id(self.tokenizer)
 
-    @torch.no_grad()
     def score(self, texts: Sequence[str]) -> list[float]:
         """The reward of each text; texts over ``max_length`` tokens are scored on their last tokens."""
-        scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                list(texts[start : start + self.batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            scores.extend(self.model(**batch).logits[:, 0].float().tolist())
-        return scores
+        logits = classifier_logits(self.tokenizer, self.model, texts, self.batch_size, self.max_length, self.device)
+        return logits[:, 0].tolist()
 
 
 DPO_DIALOGUE_TEMPLATE = (

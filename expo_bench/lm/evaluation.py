@@ -27,7 +27,7 @@ from expo_bench.evaluation.metrics import Diversity, RewardKL, WinRate
 from expo_bench.lm.data import fingerprint_module
 from expo_bench.lm.model import accelerator_device, policy_model, response_logps
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
-from expo_bench.lm.tokenize import padded_sequences
+from expo_bench.lm.tokenize import pad_token_id, padded_sequences
 
 ExactMetrics = Callable[[PreTrainedModel], dict[str, float]]
 """Metrics a task can compute exactly from a policy's weights (the synthetic tasks' distance to π*)."""
@@ -82,11 +82,11 @@ class EvaluationConfig(ConfigModel):
 
 @dataclass(frozen=True)
 class HeldOutPrompts:
-    """The evaluation prompts of one seed, with the dataset's chosen response to each."""
+    """The evaluation prompts of one seed, with the dataset's chosen response to each (without its EOS)."""
 
     prompt_ids: list[list[int]]
     prompts: list[str]
-    chosen: list[str]
+    chosen_ids: list[list[int]]
 
 
 class Evaluator:
@@ -105,7 +105,7 @@ class Evaluator:
     ) -> None:
         self.config, self.tokenizer, self.reference, self.held_out = config, tokenizer, reference, held_out
         self.judge, self.seed, self.cache_dir, self.exact = judge, seed, cache_dir, exact
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad = pad_token_id(tokenizer)
         self._baselines: dict[float, list[list[list[int]]]] = {}
 
     def _sample(self, model: PreTrainedModel, temperature: float) -> list[list[list[int]]]:
@@ -131,8 +131,7 @@ class Evaluator:
 
     def _baselines_for(self, temperature: float) -> list[list[list[int]]]:
         if self.config.baseline == "chosen":
-            chosen = [list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in self.held_out.chosen]
-            return [[ids] * self.config.samples_per_prompt for ids in chosen]
+            return [[ids] * self.config.samples_per_prompt for ids in self.held_out.chosen_ids]
         return self._baseline_samples(temperature)
 
     def results_dir(self, run_dir: Path) -> Path:

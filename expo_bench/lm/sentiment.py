@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import skops.io
 import torch
@@ -99,6 +99,21 @@ def positive_index(id2label: Mapping[int, str], positive_label: str | None = Non
     return matches[0]
 
 
+@torch.no_grad()
+def classifier_logits(
+    tokenizer: Any, model: Any, texts: Sequence[str], batch_size: int, max_length: int, device: torch.device
+) -> torch.Tensor:
+    """A sequence classifier's float32 logits for each text, ``(texts, labels)``, in padded, truncated batches
+    (the tokenizer's ``truncation_side`` decides which end an over-long text loses)."""
+    logits = [torch.empty(0, model.config.num_labels)]  # so that no texts give no rows
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        ).to(device)
+        logits.append(model(**batch).logits.float().cpu())
+    return torch.cat(logits)
+
+
 class HFSentimentClassifier:
     """A Hugging Face sequence classifier scoring by the softmax probability of its positive class."""
 
@@ -122,17 +137,7 @@ class HFSentimentClassifier:
         self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path).to(self.device).eval()
         self.positive = positive_index(self.model.config.id2label, positive_label)
 
-    @torch.no_grad()
     def score(self, texts: Sequence[str]) -> list[float]:
         """P(positive) per text; texts longer than ``max_length`` tokens are scored on their first tokens."""
-        scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                list(texts[start : start + self.batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            scores.extend(self.model(**batch).logits.float().softmax(-1)[:, self.positive].tolist())
-        return scores
+        logits = classifier_logits(self.tokenizer, self.model, texts, self.batch_size, self.max_length, self.device)
+        return logits.softmax(-1)[:, self.positive].tolist()

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from expo_bench import metric_keys
 from expo_bench.evaluation.judges import OracleJudge
-from expo_bench.lm.evaluation import sequence_logps
+from expo_bench.lm.evaluation import ExactMetrics, sequence_logps
 from expo_bench.lm.hh import PromptPair
 from expo_bench.lm.model import ModelConfig
 from expo_bench.lm.task import LanguageModelTask, Prepared
@@ -82,6 +82,7 @@ class SyntheticTokensTask(LanguageModelTask):
         """Every response, as indices into the response tokens, in lexicographic order."""
         return list(itertools.product(range(self.response_tokens), repeat=self.response_length))
 
+    @cached_property
     def rewards(self) -> torch.Tensor:
         """r(x, y) for every prompt and response: ``(prompts, responses)``."""
         index = torch.tensor(self.responses)
@@ -89,7 +90,7 @@ class SyntheticTokensTask(LanguageModelTask):
 
     def optimal_policy(self) -> torch.Tensor:
         """π*(y | x) ∝ exp r(x, y) over every response: ``(prompts, responses)``."""
-        return torch.softmax(self.rewards(), dim=-1)
+        return torch.softmax(self.rewards, dim=-1)
 
     def load_tokenizer(self) -> PreTrainedTokenizerFast:
         vocabulary = {token: index for index, token in enumerate(self.vocabulary)}
@@ -103,7 +104,7 @@ class SyntheticTokensTask(LanguageModelTask):
         prompt_index = int(prompt.strip()[1:])
         letters = response.split()
         if len(letters) != self.response_length or not set(letters) <= set(self._letters):
-            return float(self.rewards()[prompt_index].min()) - 1.0
+            return float(self.rewards[prompt_index].min()) - 1.0
         return float(sum(self.weights[prompt_index, ord(letter) - ord("a")] for letter in letters))
 
     def text(self, response: tuple[int, ...]) -> str:
@@ -111,7 +112,7 @@ class SyntheticTokensTask(LanguageModelTask):
 
     def _pairs(self, per_prompt: int, rng: random.Random) -> list[PromptPair]:
         """Distinct responses drawn uniformly, ordered by a BT coin flip on their rewards."""
-        rewards = self.rewards()
+        rewards = self.rewards
         pairs = []
         for prompt in range(self.prompts):
             for _ in range(per_prompt):
@@ -139,7 +140,7 @@ class SyntheticTokensTask(LanguageModelTask):
             train, evaluation, sft, judge=OracleJudge(self.reward, name="oracle"), exact=self.exact_metrics(tokenizer)
         )
 
-    def exact_metrics(self, tokenizer: Any) -> Any:
+    def exact_metrics(self, tokenizer: Any) -> ExactMetrics:
         """KL(π*‖π) summed over prompts and the mass on each prompt's best response, by enumerating every response."""
         prompt_ids = [[tokenizer.convert_tokens_to_ids(f"p{prompt}")] for prompt in range(self.prompts)]
         response_ids = [
@@ -147,7 +148,7 @@ class SyntheticTokensTask(LanguageModelTask):
             for response in self.responses
         ]
         optimal = self.optimal_policy()
-        best = self.rewards().argmax(-1)
+        best = self.rewards.argmax(-1)
 
         def metrics(policy: PreTrainedModel) -> dict[str, float]:
             prompts = [ids for ids in prompt_ids for _ in response_ids]

@@ -241,7 +241,7 @@ class LanguageModelTask(ConfigModel):
         held_out = HeldOutPrompts(
             [pair.prompt_ids for pair in pairs],
             [tokenizer.decode(pair.prompt_ids) for pair in pairs],
-            [tokenizer.decode(strip_eos(pair.chosen_ids, eos), skip_special_tokens=True) for pair in pairs],
+            [strip_eos(pair.chosen_ids, eos) for pair in pairs],
         )
         return Evaluator(config, tokenizer, base, held_out, judge, seed, cache_dir, prepared.exact)
 
