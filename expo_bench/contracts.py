@@ -7,7 +7,7 @@ of one policy, and every loss is elementwise, so the same code serves one model 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 import torch
@@ -78,17 +78,39 @@ def whole_batch(batch: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class PairLogps:
-    """Per-sequence log-probs of a batch of pairs, in float32.
+class SampleLogps:
+    """Summed log-probs of responses y_m ~ π_ref(·|x) that a batch carries (``kl_samples``), with their weights
+    (summing to 1 over the batch): what an estimate of KL(π_ref ‖ π) = E[log π_ref(y) − log π(y)] needs."""
 
-    After length normalization (a method modifier) these are per-token means instead of sums.
-    ``reference_*`` is ``None`` for reference-free methods.
+    policy: Tensor
+    """``(..., M)`` log π(y_m), with gradients."""
+    reference: Tensor
+    """``(M,)`` log π_ref(y_m)."""
+    weights: Tensor
+    """``(M,)``."""
+
+    def kl(self) -> Tensor:
+        """Σ_m w_m (log π_ref(y_m) − log π(y_m)): ``(..., 1)``."""
+        return ((self.reference - self.policy) * self.weights).sum(-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """Per-sequence log-probs of a batch of pairs, in float32, as a method's loss reads them.
+
+    With ``length_normalized`` (a method modifier) the pair log-probs are per-token means instead of sums.
+    ``reference_*`` is ``None`` for reference-free methods; ``samples`` is set for methods that estimate
+    KL(π_ref ‖ π) on reference samples (always summed log-probs: the KL is over whole responses).
     """
 
     policy_chosen: Tensor
     policy_rejected: Tensor
     reference_chosen: Tensor | None
     reference_rejected: Tensor | None
+    chosen_tokens: Tensor
+    rejected_tokens: Tensor
+    length_normalized: bool = False
+    samples: SampleLogps | None = None
 
     @property
     def policy_margin(self) -> Tensor:
@@ -106,3 +128,23 @@ class PairLogps:
     def log_ratio_margin(self) -> Tensor:
         """h = d_pol - d_ref."""
         return self.policy_margin - self.reference_margin
+
+    @property
+    def chosen_token_mean(self) -> Tensor:
+        """log π(y_w) / |y_w|, whether or not the pair log-probs are length-normalized (an empty response counts as
+        one token)."""
+        return self.policy_chosen if self.length_normalized else self.policy_chosen / self.chosen_tokens.clamp(min=1)
+
+    def normalized(self) -> PairLogps:
+        """Per-token means; an empty response counts as one token so nothing divides by zero."""
+        if self.length_normalized:
+            return self
+        chosen, rejected = self.chosen_tokens.clamp(min=1), self.rejected_tokens.clamp(min=1)
+        return replace(
+            self,
+            policy_chosen=self.policy_chosen / chosen,
+            policy_rejected=self.policy_rejected / rejected,
+            reference_chosen=None if self.reference_chosen is None else self.reference_chosen / chosen,
+            reference_rejected=None if self.reference_rejected is None else self.reference_rejected / rejected,
+            length_normalized=True,
+        )

@@ -18,3 +18,7 @@ class RecipeError(UserError):
         self.problems = list(problems)
         lines = [f"{path}: {message}" if path else message for path, message in self.problems]
         super().__init__(f"{self.source}: invalid recipe\n  " + "\n  ".join(lines))
+
+
+class DataError(UserError):
+    """A data file or source that cannot be read as the task expects; the message names it."""

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
 
 import matplotlib
 
@@ -34,6 +33,7 @@ from scipy import stats
 from expo_bench.config_model import closest
 from expo_bench.errors import UserError
 from expo_bench.metric_keys import (
+    CATALOG,
     DISTINCT_2,
     JUDGED,
     KL,
@@ -43,7 +43,8 @@ from expo_bench.metric_keys import (
     REWARD,
     WIN_RATE,
     WIN_RATE_STDERR,
-    Column,
+    Goal,
+    Metric,
     at_temperature,
 )
 from expo_bench.reporting import markdown_table, rich_table
@@ -62,7 +63,6 @@ from expo_bench.tracking import (
     sqlite_path,
 )
 
-Goal = Literal["max", "min"]
 LAM = "lam"
 """The run param that the λ-sweep plot puts on its x-axis."""
 CONFIDENCE = 0.95
@@ -121,11 +121,13 @@ class Configuration:
 
     @cached_property
     def rank(self) -> tuple[str, Goal]:
-        """The rank metric and goal its runs were tagged with (the most common), else the first leaderboard column logged."""
+        """The rank metric its runs were tagged with (the most common), else the first leaderboard column logged; its
+        goal from the metric catalog, or from the runs' tag for a metric the catalog does not name."""
         tagged = Counter((run.tags[RANK_METRIC], run.tags.get(RANK_GOAL, "max")) for run in self.runs if RANK_METRIC in run.tags)
         if tagged:
             metric, goal = tagged.most_common(1)[0][0]
-            return metric, "min" if goal == "min" else "max"
+            known = CATALOG.get(metric)
+            return metric, known.goal if known is not None else "min" if goal == "min" else "max"
         column = next((column for column in LEADERBOARD_COLUMNS if column.key in self.estimates), LEADERBOARD_COLUMNS[0])
         return column.key, column.goal
 
@@ -153,7 +155,7 @@ class LeaderboardTable:
     dataset: str
     rank_metric: str
     rank_goal: Goal
-    columns: tuple[Column, ...]
+    columns: tuple[Metric, ...]
     rows: tuple[Configuration, ...]
     configurations: tuple[Configuration, ...]
 
@@ -173,7 +175,7 @@ def build_table(store: str, experiment: str, dataset: str, runs: Sequence[RunRec
     logged = {key for row in rows for key in row.estimates}
     columns = tuple(column for column in LEADERBOARD_COLUMNS if column.key in logged)
     if rank_metric not in {column.key for column in columns}:
-        columns = (Column(rank_metric, rank_metric, rank_goal), *columns)
+        columns = (Metric(rank_metric, rank_metric, rank_goal), *columns)
     return LeaderboardTable(store, experiment, dataset, rank_metric, rank_goal, columns, tuple(rows), tuple(configurations))
 
 
@@ -292,16 +294,16 @@ def _csv_columns(tables: Sequence[LeaderboardTable]) -> list[tuple[str, Cell]]:
     """
     columns: list[tuple[str, Cell]] = [
         ("method", lambda table, row: row.method),
-        ("win_rate", _mean(WIN_RATE)),
-        ("standard_error", _mean(WIN_RATE_STDERR)),
-        ("lc_win_rate", _mean(LC_WIN_RATE)),
-        ("n_total", _mean(JUDGED)),
-        ("avg_length", _mean(MEAN_LENGTH)),
-        ("win_rate_ci95", _ci95(WIN_RATE)),
-        ("lc_win_rate_ci95", _ci95(LC_WIN_RATE)),
+        ("win_rate", _mean(WIN_RATE.key)),
+        ("standard_error", _mean(WIN_RATE_STDERR.key)),
+        ("lc_win_rate", _mean(LC_WIN_RATE.key)),
+        ("n_total", _mean(JUDGED.key)),
+        ("avg_length", _mean(MEAN_LENGTH.key)),
+        ("win_rate_ci95", _ci95(WIN_RATE.key)),
+        ("lc_win_rate_ci95", _ci95(LC_WIN_RATE.key)),
     ]
     logged = {key for table in tables for row in table.rows for key in row.estimates}
-    leading = {WIN_RATE, LC_WIN_RATE, MEAN_LENGTH}
+    leading = {WIN_RATE.key, LC_WIN_RATE.key, MEAN_LENGTH.key}
     rest = [column.key for column in LEADERBOARD_COLUMNS if column.key not in leading]
     rest += sorted({table.rank_metric for table in tables} - {column.key for column in LEADERBOARD_COLUMNS})
     for key in rest:
@@ -417,9 +419,9 @@ def _plot_frontier(table: LeaderboardTable, path: Path) -> Path | None:
     points: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for configuration in table.configurations:
         for run in configuration.runs:
-            if REWARD in run.metrics and KL in run.metrics:
-                points[configuration.method].append((run.metrics[KL], run.metrics[REWARD]))
-    return _scatter(table, path, points, KL, REWARD, "reward–KL frontier (one point per run)")
+            if REWARD.key in run.metrics and KL.key in run.metrics:
+                points[configuration.method].append((run.metrics[KL.key], run.metrics[REWARD.key]))
+    return _scatter(table, path, points, KL.key, REWARD.key, "reward–KL frontier (one point per run)")
 
 
 def _plot_diversity(table: LeaderboardTable, path: Path) -> Path | None:
@@ -427,16 +429,18 @@ def _plot_diversity(table: LeaderboardTable, path: Path) -> Path | None:
     points: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for configuration in table.configurations:
         for run in configuration.runs:
-            pairs = [[at_temperature(key, t) for key in (DISTINCT_2, WIN_RATE)] for t in _temperatures(list(run.metrics))]
-            for keys in pairs or [[DISTINCT_2, WIN_RATE]]:
+            pairs = [[at_temperature(key, t) for key in (DISTINCT_2.key, WIN_RATE.key)] for t in _temperatures(list(run.metrics))]
+            for keys in pairs or [[DISTINCT_2.key, WIN_RATE.key]]:
                 if all(key in run.metrics for key in keys):
                     points[configuration.method].append((run.metrics[keys[0]], run.metrics[keys[1]]))
-    return _scatter(table, path, points, DISTINCT_2, WIN_RATE, "win rate vs diversity (one point per run and temperature)")
+    return _scatter(
+        table, path, points, DISTINCT_2.key, WIN_RATE.key, "win rate vs diversity (one point per run and temperature)"
+    )
 
 
 def _temperatures(keys: Sequence[str]) -> dict[float, str]:
     """Sampling temperature → its win rate key, for the keys that ``at_temperature`` writes."""
-    prefix, name = WIN_RATE.split("/", 1)
+    prefix, name = WIN_RATE.key.split("/", 1)
     pattern = re.compile(re.escape(prefix) + r"/T([^/]+)/" + re.escape(name))
     found = {}
     for key in keys:
@@ -446,7 +450,7 @@ def _temperatures(keys: Sequence[str]) -> dict[float, str]:
                 temperature = float(match.group(1))
             except ValueError:
                 continue
-            if at_temperature(WIN_RATE, temperature) == key:
+            if at_temperature(WIN_RATE.key, temperature) == key:
                 found[temperature] = key
     return dict(sorted(found.items()))
 
@@ -474,7 +478,7 @@ def _plot_temperature(table: LeaderboardTable, path: Path) -> Path | None:
         plt.close(fig)
         return None
     ax.set_xlabel("sampling temperature")
-    ax.set_ylabel(WIN_RATE)
+    ax.set_ylabel(WIN_RATE.key)
     ax.set_title(f"{_title(table)}: win rate vs temperature (best configuration)", fontsize="medium")
     return _save(fig, ax, path)
 

@@ -1,7 +1,10 @@
-"""Every metric key a run logs to the tracking store, and the leaderboard's columns: named once, here.
+"""Every metric key a run logs, with its display name and direction: named once, here.
 
-Evaluation metrics are logged twice: per sampling temperature (``eval/T0.5/win_rate``, for the win rate vs
-temperature plot) and, unprefixed (``eval/win_rate``), at the recipe's leaderboard temperature.
+Training metrics are ``<stage>/<name>`` (``train/loss``, ``val/rewards_accuracy``: logged by the method modules
+through Lightning, ``val/`` on held-out pairs). Evaluation metrics of sampled responses are logged twice: per
+sampling temperature (``eval/T0.5/win_rate``, for the win rate vs temperature plot) and, unprefixed
+(``eval/win_rate``), at the recipe's leaderboard temperature. ``expo_bench.evaluation.metrics`` returns the names
+after ``eval/``.
 """
 
 from __future__ import annotations
@@ -9,34 +12,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+Goal = Literal["max", "min"]
+
+TRAIN = "train"
+VAL = "val"
 EVAL = "eval"
+SFT = "sft"
 
-# Training (logged by the method modules through Lightning; ``val/`` on held-out pairs).
-TRAIN_LOSS = "train/loss"
-VAL_LOSS = "val/loss"
-VAL_REWARDS_ACCURACY = "val/rewards_accuracy"
-VAL_PREFERENCE_ACCURACY = "val/preference_accuracy"
 
-# Evaluation of sampled responses (names as the evaluation metrics' ``compute()`` returns them).
-WIN_RATE = "eval/win_rate"
-WIN_RATE_STDERR = "eval/stderr"
-WIN_RATE_CI_LOW = "eval/ci_low"
-WIN_RATE_CI_HIGH = "eval/ci_high"
-LC_WIN_RATE = "eval/lc_win_rate"
-JUDGED = "eval/n"
-INVALID_VERDICTS = "eval/invalid"
-REWARD = "eval/reward"
-KL = "eval/kl"
-DISTINCT_2 = "eval/distinct_2_within_prompt"
-SELF_BLEU = "eval/self_bleu_within_prompt"
-ENTROPY_2 = "eval/entropy_2_across_prompts"
-MEAN_LENGTH = "eval/mean_length"
+@dataclass(frozen=True)
+class Metric:
+    """A logged metric: its key, its heading in tables and plots, and whether higher or lower is better."""
 
-# Tasks with an exactly known target policy.
-KL_TO_TARGET = "eval/kl_target_to_policy"
-"""KL(π_target ‖ π) summed over prompts: the synthetic tasks' distance to the optimal policy."""
-TOP_RESPONSE_MASS = "eval/top_response_mass"
-"""Mean probability of each prompt's highest-reward response: how far a policy collapsed onto it."""
+    key: str
+    title: str
+    goal: Goal
+    spread: bool = True
+    """Show mean ± CI over seeds (False: just the mean, e.g. counts)."""
+
+    @property
+    def name(self) -> str:
+        """The key without its stage: ``eval/win_rate`` -> ``win_rate``."""
+        return self.key.split("/", 1)[1]
+
+
+def stage_key(stage: str, name: str) -> str:
+    """``stage_key("val", "loss")`` -> ``val/loss``."""
+    return f"{stage}/{name}"
 
 
 def at_temperature(key: str, temperature: float) -> str:
@@ -45,28 +47,82 @@ def at_temperature(key: str, temperature: float) -> str:
     return f"{prefix}/T{temperature:g}/{name}"
 
 
-@dataclass(frozen=True)
-class Column:
-    """A leaderboard column: a metric key, its heading, and whether higher or lower is better."""
+# Names the method modules log under ``train/`` and ``val/`` (see ``expo_bench.methods.base.pair_metrics``).
+LOSS = "loss"
+LOSS_TERM = "loss_"
+"""Prefix of each named loss term when a method's loss has several (``val/loss_kl``)."""
+LOGPS_CHOSEN = "logps_chosen"
+LOGPS_REJECTED = "logps_rejected"
+REWARDS_CHOSEN = "rewards_chosen"
+REWARDS_REJECTED = "rewards_rejected"
+REWARDS_MARGIN = "rewards_margin"
+REWARDS_ACCURACY = "rewards_accuracy"
+PREFERENCE_ACCURACY = "preference_accuracy"
+ENTROPY = "entropy"
+NLL = "nll"
+"""Supervised fine-tuning: mean negative log-likelihood per response token (``sft/train_nll``, ``sft/val_nll``)."""
 
-    key: str
-    title: str
-    goal: Literal["max", "min"]
-    spread: bool = True
-    """Show mean ± CI over seeds (False: just the mean, e.g. counts)."""
+TRAIN_LOSS = stage_key(TRAIN, LOSS)
+VAL_LOSS = Metric(stage_key(VAL, LOSS), "loss", "min")
+VAL_REWARDS_ACCURACY = Metric(stage_key(VAL, REWARDS_ACCURACY), "reward acc.", "max")
+VAL_REWARDS_MARGIN = Metric(stage_key(VAL, REWARDS_MARGIN), "log-ratio margin", "max")
+VAL_PREFERENCE_ACCURACY = Metric(stage_key(VAL, PREFERENCE_ACCURACY), "pref. accuracy", "max")
+VAL_LOGPS_CHOSEN = Metric(stage_key(VAL, LOGPS_CHOSEN), "log π(y_w)", "max")
+SFT_VAL_NLL = stage_key(SFT, f"val_{NLL}")
+SFT_TRAIN_NLL = stage_key(SFT, f"train_{NLL}")
 
+# Evaluation of sampled responses.
+WIN_RATE = Metric("eval/win_rate", "win rate", "max")
+WIN_RATE_STDERR = Metric("eval/stderr", "win rate s.e.", "min")
+WIN_RATE_CI_LOW = Metric("eval/ci_low", "win rate CI low", "max")
+WIN_RATE_CI_HIGH = Metric("eval/ci_high", "win rate CI high", "max")
+LC_WIN_RATE = Metric("eval/lc_win_rate", "LC win rate", "max")
+JUDGED = Metric("eval/n", "judged", "max", spread=False)
+INVALID_VERDICTS = Metric("eval/invalid", "invalid verdicts", "min", spread=False)
+REWARD = Metric("eval/reward", "reward", "max")
+KL = Metric("eval/kl", "KL(π‖π_ref)", "min")
+DISTINCT_2 = Metric("eval/distinct_2_within_prompt", "distinct-2", "max")
+SELF_BLEU = Metric("eval/self_bleu_within_prompt", "self-BLEU", "min")
+ENTROPY_2 = Metric("eval/entropy_2_across_prompts", "2-gram entropy", "max")
+MEAN_LENGTH = Metric("eval/mean_length", "length", "max", spread=False)
 
-LEADERBOARD_COLUMNS: tuple[Column, ...] = (
-    Column(WIN_RATE, "win rate", "max"),
-    Column(LC_WIN_RATE, "LC win rate", "max"),
-    Column(REWARD, "reward", "max"),
-    Column(KL, "KL(π‖π_ref)", "min"),
-    Column(KL_TO_TARGET, "KL(π*‖π)", "min"),
-    Column(TOP_RESPONSE_MASS, "top-response mass", "max"),
-    Column(DISTINCT_2, "distinct-2", "max"),
-    Column(SELF_BLEU, "self-BLEU", "min"),
-    Column(ENTROPY_2, "2-gram entropy", "max"),
-    Column(MEAN_LENGTH, "length", "max", spread=False),
-    Column(VAL_PREFERENCE_ACCURACY, "pref. accuracy", "max"),
+# Tasks with an exactly known target policy.
+KL_TO_TARGET = Metric("eval/kl_target_to_policy", "KL(π*‖π)", "min")
+"""KL(π_target ‖ π) summed over prompts: the synthetic tasks' distance to the optimal policy."""
+TOP_RESPONSE_MASS = Metric("eval/top_response_mass", "top-response mass", "max")
+"""Mean probability of each prompt's highest-reward response: how far a policy collapsed onto it."""
+
+LEADERBOARD_COLUMNS: tuple[Metric, ...] = (
+    WIN_RATE,
+    LC_WIN_RATE,
+    REWARD,
+    KL,
+    KL_TO_TARGET,
+    TOP_RESPONSE_MASS,
+    DISTINCT_2,
+    SELF_BLEU,
+    ENTROPY_2,
+    MEAN_LENGTH,
+    VAL_PREFERENCE_ACCURACY,
 )
 """The columns a leaderboard shows, in order; a table keeps those its runs logged."""
+
+HEADLINE = (WIN_RATE, REWARD, KL, KL_TO_TARGET)
+"""What a run prints when its evaluation finishes."""
+
+HELD_OUT_COLUMNS = (VAL_LOSS, VAL_REWARDS_ACCURACY, VAL_REWARDS_MARGIN, VAL_PREFERENCE_ACCURACY, VAL_LOGPS_CHOSEN)
+"""Held-out pair metrics in a language-model sweep's ``methods.md``."""
+
+CATALOG: dict[str, Metric] = {
+    metric.key: metric
+    for metric in (
+        *LEADERBOARD_COLUMNS,
+        *HELD_OUT_COLUMNS,
+        WIN_RATE_STDERR,
+        WIN_RATE_CI_LOW,
+        WIN_RATE_CI_HIGH,
+        JUDGED,
+        INVALID_VERDICTS,
+    )
+}
+"""Every named metric by key."""

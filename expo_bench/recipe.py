@@ -11,22 +11,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from expo_bench.config_model import ConfigModel
 from expo_bench.errors import RecipeError
-from expo_bench.lm.imdb_task import IMDbTask
-from expo_bench.lm.synthetic import SyntheticTokensTask
-from expo_bench.lm.task import HHTask
-from expo_bench.methods import MethodParams, PreferenceMethod, UnknownMethodError, method_class
-from expo_bench.tabular.task import TabularTask
+from expo_bench.methods import MethodParams, PreferenceMethod, UnknownMethodError, default_label, method_class
+from expo_bench.tasks import TASK_KINDS, Task
 from expo_bench.training import TrainConfig
-
-Task = TabularTask | SyntheticTokensTask | HHTask | IMDbTask
-TASK_KINDS = {get_args(task.model_fields["kind"].annotation)[0] for task in get_args(Task)}
 
 
 class MethodEntry(ConfigModel):
@@ -56,7 +50,7 @@ class Recipe(ConfigModel):
 
     experiment: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    task: Annotated[Task, Field(discriminator="kind")]
+    task: Task
     train: TrainConfig = TrainConfig()
     lam: list[float] | None = Field(None, min_length=1)
     """The paper's λ, applied to each method's regularization parameter (DPO's β, IPO's τ, EXPO's λ)."""
@@ -192,8 +186,12 @@ def _resolve(recipe: Recipe, index: int, entry: MethodEntry, problems: list[tupl
             )
         )
         return None
-    label = entry.label or str(getattr(method, "name", method.__name__))
-    return MethodRun(label, method, grid, lam, train)
+    if not method.takes_margin and any(params.gamma for params in grid):
+        problems.append(
+            (field_path([*where, "params", "gamma"]), f"{entry.method} defines its own objective, which takes no margin gamma")
+        )
+        return None
+    return MethodRun(entry.label or default_label(method), method, grid, lam, train)
 
 
 def validate_recipe(data: Any, source: Path | str) -> Experiment:

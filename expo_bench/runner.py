@@ -1,4 +1,5 @@
-"""Runs an experiment: the task trains and reports, the runner records provenance in summary.json."""
+"""Runs an experiment: its sweep trains, evaluates and reports; the runner records provenance in summary.json and
+builds the leaderboard."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import platform
 import subprocess
 import time
 import warnings
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -18,6 +20,8 @@ from rich.console import Console
 from expo_bench import tracking
 from expo_bench.leaderboard import load_leaderboard, write_leaderboard
 from expo_bench.recipe import Experiment
+from expo_bench.sweep import SweepContext, sweep_for
+from expo_bench.sweep.records import RunRecord
 
 EXPECTED_WARNINGS = (
     ".*does not have many workers.*",  # tabular data is built in the main process on purpose
@@ -72,8 +76,10 @@ def run_experiment(experiment: Experiment, results_root: Path, console: Console)
         with warnings.catch_warnings():
             for message in EXPECTED_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
-            records = recipe.task.run(experiment, console, out_dir / "cache", tracking.RunLog(sweep, tags))
-        written = recipe.task.report(experiment, records, out_dir, console)
+            runs = tracking.RunLog(sweep, tags)
+            family = sweep_for(SweepContext(experiment, console, out_dir / "cache", out_dir / "runs", runs))
+            records = family.run()
+        written = family.report(records, out_dir)
         summary_path = write_summary(experiment, records, out_dir, revision, started, started_at, versions)
         recipe_path = out_dir / "resolved_recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -87,7 +93,7 @@ def run_experiment(experiment: Experiment, results_root: Path, console: Console)
 
 def write_summary(
     experiment: Experiment,
-    records: list[dict[str, Any]],
+    records: Sequence[RunRecord],
     out_dir: Path,
     revision: str,
     started: float,
@@ -105,7 +111,7 @@ def write_summary(
         "python": platform.python_version(),
         "packages": versions,
         "resolved_recipe": recipe.model_dump(mode="json"),
-        "runs": [{key: value for key, value in record.items() if key != "trajectory"} for record in records],
+        "runs": [record.summary() for record in records],
     }
     summary_path = out_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from pydantic import Field
 
+from expo_bench import metric_keys
 from expo_bench.config_model import ConfigModel
 from expo_bench.optim import OptimizerConfig
 
@@ -56,3 +57,23 @@ def build_trainer(train: TrainConfig, callbacks: list[Callback], logger: Logger 
         "deterministic": True,
     }
     return L.Trainer(**{**settings, **overrides})
+
+
+class LossHistory(Callback):
+    """``(step, train/loss)`` whenever the module logged its training loss; kept in checkpoints."""
+
+    def __init__(self) -> None:
+        self.losses: list[tuple[int, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": self.losses}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.losses = [(int(step), float(loss)) for step, loss in state_dict["losses"]]
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = trainer.callback_metrics.get(metric_keys.TRAIN_LOSS)
+        if loss is not None and trainer.global_step % trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
+            self.losses.append((trainer.global_step, float(loss)))

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from expo_bench.contracts import Sequences, concat_sequences
-from expo_bench.lm.hh import ASSISTANT, DataError, HHSplitReport, PromptPair, load_hh_pairs, read_jsonl, split_hh
+from expo_bench.errors import DataError
+from expo_bench.lm.hh import ASSISTANT, HHSplitReport, load_hh_pairs, read_jsonl, split_hh
+from expo_bench.lm.pairs import PromptPair
 from expo_bench.lm.tokenize import TokenizationConfig, collate_pairs, fingerprint_tokenizer, tokenize_pair
 
 DATA = Path(__file__).parents[2] / "shared" / "data"

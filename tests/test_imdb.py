@@ -13,9 +13,10 @@ import pytest
 import skops.io
 from sklearn.linear_model import LogisticRegression
 
-from expo_bench.lm.hh import DataError, PromptPair
+from expo_bench.errors import DataError
+from expo_bench.evaluation.reward_models import HFSentimentClassifier, RewardModel, TfidfSentiment, positive_index
 from expo_bench.lm.imdb import Review, clean_review, label_pairs, load_reviews, make_prompts
-from expo_bench.lm.sentiment import HFSentimentClassifier, RewardModel, TfidfSentiment, positive_index
+from expo_bench.lm.pairs import PromptPair
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 IMDB = DATA / "imdb"

@@ -18,17 +18,17 @@ from network import free_port
 from pydantic import TypeAdapter, ValidationError
 
 from expo_bench.errors import UserError
-from expo_bench.evaluation.judges import (
+from expo_bench.evaluation.judges import JudgeConfig, OracleJudge, RewardModelJudge, RewardModelJudgeConfig
+from expo_bench.evaluation.llm_judge import (
     DPO_DIALOGUE_TEMPLATE,
-    Comparison,
-    HFRewardModel,
-    JudgeConfig,
+    JudgeError,
+    LLMJudge,
     LLMJudgeConfig,
-    OracleJudge,
-    RewardModelJudge,
-    RewardModelJudgeConfig,
+    candidate_position,
+    parse_choice,
 )
-from expo_bench.evaluation.llm_judge import JudgeError, LLMJudge, candidate_position, parse_choice
+from expo_bench.evaluation.reward_models import HFRewardModel
+from expo_bench.evaluation.types import Comparison
 
 GPT2 = Path(__file__).parents[2] / "shared" / "data" / "tokenizers" / "gpt2"
 KEY = "sk-test-S3CRET-0123456789abcdef"

@@ -30,26 +30,26 @@ T_975_2 = 4.302652729911275  # t_{0.975, 2}: three seeds
 # dataset → rank (metric, goal) and method → λ → per-seed values of the rank metric
 HH = {"dpo": {0.1: [0.50, 0.55, 0.60], 1.0: [0.60, 0.62, 0.70]}, "expo": {0.1: [0.70, 0.75, 0.77], 1.0: [0.40, 0.45, 0.41]}}
 SYNTHETIC = {"dpo": {0.1: [0.30, 0.35, 0.32], 1.0: [0.50, 0.52, 0.51]}, "expo": {0.1: [0.20], 1.0: [0.10, 0.12, 0.11]}}
-DATASETS = {"hh": (keys.WIN_RATE, "max", HH), "synthetic": (keys.KL_TO_TARGET, "min", SYNTHETIC)}
+DATASETS = {"hh": (keys.WIN_RATE.key, "max", HH), "synthetic": (keys.KL_TO_TARGET.key, "min", SYNTHETIC)}
 TEMPERATURES = (0.5, 1.0)
 
 
 def hh_metrics(value: float, seed: int) -> dict[str, float]:
     return {
-        keys.WIN_RATE: value,
-        keys.WIN_RATE_STDERR: 0.02 + 0.01 * seed,
-        keys.LC_WIN_RATE: value - 0.05,
-        keys.JUDGED: 100.0,
-        keys.MEAN_LENGTH: 200.0 + seed,
-        keys.REWARD: 2 * value,
-        keys.KL: 1.0 + seed,
-        **{keys.at_temperature(keys.WIN_RATE, t): value - 0.1 * t for t in TEMPERATURES},
-        **{keys.at_temperature(keys.DISTINCT_2, t): 0.5 + 0.1 * t for t in TEMPERATURES},  # the diversity plot's x
+        keys.WIN_RATE.key: value,
+        keys.WIN_RATE_STDERR.key: 0.02 + 0.01 * seed,
+        keys.LC_WIN_RATE.key: value - 0.05,
+        keys.JUDGED.key: 100.0,
+        keys.MEAN_LENGTH.key: 200.0 + seed,
+        keys.REWARD.key: 2 * value,
+        keys.KL.key: 1.0 + seed,
+        **{keys.at_temperature(keys.WIN_RATE.key, t): value - 0.1 * t for t in TEMPERATURES},
+        **{keys.at_temperature(keys.DISTINCT_2.key, t): 0.5 + 0.1 * t for t in TEMPERATURES},  # the diversity plot's x
     }
 
 
 def synthetic_metrics(value: float, seed: int) -> dict[str, float]:
-    return {keys.KL_TO_TARGET: value, keys.TOP_RESPONSE_MASS: 1 - value}
+    return {keys.KL_TO_TARGET.key: value, keys.TOP_RESPONSE_MASS.key: 1 - value}
 
 
 def log_store(uri: str) -> dict[tuple[str, str, float], list[str]]:
@@ -75,7 +75,7 @@ def log_store(uri: str) -> dict[tuple[str, str, float], list[str]]:
                         run.mark_complete()
                         ids.setdefault((dataset, method, lam), []).append(run.run_id)
         unfinished = {tracking.METHOD: "expo", tracking.DATASET: "hh", tracking.CONFIG_KEY: "hh-expo-1", tracking.SEED: "3"}
-        sweep.child("hh/expo/1/3", "expo", {"lam": 1.0, "seed": 3}, unfinished).log_metrics({keys.WIN_RATE: 0.0})
+        sweep.child("hh/expo/1/3", "expo", {"lam": 1.0, "seed": 3}, unfinished).log_metrics({keys.WIN_RATE.key: 0.0})
     return ids
 
 
@@ -122,15 +122,15 @@ def test_best_configuration_per_method_for_max_and_min_goals(store: dict[str, An
     assert [row.method for row in hh.rows] == ["expo", "dpo"] and [row.method for row in synthetic.rows] == ["expo", "dpo"]
     assert len(hh.configurations) == 4 and all(len(c.runs) == 3 for c in hh.configurations)  # the unfinished run is left out
     single = next(c for c in synthetic.configurations if c.config_key == "synthetic-expo-0.1")
-    assert single.estimates[keys.KL_TO_TARGET].half_width is None
+    assert single.estimates[keys.KL_TO_TARGET.key].half_width is None
     assert [column.key for column in hh.columns] == [
-        keys.WIN_RATE,
-        keys.LC_WIN_RATE,
-        keys.REWARD,
-        keys.KL,
-        keys.MEAN_LENGTH,
+        keys.WIN_RATE.key,
+        keys.LC_WIN_RATE.key,
+        keys.REWARD.key,
+        keys.KL.key,
+        keys.MEAN_LENGTH.key,
     ]
-    assert [column.key for column in synthetic.columns] == [keys.KL_TO_TARGET, keys.TOP_RESPONSE_MASS]
+    assert [column.key for column in synthetic.columns] == [keys.KL_TO_TARGET.key, keys.TOP_RESPONSE_MASS.key]
 
 
 def test_markdown_csv_and_plots(store: dict[str, Any], tmp_path: Path) -> None:
@@ -182,9 +182,9 @@ def test_markdown_csv_and_plots(store: dict[str, Any], tmp_path: Path) -> None:
     assert expo["n_seeds"] == "3" and json.loads(expo["params"]) == {"lam": "0.1"}
     assert expo["run_ids"].split() == store["ids"]["hh", "expo", 0.1]
     synthetic_expo = rows[2]
-    assert float(synthetic_expo[keys.KL_TO_TARGET]) == pytest.approx(0.11)
-    assert float(synthetic_expo[f"{keys.KL_TO_TARGET}_ci95"]) == pytest.approx(expected_ci([0.10, 0.12, 0.11]))
-    assert synthetic_expo["win_rate"] == "" and synthetic_expo["rank_metric"] == keys.KL_TO_TARGET
+    assert float(synthetic_expo[keys.KL_TO_TARGET.key]) == pytest.approx(0.11)
+    assert float(synthetic_expo[f"{keys.KL_TO_TARGET.key}_ci95"]) == pytest.approx(expected_ci([0.10, 0.12, 0.11]))
+    assert synthetic_expo["win_rate"] == "" and synthetic_expo["rank_metric"] == keys.KL_TO_TARGET.key
 
 
 def test_cli_writes_into_the_experiment_folder(store: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,7 +263,7 @@ def test_ui_serves_the_store_and_stops_without_orphans(store: dict[str, Any], tm
         experiment_id = next(e["experiment_id"] for e in experiments if e["name"] == "exp")
         runs = _post(f"{base}/runs/search", {"experiment_ids": [experiment_id], "max_results": 100})["runs"]
         assert len(runs) == 1 + 12 + 10 + 1  # parent, hh, synthetic, the unfinished run
-        win_rates = [m["value"] for run in runs for m in run["data"].get("metrics", []) if m["key"] == keys.WIN_RATE]
+        win_rates = [m["value"] for run in runs for m in run["data"].get("metrics", []) if m["key"] == keys.WIN_RATE.key]
         assert sorted(win_rates)[-1] == pytest.approx(0.77)
         children = _descendants(ui.pid)
         assert children, "the UI runs the MLflow server as a child process"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-from expo_bench.contracts import PairLogps, PreferenceBatch, Sequences
+from expo_bench.contracts import PreferenceBatch, SampleLogps, Sequences
 from expo_bench.methods import PreferenceMethod, UnknownMethodError, available_methods, method_class, preference_nll
 from expo_bench.methods.base import clip_per_replica
 from expo_bench.methods.dpo import dpo_loss
@@ -24,7 +25,8 @@ from expo_bench.optim import OptimizerConfig
 from expo_bench.tabular.data import TabularPairs, make_batch, population_pairs, sample_pairs
 from expo_bench.tabular.policy import TabularPolicy
 
-METHODS = ["dpo", "ipo", "simpo", "fdpo_js", "expo_compositional", "expo_regression"]
+METHODS = sorted(available_methods())
+"""Every built-in method: the method-wide tests below run over the registry, so a new method file is covered."""
 
 
 class FixedScorer(nn.Module):
@@ -162,7 +164,7 @@ HAND_CASES = [
         {"loss": REG_TARGET * nll(1.0) + (1 - REG_TARGET) * nll(-1.0)},
         id="expo-regression-bce",
     ),
-    # margin: p = σ(d_pol - γ) = σ(0.5)
+    # margin on whichever side the target favours: -(t log σ(1 - γ) + (1 - t) log σ(-1 - γ)), γ = 0.5
     pytest.param(
         "expo_regression",
         {"lam": 0.4, "gamma": 0.5},
@@ -170,7 +172,7 @@ HAND_CASES = [
         (-2.0, -1.0),
         (1, 1),
         1.0,
-        {"loss": REG_TARGET * nll(0.5) + (1 - REG_TARGET) * nll(-0.5)},
+        {"loss": REG_TARGET * nll(0.5) + (1 - REG_TARGET) * nll(-1.5)},
         id="expo-regression-margin",
     ),
     pytest.param(
@@ -180,7 +182,8 @@ HAND_CASES = [
         (-2.0, -1.0),
         (1, 1),
         0.0,
-        {"loss": (sigmoid(1.0) - 0.4 * sigmoid(-1.0)) ** 2},  # z = 0: t = .4·σ(-1)
+        # Brier score (p - t)² + t(1 - t) with z = 0: t = .4·σ(-1)
+        {"loss": (sigmoid(1.0) - 0.4 * sigmoid(-1.0)) ** 2 + 0.4 * sigmoid(-1.0) * (1 - 0.4 * sigmoid(-1.0))},
         id="expo-regression-squared",
     ),
 ]
@@ -365,7 +368,7 @@ def finite_loss_and_gradient(module: PreferenceMethod, batch: PreferenceBatch) -
 def test_empty_responses_length_normalized(name, tokens):
     policy = FixedScorer(torch.tensor([0.0, -7.0 if tokens[1] else 0.0]))
     reference = FixedScorer(torch.tensor([0.0, -6.0 if tokens[1] else 0.0]))
-    module = build(name, policy, reference, {**ROBUST_PARAMS[name], "length_normalize": True})
+    module = build(name, policy, reference, {**ROBUST_PARAMS.get(name, {}), "length_normalize": True})
     batch = pair_batch(tokens)
     assert module.pair_logps(batch).policy_chosen.item() == 0.0
     empty = finite_loss_and_gradient(module, batch)
@@ -385,11 +388,21 @@ EXTREME = [
 def test_extreme_logps(name, dtype, policy, reference):
     """bf16/fp32 log-probs from the model and in the batch cache: cast to float32, finite, and as exact as float64."""
     policy, reference = torch.tensor(policy, dtype=dtype), torch.tensor(reference, dtype=dtype)
-    module = build(name, FixedScorer(policy), FixedScorer(reference), ROBUST_PARAMS[name])
+    module = build(name, FixedScorer(policy), FixedScorer(reference), ROBUST_PARAMS.get(name, {}))
     batch = pair_batch(reference=reference)
     assert module.pair_logps(batch).policy_chosen.dtype == torch.float32
     loss = finite_loss_and_gradient(module, batch)
-    exact = PairLogps(*policy.double().split(1), *(reference.double().split(1) if name != "simpo" else (None, None)))
+    computed = module.pair_logps(batch)
+    exact = replace(
+        computed,
+        policy_chosen=policy[:1].double(),
+        policy_rejected=policy[1:].double(),
+        reference_chosen=None if computed.reference_chosen is None else reference[:1].double(),
+        reference_rejected=None if computed.reference_rejected is None else reference[1:].double(),
+        samples=None
+        if computed.samples is None
+        else SampleLogps(policy.double(), reference.double(), computed.samples.weights.double()),
+    )
     assert_close(loss.double(), torch.stack(list(module.objective(exact, batch).values())).sum(0), rtol=1e-6, atol=1e-6)
 
 
@@ -411,10 +424,20 @@ GRID = {
 }
 
 
+def replica_grid(name: str) -> list[dict[str, float]]:
+    """Three replicas differing in γ and, where the method has one, its λ (the README's grid, else the default × ½, 1, 2)."""
+    method = method_class(name)
+    field = method.regularization
+    if field is None:
+        return [{"gamma": gamma} for gamma in (0.0, 0.5, 1.0)]
+    default = method.Params.model_fields[field].default
+    _, values = GRID.get(name, (field, [default / 2, default, 2 * default]))
+    return [{field: value, "gamma": gamma} for value, gamma in zip(values, [0.0, 0.5, 1.0], strict=True)]
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_replicas_equal_separate_modules(name):
-    field, values = GRID[name]
-    grid = [{field: value, "gamma": gamma} for value, gamma in zip(values, [0.0, 0.5, 1.0], strict=True)]
+    grid = replica_grid(name)
     pi_ref = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])
     pairs = sample_pairs([[0.6, 0.3, 0.1], [0.3, 0.3, 0.4]], 30, seed=1)
     batch = make_batch(pairs, torch.arange(len(pairs)), pi_ref)
@@ -459,8 +482,62 @@ def test_only_numeric_params_may_vary_across_replicas():
 
 def test_available_methods():
     methods = available_methods()
-    assert set(METHODS) <= set(methods)
+    assert {"dpo", "ipo", "simpo", "fdpo_js", "expo_compositional", "expo_regression"} <= set(methods)
     assert all(cls.name == name for name, cls in methods.items())
+
+
+def test_a_second_built_in_with_a_taken_name_is_an_error():
+    with pytest.raises(TypeError, match=r"method name 'dpo' .* is taken by expo_bench\.methods\.dpo"):
+        type("Impostor", (PreferenceMethod,), {"name": "dpo", "__module__": "expo_bench.methods.impostor"})
+    assert available_methods()["dpo"].__module__ == "expo_bench.methods.dpo"
+
+
+def test_a_user_method_named_like_a_built_in_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "clash.py").write_text(
+        "from expo_bench.methods.dpo import DPO\n\nclass Mine(DPO):\n    name = 'ipo'\n\nclass Plain(DPO):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UnknownMethodError, match="calls itself 'ipo', the name of a built-in method"):
+        method_class("clash:Mine")
+    assert method_class("clash:Plain").__name__ == "Plain"  # a subclass does not inherit the built-in's name
+
+
+def flipped_batch(label: float, reference: Tensor) -> PreferenceBatch:
+    """``pair_batch`` with chosen and rejected swapped and the label z replaced by 1 - z."""
+    return PreferenceBatch(
+        chosen={"index": torch.tensor([1])},
+        rejected={"index": torch.tensor([0])},
+        chosen_tokens=torch.tensor([3]),
+        rejected_tokens=torch.tensor([2]),
+        label=torch.tensor([1 - label]),
+        reference_chosen_logps=reference[1:],
+        reference_rejected_logps=reference[:1],
+        kl_samples={"index": torch.tensor([0, 1])},
+        kl_weights=torch.tensor([0.5, 0.5]),
+    )
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_honours_the_margin_and_the_symmetry_of_a_pair(name):
+    """A flipped pair with a flipped label has the same loss, with and without a margin γ, which changes the loss."""
+    reference = torch.tensor([-1.4, -1.3])
+    method = method_class(name)
+    losses = {}
+    for gamma in (0.0, 0.6):
+        module = build(name, FixedScorer(torch.tensor([-1.0, -2.5])), FixedScorer(reference), {"gamma": gamma})
+        forward = total(module, pair_batch((2, 3), 0.8, reference))
+        backward = total(module, flipped_batch(0.8, reference))
+        assert_close(forward, backward)
+        losses[gamma] = forward.item()
+    assert method.takes_margin and losses[0.0] != pytest.approx(losses[0.6])
+
+
+def test_a_method_with_its_own_objective_takes_no_margin():
+    class Half(method_class("dpo")):  # type: ignore[misc]
+        def objective(self, logps, batch):
+            return {name: 0.5 * value for name, value in super().objective(logps, batch).items()}
+
+    assert method_class("dpo").takes_margin and not Half.takes_margin
 
 
 def test_method_class_by_import_path():

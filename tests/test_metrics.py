@@ -81,15 +81,20 @@ def test_compute_keys_follow_the_metric_keys_contract() -> None:
     metric = WinRate()
     metric.update(torch.tensor([1.0, 0.0, 0.5]), torch.tensor([3.0, -1.0, 2.0]))
     keys = set(metric.compute())
-    contract = {metric_keys.WIN_RATE, metric_keys.WIN_RATE_STDERR, metric_keys.WIN_RATE_CI_LOW, metric_keys.WIN_RATE_CI_HIGH}
-    contract |= {metric_keys.LC_WIN_RATE, metric_keys.JUDGED, metric_keys.INVALID_VERDICTS}
+    contract = {
+        metric_keys.WIN_RATE.key,
+        metric_keys.WIN_RATE_STDERR.key,
+        metric_keys.WIN_RATE_CI_LOW.key,
+        metric_keys.WIN_RATE_CI_HIGH.key,
+    }
+    contract |= {metric_keys.LC_WIN_RATE.key, metric_keys.JUDGED.key, metric_keys.INVALID_VERDICTS.key}
     assert {key.removeprefix("eval/") for key in contract} <= keys
     rewards = RewardKL()
     rewards.update(torch.ones(2), torch.zeros(2), torch.zeros(2))
-    assert {metric_keys.REWARD.removeprefix("eval/"), metric_keys.KL.removeprefix("eval/")} <= set(rewards.compute())
+    assert {metric_keys.REWARD.key.removeprefix("eval/"), metric_keys.KL.key.removeprefix("eval/")} <= set(rewards.compute())
     spread = Diversity()
     spread.update([["a b c", "a b d"]])
-    contract = {metric_keys.DISTINCT_2, metric_keys.SELF_BLEU, metric_keys.ENTROPY_2, metric_keys.MEAN_LENGTH}
+    contract = {metric_keys.DISTINCT_2.key, metric_keys.SELF_BLEU.key, metric_keys.ENTROPY_2.key, metric_keys.MEAN_LENGTH.key}
     assert {key.removeprefix("eval/") for key in contract} <= set(spread.compute())
 
 

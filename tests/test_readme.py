@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
+from expo_bench.optim import OptimizerConfig
 from expo_bench.recipe import validate_recipe
 from expo_bench.runner import run_experiment
+from expo_bench.tabular.data import TabularPairs, make_batch
+from expo_bench.tabular.policy import TabularPolicy
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -49,3 +54,16 @@ def test_add_a_method_example_trains(tmp_path: Path, monkeypatch: pytest.MonkeyP
     runs = json.loads((out / "summary.json").read_text())["runs"]
     assert [run["params"]["beta"] for run in runs] == [0.5, 5.0]
     assert runs[0]["final_policy"]["x"] != pytest.approx([0.4, 0.4, 0.2], abs=1e-3)  # it trained
+
+    # it honours the margin and soft labels: z·max(0, 1 - (s - γ)) + (1 - z)·max(0, 1 - (-s - γ)), s = βh
+    from my_package.my_module import Hinge  # type: ignore[import-not-found]
+
+    pi_ref = torch.tensor([[0.5, 0.3, 0.2]])
+    policy = TabularPolicy(pi_ref)
+    policy.logits.data = torch.tensor([[[0.0, -2.0, 1.0]]])
+    module = Hinge(policy, TabularPolicy(pi_ref), [Hinge.Params(beta=2.0, gamma=0.5)], OptimizerConfig())
+    pairs = TabularPairs(torch.tensor([0]), torch.tensor([0]), torch.tensor([1]), torch.tensor([0.75]))
+    batch = make_batch(pairs, torch.tensor([0]), pi_ref)
+    h = 2.0 - (math.log(0.5) - math.log(0.3))
+    expected = 0.75 * max(0.0, 1 - (2 * h - 0.5)) + 0.25 * max(0.0, 1 - (-2 * h - 0.5))
+    assert module.objective(module.pair_logps(batch), batch)["loss"].item() == pytest.approx(expected, rel=1e-5)

@@ -60,7 +60,9 @@ def test_unknown_key_suggests_the_closest_one() -> None:
     data["methods"][1]["params"] = {"kl_scael": 0.5}
     [(path, message)] = problems(data)
     assert path == "methods[1].params.kl_scael"
-    assert message.startswith("unknown key 'kl_scael' (did you mean 'kl_scale'?); valid keys: gamma, length_normalize, lam,")
+    assert message.startswith(
+        "unknown key 'kl_scael' (did you mean 'kl_scale'?); valid keys: gamma, length_normalize, kl_estimator,"
+    )
 
 
 def test_unknown_top_level_key() -> None:

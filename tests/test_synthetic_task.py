@@ -14,9 +14,9 @@ import yaml
 from rich.console import Console
 
 from expo_bench import metric_keys
-from expo_bench.lm.synthetic import SyntheticTokensTask
 from expo_bench.recipe import validate_recipe
 from expo_bench.runner import run_experiment
+from expo_bench.tasks.synthetic_tokens import SyntheticTokensTask
 
 ROOT = Path(__file__).parent.parent
 
@@ -81,10 +81,10 @@ def test_exact_metrics_of_a_uniform_model_match_the_closed_form() -> None:
     vocabulary, steps = len(tokenizer), synthetic.response_length + 1  # the response tokens and EOS
     optimal = synthetic.optimal_policy()
     entropy = float((optimal * optimal.log()).sum())
-    assert metrics[metric_keys.KL_TO_TARGET] == pytest.approx(
+    assert metrics[metric_keys.KL_TO_TARGET.key] == pytest.approx(
         entropy + 3 * steps * math.log(vocabulary), rel=1e-6
     )  # float32 logits
-    assert metrics[metric_keys.TOP_RESPONSE_MASS] == pytest.approx(vocabulary**-steps, rel=1e-6)
+    assert metrics[metric_keys.TOP_RESPONSE_MASS.key] == pytest.approx(vocabulary**-steps, rel=1e-6)
 
 
 def test_tokenizer_round_trips_prompts_and_responses() -> None:
@@ -104,16 +104,16 @@ def test_quickstart_slice_runs_end_to_end_and_reuses_its_work(tmp_path: Path) ->
     out = run_experiment(experiment, tmp_path, Console(quiet=True))
     reference, *runs = json.loads((out / "summary.json").read_text())["runs"]
     # the reference judged against its own seeded samples: all ties, zero KL
-    assert reference["eval"][metric_keys.WIN_RATE] == 0.5 and reference["eval"][metric_keys.KL] == 0.0
+    assert reference["eval"][metric_keys.WIN_RATE.key] == 0.5 and reference["eval"][metric_keys.KL.key] == 0.0
     assert [run["method"] for run in runs] == ["expo_compositional", "dpo"]
     for run in runs:
         metrics = run["eval"]
-        assert metrics[metric_keys.JUDGED] == 4 * 8 and metrics[metric_keys.INVALID_VERDICTS] == 0
+        assert metrics[metric_keys.JUDGED.key] == 4 * 8 and metrics[metric_keys.INVALID_VERDICTS.key] == 0
         [judgments] = (out / "runs").glob(f"{run['method']}-*/evaluation-*/T1/judgments.jsonl")
         rows = [json.loads(line) for line in judgments.read_text().splitlines()]
-        assert sum(row["outcome"] for row in rows) / len(rows) == pytest.approx(metrics[metric_keys.WIN_RATE])
-        assert sum(row["candidate_reward"] for row in rows) / len(rows) == pytest.approx(metrics[metric_keys.REWARD])
-        assert metrics[metric_keys.KL_TO_TARGET] > 0 and 0 < metrics[metric_keys.TOP_RESPONSE_MASS] < 1
+        assert sum(row["outcome"] for row in rows) / len(rows) == pytest.approx(metrics[metric_keys.WIN_RATE.key])
+        assert sum(row["candidate_reward"] for row in rows) / len(rows) == pytest.approx(metrics[metric_keys.REWARD.key])
+        assert metrics[metric_keys.KL_TO_TARGET.key] > 0 and 0 < metrics[metric_keys.TOP_RESPONSE_MASS.key] < 1
     log = Console(record=True, width=200)
     run_experiment(experiment, tmp_path, log)
     text = log.export_text()
@@ -144,12 +144,12 @@ def test_periodic_evaluation_logs_metrics_during_training(tmp_path: Path) -> Non
     out = run_experiment(validate_recipe(data, "quickstart.yaml"), tmp_path, Console(quiet=True))
     run = json.loads((out / "summary.json").read_text())["runs"][1]
     assert [step for step, _ in run["eval_history"]] == [1, 2, 3, 4]  # 2 batches × 2 epochs
-    assert all(metric_keys.KL_TO_TARGET in metrics for _, metrics in run["eval_history"])
+    assert all(metric_keys.KL_TO_TARGET.key in metrics for _, metrics in run["eval_history"])
     client = open_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [tracked] = client.search_runs(
         [client.get_experiment_by_name("quickstart").experiment_id], "tags.`expo_bench.method` = 'dpo'"
     )
-    history = client.get_metric_history(tracked.info.run_id, metric_keys.WIN_RATE)
+    history = client.get_metric_history(tracked.info.run_id, metric_keys.WIN_RATE.key)
     assert sorted(point.step for point in history) == [0, 1, 2, 3, 4]  # during training, then the final evaluation
 
 

@@ -13,6 +13,7 @@ import torch
 import yaml
 from rich.console import Console
 
+from expo_bench.errors import RecipeError
 from expo_bench.methods import method_class
 from expo_bench.optim import OptimizerConfig
 from expo_bench.recipe import validate_recipe
@@ -143,6 +144,12 @@ def test_a_user_method_plugs_in_by_import_path(tmp_path: Path, monkeypatch: pyte
     summary = run_tiny(tmp_path / "out", recipe)
     assert {run["method"] for run in summary["runs"]} == {"half", "dpo"}
     assert summary["runs"][0]["method_class"] == "my_methods:HalfDPO"
+    # it replaced the base's pairwise objective, so a margin would not reach its loss: refused, not ignored
+    recipe["methods"][0]["params"] = {"gamma": 0.5}
+    with pytest.raises(RecipeError) as caught:
+        validate_recipe(recipe, "tiny.yaml")
+    [(path, message)] = caught.value.problems
+    assert path == "methods[0].params.gamma" and "takes no margin gamma" in message
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def child_tags(method: str, lam: float, seed: int) -> dict[str, str]:
         tracking.GIT_SHA: "abc123",
         tracking.RECIPE_HASH: "recipe0",
         tracking.CONFIG_KEY: f"{method}-lam{lam:g}",
-        tracking.RANK_METRIC: keys.WIN_RATE,
+        tracking.RANK_METRIC: keys.WIN_RATE.key,
         tracking.RANK_GOAL: "max",
         **tracking.version_tags({"torch": "2.13.0"}),
     }
@@ -66,7 +66,7 @@ def log_sweep(uri: str, experiment: str, sweep_key: str, steps: int = 1, prefix:
                     run = sweep.child(prefix + run_key(method, lam, seed), name, {"lam": lam}, child_tags(method, lam, seed))
                     for step in range(steps):
                         run.log_metrics({keys.TRAIN_LOSS: 1.0 / (step + 1), "train/step": float(step)}, step=step)
-                    run.log_metrics({keys.WIN_RATE: win_rate(method, lam, seed), keys.KL: 0.1 * seed})
+                    run.log_metrics({keys.WIN_RATE.key: win_rate(method, lam, seed), keys.KL.key: 0.1 * seed})
                     run.mark_complete()
                     ids.append(run.run_id)
     return ids
@@ -151,11 +151,11 @@ def test_sweep_parent_params_and_nested_tagged_children(store: dict[str, Any]) -
         assert tags[tracking.RUN_KEY] == run_key(method, lam, seed)
         assert {key: tags[key] for key in child_tags(method, lam, seed)} == child_tags(method, lam, seed)
         assert tags[tracking.COMPLETE] == "true" and run.info.status == "FINISHED"
-        assert run.data.metrics[keys.WIN_RATE] == pytest.approx(win_rate(method, lam, seed))
+        assert run.data.metrics[keys.WIN_RATE.key] == pytest.approx(win_rate(method, lam, seed))
         history = client.get_metric_history(run.info.run_id, keys.TRAIN_LOSS)
         assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
     view = experiment.tags[tracking._SAVED_VIEW_TAG + tracking.LEADERBOARD_VIEW]
-    assert keys.WIN_RATE in view and tracking.leaderboard_views(store["uri"]) == {"tiny": experiment.experiment_id}
+    assert keys.WIN_RATE.key in view and tracking.leaderboard_views(store["uri"]) == {"tiny": experiment.experiment_id}
 
 
 def test_artifacts_and_tags_land_in_the_run(store: dict[str, Any], tmp_path: Path) -> None:
@@ -223,7 +223,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), SweepTracker(uri, "resume", "recipe1", RECIPE, {}) as sweep:
         for method, lam, seed in grid[:2]:
             run = sweep.child(run_key(method, lam, seed), "run", {"lam": lam}, child_tags(method, lam, seed))
-            run.log_metrics({keys.WIN_RATE: win_rate(method, lam, seed)})
+            run.log_metrics({keys.WIN_RATE.key: win_rate(method, lam, seed)})
             run.mark_complete()
             done[run_key(method, lam, seed)] = run.run_id
         half = sweep.child(run_key(*grid[2]), "run", {"lam": grid[2][1]}, child_tags(*grid[2]))
@@ -250,7 +250,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
             if key == run_key(*grid[2]):
                 assert run.run_id == half.run_id
                 assert client.get_run(run.run_id).info.status == "RUNNING"
-            run.log_metrics({keys.WIN_RATE: win_rate(method, lam, seed)})
+            run.log_metrics({keys.WIN_RATE.key: win_rate(method, lam, seed)})
             run.mark_complete()
     counts = runs_by_key(client, "resume")
     assert sorted(counts) == sorted(run_key(*point) for point in grid)
@@ -294,5 +294,5 @@ def test_two_processes_writing_one_store_lose_nothing(tmp_path: Path) -> None:
         if tracking.RUN_KEY in tags:
             assert tags[tracking.COMPLETE] == "true"
             expected = win_rate(tags[tracking.METHOD], float(run.data.params["lam"]), int(tags[tracking.SEED]))
-            assert run.data.metrics[keys.WIN_RATE] == pytest.approx(expected)
+            assert run.data.metrics[keys.WIN_RATE.key] == pytest.approx(expected)
             assert [m.step for m in client.get_metric_history(run.info.run_id, keys.TRAIN_LOSS)] == list(range(10))

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import string
 import tempfile
 import threading
 import time
@@ -27,8 +28,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field, field_validator
+
+from expo_bench.config_model import ConfigModel
 from expo_bench.errors import UserError
-from expo_bench.evaluation.judges import Comparison, LLMJudgeConfig, Verdict
+from expo_bench.evaluation.types import Comparison, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,67 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
+DPO_DIALOGUE_TEMPLATE = (
+    "For the following query to a chatbot, which response is more helpful?\n"
+    "Query: {prompt}\n"
+    "Response A:\n{response_a}\n"
+    "Response B:\n{response_b}\n"
+    "FIRST provide a one-sentence comparison of the two responses and explain which you feel is more helpful. "
+    'SECOND, on a new line, state only "A" or "B" to indicate which response is more helpful. '
+    "Your response should use the format:\n"
+    "Comparison: <one-sentence comparison and explanation>\n"
+    'More helpful: <"A" or "B">'
+)
+"""The DPO paper's GPT-4 helpfulness prompt for dialogue (Rafailov et al. 2023, Appendix C.2)."""
+
+TEMPLATE_FIELDS = {"prompt", "response_a", "response_b"}
+
+
+class LLMJudgeConfig(ConfigModel):
+    """A chat model behind an OpenAI-compatible endpoint (``{base_url}/chat/completions``) picks the better response.
+
+    The API key is read from the environment variable ``api_key_env`` when sending (null: no authentication).
+    Every answer is cached under the run's cache folder, so an interrupted evaluation resumes without paying twice.
+    """
+
+    kind: Literal["llm"] = "llm"
+    base_url: str = Field("https://api.openai.com/v1", pattern=r"^https?://")
+    model: str = Field(min_length=1)
+    api_key_env: str | None = "OPENAI_API_KEY"
+    template: str = DPO_DIALOGUE_TEMPLATE
+    """The user message: ``{prompt}``, ``{response_a}`` and ``{response_b}`` are filled in (write literal braces twice)."""
+    choice_label: str = Field("More helpful", min_length=1)
+    """The answer must hold exactly one line ``<choice_label>: A`` or ``... B`` (the DPO summarization prompt: ``Preferred``)."""
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(256, gt=0)
+    max_concurrency: int = Field(4, gt=0)
+    max_retries: int = Field(6, ge=0)
+    """Retries of a request after HTTP 429, 5xx, a timeout or a connection error."""
+    backoff: float = Field(1.0, ge=0)
+    """Seconds before the first retry, doubling with each (a server's Retry-After takes precedence)."""
+    timeout: float = Field(120.0, gt=0)
+    """Seconds to wait for one response."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, base_url: str) -> str:
+        return base_url.rstrip("/")
+
+    @field_validator("template")
+    @classmethod
+    def _known_fields(cls, template: str) -> str:
+        try:
+            fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+        except ValueError as error:
+            raise ValueError(f"not a format string ({error}); write literal braces as {{{{ and }}}}") from None
+        if fields != TEMPLATE_FIELDS:
+            raise ValueError(f"expected the fields {sorted(TEMPLATE_FIELDS)}, got {sorted(fields)}")
+        return template
+
+    def build(self, cache_dir: Path, seed: int) -> LLMJudge:
+        return LLMJudge(self, cache_dir / "llm-judge", seed)
+
+
 class LLMJudge:
     """Asks a chat model which of two responses is better; built by :meth:`LLMJudgeConfig.build`.
 
@@ -90,6 +155,7 @@ class LLMJudge:
     ) -> None:
         self.config, self.cache_dir, self.seed, self.progress = config, cache_dir, seed, progress
         self.name = f"llm:{config.model}"
+        self.gives_rewards = False
         self.url = f"{config.base_url}/chat/completions"
 
     def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]:

@@ -7,6 +7,7 @@ Samples and verdicts are written as jsonl next to the run, so judging can be red
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,12 @@ from transformers import PreTrainedModel
 from expo_bench import metric_keys
 from expo_bench.cache import cached, digest
 from expo_bench.config_model import ConfigModel
-from expo_bench.evaluation.judges import Comparison, Judge, JudgeConfig, RewardJudge
+from expo_bench.distributed import accelerator_device
+from expo_bench.evaluation.judges import JudgeConfig
 from expo_bench.evaluation.metrics import Diversity, RewardKL, WinRate
+from expo_bench.evaluation.types import Comparison, Judge
 from expo_bench.lm.data import fingerprint_module
-from expo_bench.lm.model import accelerator_device, policy_model, response_logps
+from expo_bench.lm.model import policy_model, response_logps
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.tokenize import pad_token_id, padded_sequences
 
@@ -173,9 +176,9 @@ class Evaluator:
         try:
             for temperature in temperatures or self.config.temperatures:
                 results = self._evaluate_at(policy, temperature, out_dir / f"T{temperature:g}", provenance)
-                metrics |= {metric_keys.at_temperature(f"eval/{name}", temperature): value for name, value in results.items()}
+                metrics |= {metric_keys.at_temperature(key, temperature): value for key, value in results.items()}
                 if temperature == self.config.headline_temperature:
-                    metrics |= {f"eval/{name}": value for name, value in results.items()}
+                    metrics |= results
             if self.exact is not None:
                 metrics |= self.exact(policy)
         finally:  # back where they were: a periodic evaluation runs in the middle of training
@@ -202,8 +205,8 @@ class Evaluator:
         diversity.update([[strip_eos(sample, self.tokenizer.eos_token_id) for sample in group] for group in samples])
         results = {**scalars(win_rate.compute()), **scalars(diversity.compute())}
         rewards: list[float] | None = None
-        if isinstance(self.judge, RewardJudge):
-            rewards = self.judge.rewards([comparison.prompt for comparison in comparisons], [c.candidate for c in comparisons])
+        if self.judge.gives_rewards:
+            rewards = [math.nan if verdict.candidate_reward is None else verdict.candidate_reward for verdict in verdicts]
             flat = [sample for group in samples for sample in group]
             prompt_ids = [held_out.prompt_ids[index] for index in prompts]
             reward_kl = RewardKL()
@@ -247,7 +250,8 @@ def strip_eos(ids: list[int], eos_token_id: int) -> list[int]:
 
 
 def scalars(computed: dict[str, Any]) -> dict[str, float]:
-    return {name: float(value) for name, value in computed.items()}
+    """A metric's ``compute()`` as evaluation metric keys (``win_rate`` -> ``eval/win_rate``)."""
+    return {metric_keys.stage_key(metric_keys.EVAL, name): float(value) for name, value in computed.items()}
 
 
 @torch.no_grad()

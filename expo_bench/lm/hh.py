@@ -8,40 +8,18 @@ silently repaired.
 
 from __future__ import annotations
 
-import gzip
-import json
-import lzma
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from expo_bench.errors import UserError
+from expo_bench.errors import DataError
+from expo_bench.lm.pairs import PromptPair, json_object, jsonl_lines, split_file
 
 ASSISTANT = "\n\nAssistant:"
 HUB_ID = "Anthropic/hh-rlhf"
 FIELDS = ("chosen", "rejected")
-
-# Text-mode openers by file ending; read_jsonl closes what they open.
-_OPENERS: dict[str, Callable[[Path], IO[str]]] = {
-    ".jsonl": lambda path: path.open(encoding="utf-8"),
-    ".jsonl.gz": lambda path: gzip.open(path, "rt", encoding="utf-8"),  # noqa: SIM115
-    ".jsonl.xz": lambda path: lzma.open(path, "rt", encoding="utf-8"),  # noqa: SIM115
-}
-
-
-class DataError(UserError):
-    """A data file or source that cannot be read as preference pairs; the message names it."""
-
-
-@dataclass(frozen=True)
-class PromptPair:
-    """One preference pair: ``prompt`` ends with ``"\\n\\nAssistant:"``; responses keep their leading space."""
-
-    prompt: str
-    chosen: str
-    rejected: str
 
 
 def split_hh(chosen: str, rejected: str) -> PromptPair | str:
@@ -71,17 +49,6 @@ class HHSplitReport:
         return f"{self.total} pairs: kept {self.kept}, dropped {dropped}; {self.malformed} malformed lines skipped"
 
 
-def json_object(line: str) -> dict[str, Any]:
-    """The JSON object on one line, or ValueError saying what is wrong with it."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"invalid JSON ({error})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"a {type(record).__name__}, not an object")
-    return record
-
-
 def _check_record(line: str) -> dict[str, str]:
     """The record of one line, or ValueError saying what is wrong with it."""
     record = json_object(line)
@@ -97,39 +64,16 @@ def read_jsonl(path: Path, skip_malformed: bool, report: HHSplitReport) -> Itera
     A malformed line is a :class:`DataError` naming the file and 1-based line, or, with ``skip_malformed``,
     counted in ``report.malformed``. Blank lines (e.g. a trailing empty line) carry no record and are skipped.
     """
-    opener = next((open_ for ending, open_ in _OPENERS.items() if path.name.endswith(ending)), None)
-    if opener is None:
-        raise DataError(f"{path}: expected a {', '.join(_OPENERS)} file")
-    try:
-        with opener(path) as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = _check_record(line)
-                except ValueError as error:
-                    if not skip_malformed:
-                        raise DataError(
-                            f"{path}, line {number}: expected a JSON object with string fields "
-                            f"'chosen' and 'rejected', got {error}"
-                        ) from None
-                    report.malformed += 1
-                    continue
-                yield record
-    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot read ({error})") from error
-
-
-def _local_file(root: Path, data_dir: str | None, split: str) -> Path:
-    """``root`` itself if it is a file, else ``root/<data_dir>/<split>.jsonl[.gz|.xz]``."""
-    if root.is_file():
-        return root
-    folder = root / data_dir if data_dir else root
-    candidates = [folder / f"{split}{ending}" for ending in _OPENERS]
-    found = next((candidate for candidate in candidates if candidate.is_file()), None)
-    if found is None:
-        raise DataError(f"{root}: no split {split!r} there; looked for {', '.join(map(str, candidates))}")
-    return found
+    for where, line in jsonl_lines(path):
+        try:
+            record = _check_record(line)
+        except ValueError as error:
+            if not skip_malformed:
+                expected = "a JSON object with string fields 'chosen' and 'rejected'"
+                raise DataError(f"{where}: expected {expected}, got {error}") from None
+            report.malformed += 1
+            continue
+        yield record
 
 
 def _hub_records(data_dir: str | None, split: str) -> Iterable[dict[str, Any]]:
@@ -149,7 +93,7 @@ def load_hh_pairs(
     report = HHSplitReport()
     local = Path(source)
     if local.exists():
-        records: Iterable[dict[str, Any]] = read_jsonl(_local_file(local, data_dir, split), skip_malformed, report)
+        records: Iterable[dict[str, Any]] = read_jsonl(split_file(local, split, data_dir), skip_malformed, report)
     elif source == HUB_ID:
         records = _hub_records(data_dir, split)
     else:

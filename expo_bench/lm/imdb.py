@@ -9,7 +9,6 @@ evaluation (:mod:`expo_bench.lm.sentiment`).
 from __future__ import annotations
 
 import html
-import lzma
 import random
 import re
 import warnings
@@ -19,7 +18,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from expo_bench.lm.hh import _OPENERS, DataError, PromptPair, json_object
+from expo_bench.errors import DataError
+from expo_bench.lm.pairs import PromptPair, json_object, jsonl_lines, split_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -65,29 +65,6 @@ def _review(row: str | dict[str, Any], fallback_id: str) -> Review:
     return Review(review_id, clean_review(text), label)
 
 
-def _local_file(root: Path, split: str) -> Path:
-    """``root`` itself if it is a file, else ``root/<split>.jsonl[.gz|.xz]``."""
-    if root.is_file():
-        return root
-    candidates = [root / f"{split}{ending}" for ending in _OPENERS]
-    found = next((candidate for candidate in candidates if candidate.is_file()), None)
-    if found is None:
-        raise DataError(f"{root}: no split {split!r} there; looked for {', '.join(map(str, candidates))}")
-    return found
-
-
-def _file_rows(path: Path) -> Iterator[tuple[str, str]]:
-    """(location, line) for each non-blank line of a .jsonl[.gz|.xz] file; read failures are DataError."""
-    opener = next((open_ for ending, open_ in _OPENERS.items() if path.name.endswith(ending)), None)
-    if opener is None:
-        raise DataError(f"{path}: expected a {', '.join(_OPENERS)} file")
-    try:
-        with opener(path) as lines:
-            yield from ((f"{path}, line {number}", line) for number, line in enumerate(lines, start=1) if line.strip())
-    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot read ({error})") from error
-
-
 def _hub_rows(split: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(location, row) from the hub dataset; ``datasets`` is imported here because only this path needs it."""
     import datasets
@@ -105,7 +82,7 @@ def load_reviews(source: str, split: str, skip_malformed: bool = False) -> list[
     """
     local = Path(source)
     if local.exists():
-        rows: Iterator[tuple[str, str | dict[str, Any]]] = _file_rows(_local_file(local, split))
+        rows: Iterator[tuple[str, str | dict[str, Any]]] = jsonl_lines(split_file(local, split))
     elif source == HUB_ID:
         rows = _hub_rows(split)
     else:

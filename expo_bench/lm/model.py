@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+import copy
+from collections.abc import Callable
+from typing import Any, Literal, cast
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -80,11 +82,6 @@ def policy_model(module: nn.Module) -> PreTrainedModel:
     return cast(PreTrainedModel, cast(CausalLMScorer, module.policy).model)
 
 
-def accelerator_device() -> torch.device:
-    """Where one-off work outside the Trainer (reference passes, sampling, scoring) runs: a GPU if there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
@@ -125,3 +122,13 @@ class CachedReference(nn.Module):
 
     def sequence_logps(self, sequences: Sequences) -> Tensor:
         raise RuntimeError("reference log-probs are cached in the batches; this run keeps no reference model")
+
+
+ReferenceKind = Literal["cached", "frozen_copy", "adapter_disabled"]
+
+REFERENCES: dict[str, Callable[[PreTrainedModel, PreTrainedModel], nn.Module]] = {
+    "cached": lambda base, policy: CachedReference(),
+    "frozen_copy": lambda base, policy: CausalLMScorer(copy.deepcopy(base)),
+    "adapter_disabled": lambda base, policy: AdapterDisabledScorer(policy),
+}
+"""How the reference is built from the SFT model (``base``) and the policy about to be trained."""

@@ -1,15 +1,29 @@
-"""Supervised fine-tuning on chosen responses ("Preferred-FT", the DPO paper's reference)."""
+"""Supervised fine-tuning on chosen responses ("Preferred-FT", the DPO paper's reference), cached on disk."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from rich.console import Console
 from torch import Tensor
+from transformers import PreTrainedModel
 
+from expo_bench import metric_keys as keys
+from expo_bench.cache import cached
 from expo_bench.contracts import PreferenceBatch
+from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, fingerprint_pairs
 from expo_bench.lm.model import CausalLMScorer
+from expo_bench.lm.tokenize import TokenizedPair
 from expo_bench.optim import OptimizerConfig
+from expo_bench.training import TrainConfig, build_trainer
 
 
 class SupervisedFineTuning(L.LightningModule):
@@ -24,14 +38,72 @@ class SupervisedFineTuning(L.LightningModule):
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         loss = self.nll(batch)
-        self.log("sft/train_nll", loss.detach(), batch_size=len(batch), sync_dist=True)
+        self.log(keys.SFT_TRAIN_NLL, loss.detach(), batch_size=len(batch), sync_dist=True)
         return loss
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
-        self.log("sft/val_nll", self.nll(batch), batch_size=len(batch), sync_dist=True, on_epoch=True)
+        self.log(keys.SFT_VAL_NLL, self.nll(batch), batch_size=len(batch), sync_dist=True, on_epoch=True)
 
     def transfer_batch_to_device(self, batch: PreferenceBatch, device: torch.device, dataloader_idx: int) -> PreferenceBatch:
         return batch.to(device)
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
         return self.optimizer_config.build(self.scorer.parameters())
+
+
+@dataclass(frozen=True)
+class SFTResult:
+    """Held-out NLL per response token before and after fine-tuning, and the optimizer steps it took."""
+
+    val_nll_before: float
+    val_nll_after: float
+    steps: int
+
+    def provenance(self) -> dict[str, float | int]:
+        return {"sft_val_nll_before": self.val_nll_before, "sft_val_nll_after": self.val_nll_after, "sft_steps": self.steps}
+
+
+def fine_tune(
+    base: PreTrainedModel,
+    train: Sequence[TokenizedPair],
+    held_out: Sequence[TokenizedPair],
+    pad: int,
+    seed: int,
+    config: TrainConfig,
+    cache_dir: Path,
+    console: Console,
+) -> SFTResult:
+    """Fine-tune ``base`` in place on the chosen responses; the result is cached, keyed by the initial weights, the
+    data, the SFT settings and the seed, so a rerun or a later sweep loads it instead."""
+    key = {
+        "initial": fingerprint_module(base),
+        "data": fingerprint_pairs([*train, *held_out]),
+        "sft": config.model_dump(mode="json"),
+        "seed": seed,
+    }
+
+    def compute() -> dict[str, Any]:
+        module = SupervisedFineTuning(CausalLMScorer(base), config.optimizer)
+        data = PairData(PairDataset(train, pad), PairDataset(held_out, pad), config.batch_size, seed)
+        trainer = build_trainer(config, [RichProgressBar(leave=False)])
+        before = trainer.validate(module, datamodule=data, verbose=False)[0][keys.SFT_VAL_NLL]
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=data)
+        after = trainer.validate(module, datamodule=data, verbose=False)[0][keys.SFT_VAL_NLL]
+        base.cpu()
+        return {
+            "weights": {name: tensor.detach().clone() for name, tensor in base.state_dict().items()},
+            "metrics": {"sft_val_nll_before": before, "sft_val_nll_after": after, "sft_steps": trainer.global_step},
+            "seconds": time.perf_counter() - started,
+        }
+
+    stored, hit = cached(cache_dir, "sft", key, compute)
+    if hit:
+        base.load_state_dict(stored["weights"])
+    metrics = stored["metrics"]
+    result = SFTResult(float(metrics["sft_val_nll_before"]), float(metrics["sft_val_nll_after"]), int(metrics["sft_steps"]))
+    console.print(
+        f"  SFT: held-out NLL per token {result.val_nll_before:.3f} -> {result.val_nll_after:.3f} "
+        f"in {result.steps} steps, " + ("from the cache" if hit else f"{stored['seconds']:.1f} s")
+    )
+    return result

@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 
 from expo_bench.config_model import ConfigModel
 from expo_bench.contracts import PreferenceBatch, Sequences
-from expo_bench.lm.hh import PromptPair
+from expo_bench.lm.pairs import PromptPair
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

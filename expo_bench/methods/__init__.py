@@ -8,7 +8,15 @@ import pkgutil
 from expo_bench.config_model import closest
 from expo_bench.methods.base import REGISTRY, MethodParams, PreferenceMethod, preference_nll
 
-__all__ = ["MethodParams", "PreferenceMethod", "UnknownMethodError", "available_methods", "method_class", "preference_nll"]
+__all__ = [
+    "MethodParams",
+    "PreferenceMethod",
+    "UnknownMethodError",
+    "available_methods",
+    "default_label",
+    "method_class",
+    "preference_nll",
+]
 
 
 class UnknownMethodError(ValueError):
@@ -20,6 +28,12 @@ def available_methods() -> dict[str, type[PreferenceMethod]]:
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
     return dict(sorted(REGISTRY.items()))
+
+
+def default_label(method: type[PreferenceMethod]) -> str:
+    """A method's row name when the recipe gives none: its own ``name``, else its class name (a subclass of a
+    built-in does not inherit the built-in's row)."""
+    return str(method.__dict__.get("name", method.__name__))
 
 
 def method_class(name: str) -> type[PreferenceMethod]:
@@ -36,4 +50,7 @@ def method_class(name: str) -> type[PreferenceMethod]:
         raise UnknownMethodError(f"cannot import method {name!r}: {error}") from error
     if not (isinstance(obj, type) and issubclass(obj, PreferenceMethod)):
         raise UnknownMethodError(f"{name!r} is not a subclass of expo_bench.methods.PreferenceMethod")
+    own = default_label(obj)
+    if own in builtins and builtins[own] is not obj:
+        raise UnknownMethodError(f"{name!r} calls itself {own!r}, the name of a built-in method: rename it (its name attribute)")
     return obj

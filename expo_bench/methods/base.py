@@ -1,15 +1,22 @@
 """The base LightningModule every preference-optimization method derives from.
 
-A method file holds a pure loss function over per-sequence log-probs and a small subclass of
-:class:`PreferenceMethod` that names its ``Params`` and returns its objective's terms. The base does the
-rest the same way for every method: one concatenated policy forward pass for chosen and rejected, the
-reference log-probs (cached in the batch, or computed without gradients), the SimPO-style modifiers
-(length normalization, margin ``gamma``), optimization, gradient clipping and logging.
+A method file holds its loss as pure functions and a small subclass of :class:`PreferenceMethod`. A pairwise
+method gives its preference logit s (DPO: βh) and its link loss ℓ (Bradley–Terry: −log σ); the base then
+evaluates, for a pair with label z = P(y_w ≻ y_l) and margin γ,
+
+    z·ℓ(s − γ) + (1 − z)·ℓ(−s − γ)
+
+so the SimPO-style margin γ, soft labels and the symmetry "a flipped pair with a flipped label has the same loss"
+hold for every such method by construction. A method may regress onto another target than z (cDPO,
+EXPO-regression) and add regularizers (EXPO's λ·KL(π_ref ‖ π)). The base also does the single concatenated policy
+forward pass, the reference log-probs (cached in the batch, or computed without gradients), the log-probs of
+reference samples for methods that estimate a KL on them, length normalization, optimization, per-replica
+gradient clipping and logging.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import lightning as L
@@ -19,12 +26,16 @@ from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from pydantic import Field
 from torch import Tensor, nn
 
+from expo_bench import metric_keys as keys
 from expo_bench.config_model import ConfigModel
-from expo_bench.contracts import PairLogps, PreferenceBatch, Sequences, SequenceScorer, concat_sequences
+from expo_bench.contracts import PairLogps, PreferenceBatch, SampleLogps, Sequences, SequenceScorer, concat_sequences
 from expo_bench.optim import OptimizerConfig
 
 REGISTRY: dict[str, type[PreferenceMethod]] = {}
 """Built-in methods by name; filled as each module under ``expo_bench.methods`` is imported."""
+
+KL_SAMPLES = "kl_samples"
+"""A batch field a method may require (:meth:`PreferenceMethod.requires`): responses sampled from the reference."""
 
 
 class MethodParams(ConfigModel):
@@ -39,13 +50,20 @@ class MethodParams(ConfigModel):
     length_normalize: bool = False
 
 
-def preference_nll(logit: Tensor, label: Tensor | float, gamma: float | Tensor = 0.0) -> Tensor:
-    """Bradley–Terry negative log-likelihood of soft label z = P(y_w ≻ y_l), with margin γ.
+def bradley_terry(logit: Tensor) -> Tensor:
+    """ℓ(u) = −log σ(u): the negative log-likelihood of the winner under Bradley–Terry."""
+    return -F.logsigmoid(logit)
 
-    ``-(z·log σ(s - γ) + (1 - z)·log σ(-s - γ))``: the margin applies to whichever response the label
-    declares the winner, so a flipped pair with flipped label gives the same loss.
-    """
-    return -(label * F.logsigmoid(logit - gamma) + (1 - label) * F.logsigmoid(-logit - gamma))
+
+def pairwise_loss(link: Callable[[Tensor], Tensor], logit: Tensor, label: Tensor | float, gamma: float | Tensor = 0.0) -> Tensor:
+    """``z·ℓ(s − γ) + (1 − z)·ℓ(−s − γ)``: the margin applies to whichever response the label declares the winner."""
+    return label * link(logit - gamma) + (1 - label) * link(-logit - gamma)
+
+
+def preference_nll(logit: Tensor, label: Tensor | float, gamma: float | Tensor = 0.0) -> Tensor:
+    """Bradley–Terry negative log-likelihood of soft label z = P(y_w ≻ y_l), with margin γ:
+    ``-(z·log σ(s - γ) + (1 - z)·log σ(-s - γ))``."""
+    return pairwise_loss(bradley_terry, logit, label, gamma)
 
 
 class PreferenceMethod(L.LightningModule):
@@ -63,8 +81,13 @@ class PreferenceMethod(L.LightningModule):
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
     regularization: ClassVar[str | None] = None
-    """Name of the field that plays the paper's λ (DPO's β, IPO's τ), or ``None`` (reference-free)."""
+    """Name of the field that plays the paper's λ (DPO's β, IPO's τ), or ``None`` (nothing to sweep)."""
     reference_free: ClassVar[bool] = False
+    pair_term: ClassVar[str] = keys.LOSS
+    """The name under which the pairwise term is logged when there are regularizers too."""
+    takes_margin: ClassVar[bool] = True
+    """Whether ``gamma`` reaches the loss: true for every method that keeps the base's pairwise :meth:`objective`;
+    a method that overrides it is refused a nonzero ``gamma`` at validation."""
 
     @classmethod
     def requires(cls, params: MethodParams) -> frozenset[str]:
@@ -73,7 +96,11 @@ class PreferenceMethod(L.LightningModule):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls.takes_margin = cls.objective is PreferenceMethod.objective
         if "name" in cls.__dict__ and cls.__module__.startswith("expo_bench.methods."):
+            taken = REGISTRY.get(cls.name)
+            if taken is not None and taken is not cls:
+                raise TypeError(f"method name {cls.name!r} of {cls.__module__}.{cls.__qualname__} is taken by {taken.__module__}")
             REGISTRY[cls.name] = cls
 
     def __init__(
@@ -95,6 +122,7 @@ class PreferenceMethod(L.LightningModule):
         self.params = params[0]
         self.replicas = len(params)
         self.optimizer_config = optimizer
+        self._needs_samples = KL_SAMPLES in self.requires(self.params)
         self._varying: dict[str, Tensor] = {}
         for field in type(self.params).model_fields:
             values = [getattr(p, field) for p in params]
@@ -115,11 +143,28 @@ class PreferenceMethod(L.LightningModule):
         """Hyperparameter ``field``: a float, or a ``(G, 1)`` tensor where it differs across replicas."""
         return getattr(self, f"_hp_{field}") if field in self._varying else getattr(self.params, field)
 
-    # -- the contract a method implements ---------------------------------------------------------
+    # -- what a pairwise method implements ---------------------------------------------------------
+
+    def preference_logit(self, logps: PairLogps) -> Tensor:
+        """s: how strongly the loss reads the policy as preferring y_w to y_l, ``(..., N)``."""
+        raise NotImplementedError(f"{type(self).__name__} must define preference_logit() or override objective()")
+
+    def link(self, logit: Tensor) -> Tensor:
+        """ℓ(u): the loss of ranking the labelled winner ahead by logit u (default: Bradley–Terry, −log σ(u))."""
+        return bradley_terry(logit)
+
+    def target(self, logps: PairLogps, batch: PreferenceBatch) -> Tensor:
+        """The probability that y_w wins which the loss regresses onto (default: the label z)."""
+        return batch.label
+
+    def regularizers(self, logps: PairLogps, batch: PreferenceBatch) -> dict[str, Tensor]:
+        """Named terms added to the pairwise loss, each reduced over the batch (shape ``(...,)``)."""
+        return {}
 
     def objective(self, logps: PairLogps, batch: PreferenceBatch) -> dict[str, Tensor]:
         """Named terms of the loss, each reduced over the batch (shape ``(...,)``); the loss is their sum."""
-        raise NotImplementedError
+        loss = pairwise_loss(self.link, self.preference_logit(logps), self.target(logps, batch), self.hp("gamma"))
+        return {self.pair_term: loss.mean(-1), **self.regularizers(logps, batch)}
 
     # -- shared machinery --------------------------------------------------------------------------
 
@@ -133,7 +178,8 @@ class PreferenceMethod(L.LightningModule):
             return self.scores(self.reference, sequences)  # type: ignore[arg-type]
 
     def pair_logps(self, batch: PreferenceBatch) -> PairLogps:
-        """Per-sequence log-probs as the loss sees them (summed, or per-token means)."""
+        """Per-sequence log-probs as the loss sees them (summed, or per-token means), with reference samples'
+        log-probs when the method estimates a KL on them."""
         n = len(batch)
         both = self.scores(self.policy, concat_sequences(batch.chosen, batch.rejected))  # type: ignore[arg-type]
         policy_chosen, policy_rejected = both[..., :n], both[..., n:]
@@ -145,8 +191,24 @@ class PreferenceMethod(L.LightningModule):
             else:
                 reference_both = self.reference_scores(concat_sequences(batch.chosen, batch.rejected))
                 reference_chosen, reference_rejected = reference_both[..., :n], reference_both[..., n:]
-        logps = PairLogps(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
-        return length_normalized(logps, batch) if self.params.length_normalize else logps
+        logps = PairLogps(
+            policy_chosen,
+            policy_rejected,
+            reference_chosen,
+            reference_rejected,
+            batch.chosen_tokens.float(),
+            batch.rejected_tokens.float(),
+            samples=self._sample_logps(batch) if self._needs_samples else None,
+        )
+        return logps.normalized() if self.params.length_normalize else logps
+
+    def _sample_logps(self, batch: PreferenceBatch) -> SampleLogps:
+        if batch.kl_samples is None or batch.kl_weights is None:
+            raise ValueError(f"{type(self).__name__} needs reference samples in the batch (kl_samples)")
+        policy = self.scores(self.policy, batch.kl_samples)  # type: ignore[arg-type]
+        cached = batch.kl_reference_logps
+        reference = self.reference_scores(batch.kl_samples) if cached is None else cached.float()
+        return SampleLogps(policy, reference, batch.kl_weights.float())
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         logps = self.pair_logps(batch)
@@ -154,15 +216,16 @@ class PreferenceMethod(L.LightningModule):
         per_replica = torch.stack(list(terms.values())).sum(0)
         # Lightning's log() costs more than a tabular step; call it only on the steps a logger would keep.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
-            metrics = pair_metrics("train", logps, terms)
-            metrics["train/entropy"] = self.policy.response_entropy(concat_sequences(batch.chosen, batch.rejected)).mean()  # type: ignore[operator]
+            metrics = pair_metrics(keys.TRAIN, logps, terms)
+            entropy = self.policy.response_entropy(concat_sequences(batch.chosen, batch.rejected))  # type: ignore[operator]
+            metrics[keys.stage_key(keys.TRAIN, keys.ENTROPY)] = entropy.mean()
             self.log_dict(metrics, batch_size=len(batch), sync_dist=True)
         # Summing over replicas keeps each replica's gradient what it would be if trained alone.
         return per_replica.sum()
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         logps = self.pair_logps(batch)
-        metrics = pair_metrics("val", logps, self.objective(logps, batch))
+        metrics = pair_metrics(keys.VAL, logps, self.objective(logps, batch))
         self.log_dict(metrics, batch_size=len(batch), sync_dist=True, on_epoch=True)
 
     def transfer_batch_to_device(self, batch: PreferenceBatch, device: torch.device, dataloader_idx: int) -> PreferenceBatch:
@@ -187,33 +250,25 @@ def pair_metrics(stage: str, logps: PairLogps, terms: dict[str, Tensor]) -> dict
     """Loss, its terms, mean log-probs and, with a reference, implicit rewards log π/π_ref (unscaled by β,
     so methods compare on one scale). An accuracy counts h > 0 as 1 and a tie h = 0 as ½, averaged over
     pairs (and replicas)."""
-    metrics = {f"{stage}/loss": torch.stack(list(terms.values())).sum(0).mean()}
+
+    def key(name: str) -> str:
+        return keys.stage_key(stage, name)
+
+    metrics = {key(keys.LOSS): torch.stack(list(terms.values())).sum(0).mean()}
     if len(terms) > 1:
-        metrics |= {f"{stage}/loss_{name}": value.mean() for name, value in terms.items()}
-    metrics |= {f"{stage}/logps_chosen": logps.policy_chosen.mean(), f"{stage}/logps_rejected": logps.policy_rejected.mean()}
+        metrics |= {key(keys.LOSS_TERM + name): value.mean() for name, value in terms.items()}
+    metrics |= {key(keys.LOGPS_CHOSEN): logps.policy_chosen.mean(), key(keys.LOGPS_REJECTED): logps.policy_rejected.mean()}
     if logps.reference_chosen is not None and logps.reference_rejected is not None:
         margin = logps.log_ratio_margin
         metrics |= {
-            f"{stage}/rewards_chosen": (logps.policy_chosen - logps.reference_chosen).mean(),
-            f"{stage}/rewards_rejected": (logps.policy_rejected - logps.reference_rejected).mean(),
-            f"{stage}/rewards_margin": margin.mean(),
-            f"{stage}/rewards_accuracy": ((margin > 0).float() + 0.5 * (margin == 0).float()).mean(),
+            key(keys.REWARDS_CHOSEN): (logps.policy_chosen - logps.reference_chosen).mean(),
+            key(keys.REWARDS_REJECTED): (logps.policy_rejected - logps.reference_rejected).mean(),
+            key(keys.REWARDS_MARGIN): margin.mean(),
+            key(keys.REWARDS_ACCURACY): ((margin > 0).float() + 0.5 * (margin == 0).float()).mean(),
         }
     policy_margin = logps.policy_margin
-    metrics[f"{stage}/preference_accuracy"] = ((policy_margin > 0).float() + 0.5 * (policy_margin == 0).float()).mean()
+    metrics[key(keys.PREFERENCE_ACCURACY)] = ((policy_margin > 0).float() + 0.5 * (policy_margin == 0).float()).mean()
     return {name: value.detach() for name, value in metrics.items()}
-
-
-def length_normalized(logps: PairLogps, batch: PreferenceBatch) -> PairLogps:
-    """Per-token mean log-probs; an empty response counts as one token so nothing divides by zero."""
-    chosen_tokens = batch.chosen_tokens.clamp(min=1).float()
-    rejected_tokens = batch.rejected_tokens.clamp(min=1).float()
-    return PairLogps(
-        logps.policy_chosen / chosen_tokens,
-        logps.policy_rejected / rejected_tokens,
-        None if logps.reference_chosen is None else logps.reference_chosen / chosen_tokens,
-        None if logps.reference_rejected is None else logps.reference_rejected / rejected_tokens,
-    )
 
 
 def clip_per_replica(parameters: list[nn.Parameter], max_norm: float) -> None:

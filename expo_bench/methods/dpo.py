@@ -11,6 +11,11 @@ from expo_bench.contracts import PairLogps, PreferenceBatch
 from expo_bench.methods.base import MethodParams, PreferenceMethod, preference_nll
 
 
+def smoothed_label(label: Tensor | float, label_smoothing: float | Tensor) -> Tensor | float:
+    """cDPO's z' = (1 - ε)z + ε(1 - z): the label read as flipped with probability ε."""
+    return (1 - label_smoothing) * label + label_smoothing * (1 - label)
+
+
 def dpo_loss(
     log_ratio_margin: Tensor,
     label: Tensor | float,
@@ -18,12 +23,8 @@ def dpo_loss(
     gamma: float | Tensor = 0.0,
     label_smoothing: float | Tensor = 0.0,
 ) -> Tensor:
-    """``-(z'·log σ(βh - γ) + (1 - z')·log σ(-βh - γ))`` with h = d_pol - d_ref.
-
-    DPO Eq. 7 at z = 1, γ = 0; conservative DPO replaces z by z' = (1 - ε)z + ε(1 - z).
-    """
-    smoothed = (1 - label_smoothing) * label + label_smoothing * (1 - label)
-    return preference_nll(beta * log_ratio_margin, smoothed, gamma)
+    """``-(z'·log σ(βh - γ) + (1 - z')·log σ(-βh - γ))`` with h = d_pol - d_ref; DPO Eq. 7 at z = 1, γ = ε = 0."""
+    return preference_nll(beta * log_ratio_margin, smoothed_label(label, label_smoothing), gamma)
 
 
 class DPOParams(MethodParams):
@@ -32,10 +33,14 @@ class DPOParams(MethodParams):
 
 
 class DPO(PreferenceMethod):
+    """s = βh, Bradley–Terry link, target z' (cDPO)."""
+
     name = "dpo"
     Params = DPOParams
     regularization: ClassVar[str | None] = "beta"
 
-    def objective(self, logps: PairLogps, batch: PreferenceBatch) -> dict[str, Tensor]:
-        loss = dpo_loss(logps.log_ratio_margin, batch.label, self.hp("beta"), self.hp("gamma"), self.hp("label_smoothing"))
-        return {"loss": loss.mean(-1)}
+    def preference_logit(self, logps: PairLogps) -> Tensor:
+        return self.hp("beta") * logps.log_ratio_margin
+
+    def target(self, logps: PairLogps, batch: PreferenceBatch) -> Tensor:
+        return smoothed_label(batch.label, self.hp("label_smoothing"))  # type: ignore[return-value]

@@ -1,12 +1,14 @@
 """EXPO, regression form (EXPO paper, ICML 2025), as reconstructed here.
 
-The policy's own preference p = σ(d_pol - γ) is regressed onto a weighted average of the label's and
-the reference's preference, t = (1 - λ)·z + λ·σ(d_ref), λ ∈ [0, 1]. The paper's equation text was not
-available to us; this reconstruction and the ``distance`` options are documented in the README:
+The policy's own preference p = σ(d_pol) is regressed onto a weighted average of the label's and the
+reference's preference, t = (1 - λ)·z + λ·σ(d_ref), λ ∈ [0, 1]. The paper's equation text was not available to
+us; this reconstruction and the ``distance`` options are documented in the README. Both distances are proper
+scoring rules of p against t, so the base's pairwise form t·ℓ(s - γ) + (1 - t)·ℓ(-s - γ) gives them:
 
-- ``bce`` (default): ``-(t·log p + (1-t)·log(1-p))`` = KL(Bern(t) ‖ Bern(p)) + const; its gradient in
-  d_pol is p - t and never vanishes when σ saturates.
-- ``squared``: ``(p - t)²``.
+- ``bce`` (default), ℓ(u) = -log σ(u): ``-(t·log p + (1-t)·log(1-p))`` = KL(Bern(t) ‖ Bern(p)) + H(t); its
+  gradient in d_pol is p - t and never vanishes when σ saturates.
+- ``squared``, ℓ(u) = (1 - σ(u))²: the Brier score ``(p - t)² + t(1 - t)``, the squared distance plus a term
+  that does not depend on the policy.
 
 At λ = 0 with ``bce`` this is the Bradley–Terry NLL; at λ = 1 its minimiser is π = π_ref.
 """
@@ -21,18 +23,20 @@ from pydantic import Field
 from torch import Tensor
 
 from expo_bench.contracts import PairLogps, PreferenceBatch
-from expo_bench.methods.base import MethodParams, PreferenceMethod, preference_nll
+from expo_bench.methods.base import MethodParams, PreferenceMethod, bradley_terry, pairwise_loss
 
 
-def _bce(policy_logit: Tensor, target: Tensor) -> Tensor:
-    return preference_nll(policy_logit, target)
+def brier(logit: Tensor) -> Tensor:
+    """ℓ(u) = (1 - σ(u))²."""
+    return (1 - torch.sigmoid(logit)) ** 2
 
 
-def _squared(policy_logit: Tensor, target: Tensor) -> Tensor:
-    return (torch.sigmoid(policy_logit) - target) ** 2
+DISTANCES: dict[str, Callable[[Tensor], Tensor]] = {"bce": bradley_terry, "squared": brier}
 
 
-DISTANCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"bce": _bce, "squared": _squared}
+def regression_target(reference_margin: Tensor, label: Tensor | float, lam: float | Tensor) -> Tensor:
+    """t = (1 - λ)·z + λ·σ(d_ref)."""
+    return (1 - lam) * label + lam * torch.sigmoid(reference_margin)
 
 
 def expo_regression_loss(
@@ -43,9 +47,8 @@ def expo_regression_loss(
     distance: str = "bce",
     gamma: float | Tensor = 0.0,
 ) -> Tensor:
-    """``D(σ(d_pol - γ), (1 - λ)z + λσ(d_ref))`` per example, D one of ``DISTANCES``."""
-    target = (1 - lam) * label + lam * torch.sigmoid(reference_margin)
-    return DISTANCES[distance](policy_margin - gamma, target)
+    """``t·ℓ(d_pol - γ) + (1 - t)·ℓ(-d_pol - γ)`` with t = (1 - λ)z + λσ(d_ref), ℓ one of ``DISTANCES``."""
+    return pairwise_loss(DISTANCES[distance], policy_margin, regression_target(reference_margin, label, lam), gamma)
 
 
 class EXPORegressionParams(MethodParams):
@@ -54,17 +57,17 @@ class EXPORegressionParams(MethodParams):
 
 
 class EXPORegression(PreferenceMethod):
+    """s = d_pol, target t = (1 - λ)z + λσ(d_ref), link from ``distance``."""
+
     name = "expo_regression"
     Params = EXPORegressionParams
     regularization: ClassVar[str | None] = "lam"
 
-    def objective(self, logps: PairLogps, batch: PreferenceBatch) -> dict[str, Tensor]:
-        loss = expo_regression_loss(
-            logps.policy_margin,
-            logps.reference_margin,
-            batch.label,
-            self.hp("lam"),
-            self.params.distance,  # type: ignore[attr-defined]
-            self.hp("gamma"),
-        )
-        return {"loss": loss.mean(-1)}
+    def preference_logit(self, logps: PairLogps) -> Tensor:
+        return logps.policy_margin
+
+    def link(self, logit: Tensor) -> Tensor:
+        return DISTANCES[self.params.distance](logit)  # type: ignore[attr-defined]
+
+    def target(self, logps: PairLogps, batch: PreferenceBatch) -> Tensor:
+        return regression_target(logps.reference_margin, batch.label, self.hp("lam"))

@@ -11,8 +11,13 @@ from typing import ClassVar
 from pydantic import Field
 from torch import Tensor
 
-from expo_bench.contracts import PairLogps, PreferenceBatch
-from expo_bench.methods.base import MethodParams, PreferenceMethod
+from expo_bench.contracts import PairLogps
+from expo_bench.methods.base import MethodParams, PreferenceMethod, pairwise_loss
+
+
+def ipo_link(logit: Tensor, tau: float | Tensor) -> Tensor:
+    """ℓ(u) = (u - 1/(2τ))²."""
+    return (logit - 1 / (2 * tau)) ** 2
 
 
 def ipo_loss(log_ratio_margin: Tensor, label: Tensor | float, tau: float | Tensor, gamma: float | Tensor = 0.0) -> Tensor:
@@ -20,8 +25,7 @@ def ipo_loss(log_ratio_margin: Tensor, label: Tensor | float, tau: float | Tenso
 
     With a soft label the minimiser is h = (2z - 1)(γ + 1/(2τ)).
     """
-    target = gamma + 1 / (2 * tau)
-    return label * (log_ratio_margin - target) ** 2 + (1 - label) * (log_ratio_margin + target) ** 2
+    return pairwise_loss(lambda logit: ipo_link(logit, tau), log_ratio_margin, label, gamma)
 
 
 class IPOParams(MethodParams):
@@ -29,9 +33,14 @@ class IPOParams(MethodParams):
 
 
 class IPO(PreferenceMethod):
+    """s = h, link (u - 1/(2τ))²."""
+
     name = "ipo"
     Params = IPOParams
     regularization: ClassVar[str | None] = "tau"
 
-    def objective(self, logps: PairLogps, batch: PreferenceBatch) -> dict[str, Tensor]:
-        return {"loss": ipo_loss(logps.log_ratio_margin, batch.label, self.hp("tau"), self.hp("gamma")).mean(-1)}
+    def preference_logit(self, logps: PairLogps) -> Tensor:
+        return logps.log_ratio_margin
+
+    def link(self, logit: Tensor) -> Tensor:
+        return ipo_link(logit, self.hp("tau"))

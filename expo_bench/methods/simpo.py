@@ -8,7 +8,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from expo_bench.contracts import PairLogps, PreferenceBatch
+from expo_bench.contracts import PairLogps
 from expo_bench.methods.base import MethodParams, PreferenceMethod, preference_nll
 
 
@@ -26,10 +26,11 @@ class SimPOParams(MethodParams):
 
 
 class SimPO(PreferenceMethod):
+    """s = β(log π(y_w)/|y_w| - log π(y_l)/|y_l|), Bradley–Terry link, no reference."""
+
     name = "simpo"
     Params = SimPOParams
     reference_free = True
 
-    def objective(self, logps: PairLogps, batch: PreferenceBatch) -> dict[str, Tensor]:
-        loss = simpo_loss(logps.policy_chosen, logps.policy_rejected, batch.label, self.hp("beta"), self.hp("gamma"))
-        return {"loss": loss.mean(-1)}
+    def preference_logit(self, logps: PairLogps) -> Tensor:
+        return self.hp("beta") * logps.policy_margin

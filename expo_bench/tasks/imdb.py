@@ -3,6 +3,7 @@ review prefixes from the SFT model, label pairs with a sentiment reward model, t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Callable
@@ -17,16 +18,17 @@ from transformers import PreTrainedModel
 from expo_bench import metric_keys
 from expo_bench.cache import cached
 from expo_bench.config_model import ConfigModel
+from expo_bench.distributed import accelerator_device
 from expo_bench.evaluation.judges import RewardModelJudge
+from expo_bench.evaluation.reward_models import HFSentimentClassifier, RewardModel, TfidfSentiment
 from expo_bench.lm import imdb
 from expo_bench.lm.data import fingerprint_module
-from expo_bench.lm.hh import PromptPair
 from expo_bench.lm.imdb import Review, label_pairs, load_reviews, make_prompts
-from expo_bench.lm.model import accelerator_device
+from expo_bench.lm.pairs import PromptPair
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
-from expo_bench.lm.sentiment import HFSentimentClassifier, RewardModel, TfidfSentiment
-from expo_bench.lm.task import LanguageModelTask, Prepared
 from expo_bench.lm.tokenize import TokenizedPair, pad_token_id, tokenize_pair
+from expo_bench.metric_keys import Metric
+from expo_bench.tasks.language_model import LanguageModelTask, SFTExamples, TaskData
 
 
 class RewardModelConfig(ConfigModel):
@@ -77,7 +79,7 @@ class IMDbTask(LanguageModelTask):
 
     kind: Literal["imdb"]
     has_own_judge: ClassVar[bool] = True
-    rank_by: ClassVar[tuple[str, str]] = (metric_keys.REWARD, "max")
+    rank_by: ClassVar[Metric] = metric_keys.REWARD
     tokenizer: str = "gpt2-large"
     source: str = imdb.HUB_ID
     train_split: str = "train"
@@ -108,22 +110,32 @@ class IMDbTask(LanguageModelTask):
     def dataset(self) -> str:
         return "imdb"
 
-    def prepare(self, seed: int, tokenizer: Any, base: PreTrainedModel, cache_dir: Path, console: Console) -> Prepared:
-        train_reviews = load_reviews(self.source, self.train_split, self.skip_malformed)
-        eval_reviews = load_reviews(self.source, self.eval_split, self.skip_malformed)
-        shuffled, held_out = train_reviews[:], eval_reviews[:]
+    def _reviews(self, seed: int) -> tuple[list[Review], list[Review], list[Review]]:
+        """All training reviews, and the training and held-out reviews shuffled by seed."""
+        train_reviews = _load(self.source, self.train_split, self.skip_malformed)
+        shuffled, held_out = list(train_reviews), list(_load(self.source, self.eval_split, self.skip_malformed))
         random.Random(seed).shuffle(shuffled)
         random.Random(seed + 1).shuffle(held_out)
-        pad = pad_token_id(tokenizer)
+        return list(train_reviews), shuffled, held_out
+
+    def sft_examples(self, seed: int, tokenizer: Any, console: Console) -> SFTExamples:
+        if self.sft is None:
+            return SFTExamples([], [])
+        _, shuffled, held_out = self._reviews(seed)
         max_length = self.tokenization.max_length
-        sft: dict[str, Any] = {}
-        if self.sft is not None:
-            examples = [review_example(tokenizer, review, max_length) for review in shuffled[: self.sft_reviews]]
-            held = [review_example(tokenizer, review, max_length) for review in held_out[: self.eval_prompts]]
-            sft = self._sft(base, examples, held, pad, seed, cache_dir, console)
+        return SFTExamples(
+            [review_example(tokenizer, review, max_length) for review in shuffled[: self.sft_reviews]],
+            [review_example(tokenizer, review, max_length) for review in held_out[: self.eval_prompts]],
+        )
+
+    def task_data(
+        self, seed: int, tokenizer: Any, reference: PreTrainedModel, sft: SFTExamples, cache_dir: Path, console: Console
+    ) -> TaskData:
+        train_reviews, shuffled, held_out = self._reviews(seed)
+        pad = pad_token_id(tokenizer)
         prompt_reviews = shuffled[: self.train_prompts], held_out[: self.eval_prompts]
         key = {
-            "sft_model": fingerprint_module(base),
+            "sft_model": fingerprint_module(reference),
             "reviews": [hashlib.sha256("|".join(r.id for r in reviews).encode()).hexdigest()[:16] for reviews in prompt_reviews],
             "settings": self.model_dump(include={"prompt_tokens", "completions", "reward_model", "margin"}, mode="json"),
             "seed": seed,
@@ -131,12 +143,12 @@ class IMDbTask(LanguageModelTask):
 
         def label() -> dict[str, Any]:
             reward = self.reward_model.build(train_reviews, seed, cache_dir)
-            nn.Module.to(base, accelerator_device())
+            nn.Module.to(reference, accelerator_device())
             try:
-                train, train_report = self._pairs(tokenizer, base, reward, prompt_reviews[0], seed, pad)
-                evaluation, eval_report = self._pairs(tokenizer, base, reward, prompt_reviews[1], seed + 1, pad)
+                train, train_report = self._pairs(tokenizer, reference, reward, prompt_reviews[0], seed, pad)
+                evaluation, eval_report = self._pairs(tokenizer, reference, reward, prompt_reviews[1], seed + 1, pad)
             finally:
-                base.cpu()
+                reference.cpu()
             return {
                 "reward_model": reward.name,
                 "train": train,
@@ -156,7 +168,7 @@ class IMDbTask(LanguageModelTask):
         )
         provenance = {key: labelled[key] for key in ("reward_model", "labeling", "eval_labeling")}
         judge = None if self.evaluation is None else RewardModelJudge(self.reward_model.build(train_reviews, seed, cache_dir))
-        return Prepared(train, evaluation, sft | provenance, judge=judge)
+        return TaskData(train, evaluation, provenance, judge=judge)
 
     def _pairs(
         self, tokenizer: Any, base: PreTrainedModel, reward: RewardModel, reviews: list[Review], seed: int, pad: int
@@ -173,3 +185,9 @@ class IMDbTask(LanguageModelTask):
         ]
         pairs, report = label_pairs(prompt_texts, completions, rewards, self.margin)
         return [[pair.prompt, pair.chosen, pair.rejected] for pair in pairs], report.summary()
+
+
+@functools.lru_cache(maxsize=4)
+def _load(source: str, split: str, skip_malformed: bool) -> tuple[Review, ...]:
+    """Reviews read once per process: the SFT examples and the pairs of a seed come from the same reviews."""
+    return tuple(load_reviews(source, split, skip_malformed))

@@ -26,10 +26,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from expo_bench import metric_keys
 from expo_bench.evaluation.judges import OracleJudge
 from expo_bench.lm.evaluation import ExactMetrics, sequence_logps
-from expo_bench.lm.hh import PromptPair
 from expo_bench.lm.model import ModelConfig
-from expo_bench.lm.task import LanguageModelTask, Prepared
+from expo_bench.lm.pairs import PromptPair
 from expo_bench.lm.tokenize import tokenize_pair
+from expo_bench.metric_keys import Metric
+from expo_bench.tasks.language_model import LanguageModelTask, SFTExamples, TaskData
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
@@ -50,7 +51,7 @@ class SyntheticTokensTask(LanguageModelTask):
 
     kind: Literal["synthetic_tokens"]
     has_own_judge: ClassVar[bool] = True
-    rank_by: ClassVar[tuple[str, str]] = (metric_keys.KL_TO_TARGET, "min")
+    rank_by: ClassVar[Metric] = metric_keys.KL_TO_TARGET
     tokenizer: Literal["embedded"] = "embedded"
     """A word-level vocabulary built in code: pad, EOS, the prompt tokens and the response tokens."""
     model: ModelConfig = TINY_TRANSFORMER
@@ -126,19 +127,22 @@ class SyntheticTokensTask(LanguageModelTask):
     def dataset(self) -> str:
         return "synthetic_tokens"
 
-    def prepare(self, seed: int, tokenizer: Any, base: PreTrainedModel, cache_dir: Path, console: Console) -> Prepared:
+    def sft_examples(self, seed: int, tokenizer: Any, console: Console) -> SFTExamples:
         rng = random.Random(seed)
         train = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in self._pairs(self.train_pairs_per_prompt, rng)]
         evaluation = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in self._pairs(self.eval_pairs_per_prompt, rng)]
-        sft = self._sft(base, train, evaluation, tokenizer.pad_token_id, seed, cache_dir, console) if self.sft else {}
+        return SFTExamples(train, evaluation)
+
+    def task_data(
+        self, seed: int, tokenizer: Any, reference: PreTrainedModel, sft: SFTExamples, cache_dir: Path, console: Console
+    ) -> TaskData:
         optimal = self.optimal_policy()
         console.print(
             f"seed {seed}: π* puts {float(optimal.max(-1).values.mean()):.3f} on each prompt's best response on average; "
             f"{len(self.responses)} responses per prompt"
         )
-        return Prepared(
-            train, evaluation, sft, judge=OracleJudge(self.reward, name="oracle"), exact=self.exact_metrics(tokenizer)
-        )
+        judge = OracleJudge(self.reward, name="oracle")
+        return TaskData(sft.train, sft.held_out, judge=judge, exact=self.exact_metrics(tokenizer))
 
     def exact_metrics(self, tokenizer: Any) -> ExactMetrics:
         """KL(π*‖π) summed over prompts and the mass on each prompt's best response, by enumerating every response."""
@@ -156,8 +160,8 @@ class SyntheticTokensTask(LanguageModelTask):
             logps = logps.view(self.prompts, len(self.responses))
             kl = (optimal * (optimal.log() - logps)).sum()
             return {
-                metric_keys.KL_TO_TARGET: float(kl),
-                metric_keys.TOP_RESPONSE_MASS: float(logps.exp().gather(1, best[:, None]).mean()),
+                metric_keys.KL_TO_TARGET.key: float(kl),
+                metric_keys.TOP_RESPONSE_MASS.key: float(logps.exp().gather(1, best[:, None]).mean()),
             }
 
         return metrics

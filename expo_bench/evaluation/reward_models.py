@@ -1,8 +1,9 @@
-"""Sentiment reward models, the IMDb task's ground truth: each scores texts by P(positive) in [0, 1].
+"""Reward models: each scores whole texts (prompt followed by response).
 
-The DPO paper labels pairs and evaluates with siebert/sentiment-roberta-large-english
-(:class:`HFSentimentClassifier`); :class:`TfidfSentiment` is a CPU-trainable stand-in for tests and small
-runs, trained on the IMDb train split in seconds.
+Sentiment classifiers are the IMDb task's ground truth, scoring by P(positive) in [0, 1]: the DPO paper labels
+pairs and evaluates with siebert/sentiment-roberta-large-english (:class:`HFSentimentClassifier`);
+:class:`TfidfSentiment` is a CPU-trainable stand-in for tests and small runs, trained on the IMDb train split in
+seconds. :class:`HFRewardModel` is a Hugging Face reward model with one output logit.
 """
 
 from __future__ import annotations
@@ -18,16 +19,25 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from skops.io.exceptions import UntrustedTypesFoundException
 
-from expo_bench.lm.hh import DataError
-from expo_bench.lm.imdb import Review
+from expo_bench.errors import DataError
 
 
 class RewardModel(Protocol):
-    """Scores texts by the probability that they are positive; ``name`` goes into results' provenance."""
+    """Scores texts; ``name`` goes into results' provenance."""
 
     name: str
 
     def score(self, texts: Sequence[str]) -> list[float]: ...
+
+
+class LabelledText(Protocol):
+    """A text with a binary sentiment label (1 positive), e.g. an IMDb review."""
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def label(self) -> int: ...
 
 
 class TfidfSentiment:
@@ -46,7 +56,7 @@ class TfidfSentiment:
         self.pipeline = pipeline
 
     @classmethod
-    def train(cls, reviews: Sequence[Review], seed: int = 0) -> TfidfSentiment:
+    def train(cls, reviews: Sequence[LabelledText], seed: int = 0) -> TfidfSentiment:
         """Fit on cleaned review texts; ``seed`` reaches the solver (lbfgs, the default, is deterministic anyway)."""
         pipeline = make_pipeline(
             HashingVectorizer(ngram_range=(1, 2), n_features=2**20, alternate_sign=False, norm=None),
@@ -62,7 +72,7 @@ class TfidfSentiment:
         positive = list(self.pipeline.classes_).index(1)
         return [float(p) for p in self.pipeline.predict_proba(list(texts))[:, positive]]
 
-    def accuracy(self, reviews: Sequence[Review]) -> float:
+    def accuracy(self, reviews: Sequence[LabelledText]) -> float:
         """Fraction of reviews whose P(positive) falls on the side of 0.5 their label says."""
         return float(self.pipeline.score([review.text for review in reviews], [review.label for review in reviews]))
 
@@ -114,7 +124,24 @@ def classifier_logits(
     return torch.cat(logits)
 
 
-class HFSentimentClassifier:
+class _SequenceClassifier:
+    """A Hugging Face sequence classifier and its tokenizer, scoring texts in padded, truncated batches."""
+
+    def __init__(self, name_or_path: str, batch_size: int, max_length: int, device: str | torch.device) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"batch_size and max_length must be positive, got {batch_size} and {max_length}")
+        self.name = name_or_path
+        self.batch_size, self.max_length, self.device = batch_size, max_length, torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path).to(self.device).eval()
+
+    def logits(self, texts: Sequence[str]) -> torch.Tensor:
+        return classifier_logits(self.tokenizer, self.model, texts, self.batch_size, self.max_length, self.device)
+
+
+class HFSentimentClassifier(_SequenceClassifier):
     """A Hugging Face sequence classifier scoring by the softmax probability of its positive class."""
 
     def __init__(
@@ -125,19 +152,32 @@ class HFSentimentClassifier:
         max_length: int = 512,
         device: str | torch.device = "cpu",
     ) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        if batch_size < 1 or max_length < 1:
-            raise ValueError(f"batch_size and max_length must be positive, got {batch_size} and {max_length}")
-        self.name = name_or_path
-        self.batch_size, self.max_length, self.device = batch_size, max_length, torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        super().__init__(name_or_path, batch_size, max_length, device)
         if self.tokenizer.pad_token is None:
             raise ValueError(f"{name_or_path}: the tokenizer has no pad token, which batched scoring needs")
-        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path).to(self.device).eval()
         self.positive = positive_index(self.model.config.id2label, positive_label)
 
     def score(self, texts: Sequence[str]) -> list[float]:
         """P(positive) per text; texts longer than ``max_length`` tokens are scored on their first tokens."""
-        logits = classifier_logits(self.tokenizer, self.model, texts, self.batch_size, self.max_length, self.device)
-        return logits.softmax(-1)[:, self.positive].tolist()
+        return self.logits(texts).softmax(-1)[:, self.positive].tolist()
+
+
+class HFRewardModel(_SequenceClassifier):
+    """A Hugging Face sequence classifier with one output: its logit is the reward of the text."""
+
+    def __init__(
+        self, name_or_path: str, batch_size: int = 16, max_length: int = 1024, device: str | torch.device = "cpu"
+    ) -> None:
+        super().__init__(name_or_path, batch_size, max_length, device)
+        # The judged response is at the end of the text: an over-long text loses the start of its prompt instead.
+        self.tokenizer.truncation_side = "left"
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"{name_or_path}: a reward model has one output, this one has {self.model.config.num_labels}")
+        if self.tokenizer.pad_token is None:  # GPT-2 and Pythia have none; padding is masked out anyway
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:  # decoder classifiers find each row's last token by the pad id
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    def score(self, texts: Sequence[str]) -> list[float]:
+        """The reward of each text; texts over ``max_length`` tokens are scored on their last tokens."""
+        return self.logits(texts)[:, 0].tolist()

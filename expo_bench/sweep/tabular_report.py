@@ -1,15 +1,17 @@
-"""Tables and plots of the tabular study: final policies, trajectories, λ-sweeps."""
+"""Tables and plots of a tabular sweep: final policies, trajectories, λ-sweeps."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from expo_bench.sweep.records import TabularRecord
+from expo_bench.tasks.tabular import TabularPrompt
 
 OBJECTIVE_STYLE = {"sampled": "-", "population": "--"}
 
@@ -18,20 +20,20 @@ def _fmt(values: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
 
 
-def final_policy_rows(records: Sequence[dict[str, Any]], prompts: Sequence[str]) -> list[list[str]]:
+def final_policy_rows(records: Sequence[TabularRecord], prompts: Sequence[str]) -> list[list[str]]:
     rows = []
     for record in records:
-        lam = "—" if record["lam"] is None else f"{record['lam']:g}"
+        lam = "—" if record.lam is None else f"{record.lam:g}"
         for prompt in prompts:
             rows.append(
                 [
-                    record["method"],
+                    record.method,
                     lam,
-                    record["objective"],
-                    str(record["seed"]),
+                    record.objective,
+                    str(record.seed),
                     prompt,
-                    _fmt(record["final_policy"][prompt]),
-                    f"{record['kl_star_to_policy'][prompt]:.4f}",
+                    _fmt(record.final_policy[prompt]),
+                    f"{record.kl_star_to_policy[prompt]:.4f}",
                 ]
             )
     return rows
@@ -40,37 +42,36 @@ def final_policy_rows(records: Sequence[dict[str, Any]], prompts: Sequence[str])
 HEADER = ["method", "λ", "objective", "seed", "prompt", "final π", "KL(π* ‖ π)"]
 
 
-def _methods_in_order(records: Sequence[dict[str, Any]]) -> list[str]:
-    return list(dict.fromkeys(r["method"] for r in records))
+def _methods_in_order(records: Sequence[TabularRecord]) -> list[str]:
+    return list(dict.fromkeys(r.method for r in records))
 
 
-def plot_trajectories(records: Sequence[dict[str, Any]], prompts: Sequence[Any], path: Path, max_lams: int = 3) -> None:
+def plot_trajectories(records: Sequence[TabularRecord], prompts: Sequence[TabularPrompt], path: Path, max_lams: int = 3) -> None:
     """π(y|x) during training: one panel per (prompt, λ position, method); sampled solid, population dashed.
 
     The x-axis is the fraction of each run's optimizer steps, since the two objectives have different budgets.
     """
     methods = _methods_in_order(records)
     grid_size = max(
-        len([r for r in records if r["method"] == m and r["objective"] == "sampled" and r["seed"] == records[0]["seed"]])
-        for m in methods
+        len([r for r in records if r.method == m and r.objective == "sampled" and r.seed == records[0].seed]) for m in methods
     )
     positions = sorted({0, grid_size // 2, grid_size - 1}) if grid_size > max_lams else list(range(grid_size))
     rows = [(prompt_index, position) for prompt_index in range(len(prompts)) for position in positions]
     fig, axes = plt.subplots(len(rows), len(methods), figsize=(3.2 * len(methods), 2.4 * len(rows)), squeeze=False, sharey=True)
-    seed = records[0]["seed"]
+    seed = records[0].seed
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for column, method in enumerate(methods):
         for row, (prompt_index, position) in enumerate(rows):
             ax = axes[row][column]
             prompt = prompts[prompt_index]
             for objective, style in OBJECTIVE_STYLE.items():
-                runs = [r for r in records if r["method"] == method and r["objective"] == objective and r["seed"] == seed]
+                runs = [r for r in records if r.method == method and r.objective == objective and r.seed == seed]
                 if position >= len(runs):
                     continue
                 run = runs[position]
-                progress = [step / max(run["steps"], 1) for step in run["trajectory_steps"]]
+                progress = [step / max(run.steps, 1) for step in run.trajectory_steps]
                 for response in range(len(prompt.pi_star)):
-                    values = [snapshot[prompt_index][response] for snapshot in run["trajectory"]]
+                    values = [snapshot[prompt_index][response] for snapshot in run.trajectory]
                     ax.plot(
                         progress,
                         values,
@@ -79,7 +80,7 @@ def plot_trajectories(records: Sequence[dict[str, Any]], prompts: Sequence[Any],
                         linewidth=1.2,
                         label=f"π(y{response + 1})" if objective == "sampled" else None,
                     )
-                lam = "" if run["lam"] is None else f" λ={run['lam']:g}"
+                lam = "" if run.lam is None else f" λ={run.lam:g}"
                 ax.set_title(f"{method}{lam}\n{prompt.name}", fontsize=8)
             for response, target in enumerate(prompt.pi_star):
                 ax.axhline(target, color=colors[response], linestyle=":", linewidth=0.8)
@@ -94,7 +95,9 @@ def plot_trajectories(records: Sequence[dict[str, Any]], prompts: Sequence[Any],
     plt.close(fig)
 
 
-def plot_lambda_sweep(records: Sequence[dict[str, Any]], prompts: Sequence[Any], lam_labels: Sequence[float], path: Path) -> None:
+def plot_lambda_sweep(
+    records: Sequence[TabularRecord], prompts: Sequence[TabularPrompt], lam_labels: Sequence[float], path: Path
+) -> None:
     """KL(π* ‖ π_final) against the position in the λ grid, one panel per prompt.
 
     Colour is the method, line style the objective (solid: sampled pairs, dashed: population).
@@ -102,23 +105,23 @@ def plot_lambda_sweep(records: Sequence[dict[str, Any]], prompts: Sequence[Any],
     methods = _methods_in_order(records)
     fig, axes = plt.subplots(1, len(prompts), figsize=(5 * len(prompts) + 2.5, 4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    seed = records[0]["seed"]
+    seed = records[0].seed
     for index, prompt in enumerate(prompts):
         ax = axes[0][index]
         for color, method in zip(colors, methods, strict=False):
             for objective, style in OBJECTIVE_STYLE.items():
-                runs = [r for r in records if r["method"] == method and r["objective"] == objective and r["seed"] == seed]
+                runs = [r for r in records if r.method == method and r.objective == objective and r.seed == seed]
                 if runs:
                     ax.plot(
                         range(len(runs)),
-                        [r["kl_star_to_policy"][prompt.name] for r in runs],
+                        [r.kl_star_to_policy[prompt.name] for r in runs],
                         style,
                         marker="o",
                         markersize=3,
                         color=color,
                         label=method if objective == "sampled" else None,
                     )
-        ax.axhline(records[0]["kl_star_to_reference"][prompt.name], color="grey", linestyle=":", label="KL(π* ‖ π_ref)")
+        ax.axhline(records[0].kl_star_to_reference[prompt.name], color="grey", linestyle=":", label="KL(π* ‖ π_ref)")
         ax.set_xticks(range(len(lam_labels)), [f"{lam:g}" for lam in lam_labels], fontsize=7, rotation=45)
         ax.set_xlabel("λ (position in the recipe's grid)")
         ax.set_ylabel("KL(π* ‖ π)")

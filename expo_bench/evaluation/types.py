@@ -1,0 +1,36 @@
+"""What every judge shares: a comparison to judge, its verdict, and the judge protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A method's sample (the candidate) against a baseline response to the same prompt."""
+
+    prompt: str
+    candidate: str
+    baseline: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: float
+    """1 the candidate wins, 0 it loses, 0.5 a tie, NaN when the judge's answer could not be parsed."""
+    detail: dict[str, Any]
+    """JSON-serializable and judge-specific: rewards, or the LLM's raw answer and the candidate's position."""
+    candidate_reward: float | None = None
+    """The candidate's scalar reward, from judges that have one (:attr:`Judge.gives_rewards`)."""
+
+
+class Judge(Protocol):
+    """Compares candidates with baselines; ``name`` goes into results' provenance."""
+
+    name: str
+    gives_rewards: bool
+    """Whether every verdict carries the candidate's reward (so reward and reward–KL metrics exist)."""
+
+    def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]: ...

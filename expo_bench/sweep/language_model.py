@@ -1,0 +1,185 @@
+"""A language-model sweep, per seed: the task's SFT examples, SFT (the reference), the task's pairs, the reference
+work every method shares (samples, log-probs; cached), then every (method, λ) trained, evaluated and recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch import nn
+from transformers import PreTrainedModel
+
+from expo_bench import metric_keys
+from expo_bench.cache import digest
+from expo_bench.distributed import accelerator_device
+from expo_bench.errors import UserError
+from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, fingerprint_pairs
+from expo_bench.lm.evaluation import Evaluator, HeldOutPrompts, strip_eos
+from expo_bench.lm.model import count_parameters
+from expo_bench.lm.reference import attach_reference_logps, attach_reference_samples
+from expo_bench.lm.sft import fine_tune
+from expo_bench.lm.tokenize import fingerprint_tokenizer, pad_token_id
+from expo_bench.sweep import lm_report
+from expo_bench.sweep.context import SweepContext
+from expo_bench.sweep.fit import FitUnit, evaluate, fit
+from expo_bench.sweep.records import (
+    LanguageModelIdentity,
+    LanguageModelRecord,
+    RunIdentity,
+    SeedProvenance,
+    display_name,
+    open_run,
+)
+from expo_bench.tasks.language_model import LanguageModelTask, TaskData
+from expo_bench.tracking import TrackedRun
+
+REFERENCE_LABEL = "sft-reference"
+"""How the SFT reference appears among the methods when it is evaluated."""
+
+
+class LanguageModelSweep:
+    """Every (seed, method, λ) of a recipe whose task is a :class:`LanguageModelTask`."""
+
+    def __init__(self, context: SweepContext, task: LanguageModelTask) -> None:
+        self.context, self.task = context, task
+
+    def run(self) -> list[LanguageModelRecord]:
+        tokenizer = self.task.load_tokenizer()
+        return [record for seed in self.context.experiment.recipe.seeds for record in self._seed(tokenizer, seed)]
+
+    def report(self, records: list[LanguageModelRecord], out_dir: Path) -> list[Path]:
+        return lm_report.write(self.context.experiment.recipe.experiment, records, out_dir, self.context.console)
+
+    def _seed(self, tokenizer: Any, seed: int) -> list[LanguageModelRecord]:
+        task, console, cache_dir = self.task, self.context.console, self.context.cache_dir
+        pad = pad_token_id(tokenizer)
+        L.seed_everything(seed, verbose=False)
+        base = task.model.build(vocab_size=len(tokenizer))
+        examples = task.sft_examples(seed, tokenizer, console)
+        sft = {}
+        if task.sft is not None:
+            sft = fine_tune(base, examples.train, examples.held_out, pad, seed, task.sft, cache_dir, console).provenance()
+        data = task.task_data(seed, tokenizer, base, examples, cache_dir, console)
+        pairs = data.train + data.evaluation
+        provenance = SeedProvenance(
+            data_fingerprint=fingerprint_pairs(pairs),
+            tokenizer_fingerprint=fingerprint_tokenizer(tokenizer),
+            train_pairs=len(data.train),
+            eval_pairs=len(data.evaluation),
+            truncated_prompts=sum(pair.prompt_truncated for pair in pairs),
+            truncated_responses=sum(pair.response_truncated for pair in pairs),
+            reference_fingerprint=fingerprint_module(base),
+            parameters=count_parameters(base),
+            facts={**sft, **data.provenance},
+        )
+        console.print(f"seed {seed}: {provenance.as_json()}")
+        datasets = PairDataset(data.train, pad), PairDataset(data.evaluation, pad)
+        self._attach_reference_work(base, datasets, tokenizer.eos_token_id, seed, provenance)
+        units = [
+            FitUnit(
+                run,
+                params,
+                None if run.lam is None else run.lam[index],
+                seed,
+                provenance.data_fingerprint,
+                provenance.reference_fingerprint,
+                task.lora,
+                task.reference,
+                self.context.runs_dir,
+            )
+            for run in self.context.experiment.runs
+            for index, params in enumerate(run.grid)
+        ]
+        evaluation = task.evaluation
+        if evaluation is not None and evaluation.evaluate_only:
+            missing = [unit for unit in units if not unit.finished]
+            if missing:
+                raise UserError(
+                    f"evaluate_only, but these runs have not finished training (seed {seed}): "
+                    f"{', '.join(f'{unit.name} under {unit.run_dir}' for unit in missing)}; "
+                    "train them first (task.evaluation.evaluate_only: false)"
+                )
+        evaluator = None if evaluation is None else self._evaluator(data, tokenizer, base, seed)
+        records = []
+        if evaluator is not None:
+            records.append(self._evaluate_reference(evaluator, seed, provenance))
+        every = None if evaluation is None else evaluation.every_n_steps
+        for unit in units:
+            tracked = self._open(unit.run.label, unit.lam, unit.identity, unit.run_dir, evaluator)
+            pair_data = PairData(*datasets, batch_size=unit.run.train.batch_size, seed=seed)
+            training, metrics = fit(unit, base, pair_data, evaluator, every, tracked, console)
+            records.append(LanguageModelRecord(unit.run.label, unit.lam, unit.identity, provenance, training, metrics))
+        return records
+
+    def _attach_reference_work(
+        self, base: PreTrainedModel, datasets: tuple[PairDataset, PairDataset], eos: int, seed: int, provenance: SeedProvenance
+    ) -> None:
+        """Reference samples (first: the cached reference log-probs cover the samples too), then reference log-probs."""
+        task, console, cache_dir = self.task, self.context.console, self.context.cache_dir
+        key: dict[str, Any] = {"reference": provenance.reference_fingerprint, "data": provenance.data_fingerprint}
+        nn.Module.to(base, accelerator_device())
+        if task.reference_samples is not None:
+            key |= {"sampling": task.reference_samples.model_dump(), "seed": seed}
+            attach_reference_samples(base, datasets, task.reference_samples, eos, seed, key, cache_dir, console)
+        if task.reference == "cached":
+            batch_size = self.context.experiment.runs[0].train.batch_size
+            attach_reference_logps(base, datasets, batch_size, key, cache_dir, console)
+        base.cpu()
+
+    def _evaluator(self, data: TaskData, tokenizer: Any, base: PreTrainedModel, seed: int) -> Evaluator:
+        """Judge and held-out prompts (each distinct prompt once, with its first chosen response)."""
+        config = self.task.evaluation
+        assert config is not None
+        judge = data.judge if config.judge is None else config.judge.build(self.context.cache_dir / "judgments", seed)
+        assert judge is not None, "the recipe validator requires a judge for tasks without their own"
+        first_pairs = list({tuple(pair.prompt_ids): pair for pair in reversed(data.evaluation)}.values())[::-1]
+        pairs = first_pairs[: config.prompts]
+        eos = tokenizer.eos_token_id
+        held_out = HeldOutPrompts(
+            [pair.prompt_ids for pair in pairs],
+            [tokenizer.decode(pair.prompt_ids) for pair in pairs],
+            [strip_eos(pair.chosen_ids, eos) for pair in pairs],
+        )
+        return Evaluator(config, tokenizer, base, held_out, judge, seed, self.context.cache_dir, data.exact)
+
+    def _evaluate_reference(self, evaluator: Evaluator, seed: int, provenance: SeedProvenance) -> LanguageModelRecord:
+        """The SFT reference evaluated like a method: the frontier's origin and the win rate of "no optimization"."""
+        identity = LanguageModelIdentity("reference", seed, provenance.data_fingerprint, provenance.reference_fingerprint)
+        run_dir = self.context.runs_dir / f"{REFERENCE_LABEL}-{digest(identity.as_json())}"
+        tracked = self._open(REFERENCE_LABEL, None, identity, run_dir, evaluator)
+        metrics = evaluate(evaluator, REFERENCE_LABEL, evaluator.reference, run_dir, self.context.console)
+        if not tracked.complete:
+            tracked.log_metrics(metrics)
+            tracked.log_artifacts([evaluator.results_dir(run_dir)])
+            tracked.mark_complete()
+        return LanguageModelRecord(REFERENCE_LABEL, None, identity, provenance, None, metrics)
+
+    def _open(
+        self, label: str, lam: float | None, identity: LanguageModelIdentity, run_dir: Path, evaluator: Evaluator | None
+    ) -> TrackedRun:
+        """The tracking-store run of one trained (or reference) policy under one evaluation."""
+        evaluation = None if evaluator is None else evaluator.identity()
+        params: dict[str, Any] = {"method": label, **identity.as_json()}
+        if identity.params is not None:
+            params["lam"] = lam
+        if evaluator is not None:
+            params["evaluation"] = evaluator.config.model_dump(mode="json")
+        return open_run(
+            self.context.runs,
+            RunIdentity(
+                key=f"{run_dir.name}/{evaluation}",
+                name=f"{display_name(label, lam)} s{identity.seed}",
+                method=label,
+                method_class=identity.method_class,
+                seed=identity.seed,
+                config_key=digest(identity.configuration(lam) | {"evaluation": evaluation}),
+                dataset=self.task.dataset,
+                model=self.task.model_name,
+                rank_by=self.task.rank_by if evaluator is not None else metric_keys.VAL_PREFERENCE_ACCURACY,
+                params=params,
+                judge=None if evaluator is None else evaluator.judge.name,
+                data_fingerprint=identity.data_fingerprint,
+                model_fingerprint=identity.reference_fingerprint,
+            ),
+        )

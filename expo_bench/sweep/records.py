@@ -1,0 +1,195 @@
+"""Typed run records, and the one function that opens a run in the tracking store (and so writes its tags)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from expo_bench import tracking
+from expo_bench.metric_keys import Metric
+from expo_bench.tracking import RunLog, TrackedRun
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """Who a run is in the tracking store: one run per ``key``, ever; the seeds of one configuration share
+    ``config_key`` (the leaderboard averages over them)."""
+
+    key: str
+    name: str
+    method: str
+    """The method's label in the recipe: one leaderboard row per label."""
+    method_class: str
+    seed: int
+    config_key: str
+    dataset: str
+    """One leaderboard table per dataset."""
+    model: str
+    rank_by: Metric
+    params: Mapping[str, Any]
+    """Recorded as the run's (flattened) params."""
+    judge: str | None = None
+    data_fingerprint: str | None = None
+    model_fingerprint: str | None = None
+
+
+def open_run(runs: RunLog, identity: RunIdentity) -> TrackedRun:
+    """The tracked run of ``identity`` (the one recorded under its key, or a new one), tagged for the leaderboard."""
+    tags = {
+        tracking.METHOD: identity.method,
+        tracking.METHOD_CLASS: identity.method_class,
+        tracking.DATASET: identity.dataset,
+        tracking.MODEL: identity.model,
+        tracking.SEED: str(identity.seed),
+        tracking.CONFIG_KEY: identity.config_key,
+        tracking.RANK_METRIC: identity.rank_by.key,
+        tracking.RANK_GOAL: identity.rank_by.goal,
+    }
+    optional = {
+        tracking.JUDGE: identity.judge,
+        tracking.DATA_FINGERPRINT: identity.data_fingerprint,
+        tracking.MODEL_FINGERPRINT: identity.model_fingerprint,
+    }
+    tags |= {tag: value for tag, value in optional.items() if value is not None}
+    return runs.child(identity.key, identity.name, identity.params, tags)
+
+
+def display_name(method: str, lam: float | None) -> str:
+    """``dpo λ=0.1``: a run's method and, when a grid set it, its λ."""
+    return method + ("" if lam is None else f" λ={lam:g}")
+
+
+class RunRecord(Protocol):
+    """One run's results, as a sweep returns them to the runner."""
+
+    @property
+    def method(self) -> str: ...
+
+    def summary(self) -> dict[str, Any]:
+        """The run's entry in ``summary.json``."""
+        ...
+
+
+@dataclass(frozen=True)
+class TabularRecord:
+    """One replica of a tabular run: its final policy, distances to π* and trajectory."""
+
+    method: str
+    method_class: str
+    objective: str
+    seed: int
+    lam: float | None
+    params: dict[str, Any]
+    train: dict[str, Any]
+    steps: int
+    train_seconds: float
+    final_policy: dict[str, list[float]]
+    kl_star_to_policy: dict[str, float]
+    kl_star_to_reference: dict[str, float]
+    trajectory_steps: list[int]
+    trajectory: list[list[list[float]]]
+    """π(·|x) per snapshot: ``(T, P, R)``."""
+
+    def summary(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if key != "trajectory"}
+
+
+@dataclass(frozen=True)
+class SeedProvenance:
+    """Where a seed's language-model runs came from: data, tokenizer and reference fingerprints, counts, and the
+    SFT stage's and the task's own facts."""
+
+    data_fingerprint: str
+    tokenizer_fingerprint: str
+    train_pairs: int
+    eval_pairs: int
+    truncated_prompts: int
+    truncated_responses: int
+    reference_fingerprint: str
+    parameters: int
+    facts: Mapping[str, str | int | float]
+
+    def as_json(self) -> dict[str, Any]:
+        fields = asdict(self)
+        return {**{key: value for key, value in fields.items() if key != "facts"}, **dict(self.facts)}
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What a finished language-model run writes to its ``record.json``."""
+
+    steps: int
+    train_seconds: float
+    eval_before: dict[str, float]
+    eval_after: dict[str, float]
+    loss_history: list[tuple[int, float]]
+    eval_history: list[tuple[int, dict[str, float]]]
+    checkpoint: str
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> TrainingResult:
+        return cls(
+            int(record["steps"]),
+            float(record["train_seconds"]),
+            dict(record["eval_before"]),
+            dict(record["eval_after"]),
+            [(int(step), float(loss)) for step, loss in record["loss_history"]],
+            [(int(step), dict(metrics)) for step, metrics in record["eval_history"]],
+            str(record["checkpoint"]),
+        )
+
+
+@dataclass(frozen=True)
+class LanguageModelIdentity:
+    """What identifies a language-model run's directory: its method class, hyperparameters, budget, seed, setup and
+    the fingerprints of its data and reference; ``params`` is None for the SFT reference evaluated like a method."""
+
+    method_class: str
+    seed: int
+    data_fingerprint: str
+    reference_fingerprint: str
+    params: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = None
+    reference: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The digest input of the run directory (its keys are part of every stored run's name)."""
+        fingerprints = {"data_fingerprint": self.data_fingerprint, "reference_fingerprint": self.reference_fingerprint}
+        if self.params is None:
+            return {"method_class": self.method_class, "seed": self.seed, **fingerprints}
+        setup = {"params": self.params, "train": self.train, "lora": self.lora, "reference": self.reference}
+        return {"method_class": self.method_class, **setup, "seed": self.seed, **fingerprints}
+
+    def configuration(self, lam: float | None) -> dict[str, Any]:
+        """What the seeds of one configuration share: the identity without seed and fingerprints (with λ for methods)."""
+        varying = {"seed", "data_fingerprint", "reference_fingerprint"}
+        shared = {key: value for key, value in self.as_json().items() if key not in varying}
+        return shared if self.params is None else shared | {"lam": lam}
+
+
+@dataclass(frozen=True)
+class LanguageModelRecord:
+    """A language-model run: a trained method, or the SFT reference evaluated like one (``training`` None)."""
+
+    method: str
+    lam: float | None
+    identity: LanguageModelIdentity
+    provenance: SeedProvenance
+    training: TrainingResult | None
+    evaluation: dict[str, float] | None
+
+    @property
+    def seed(self) -> int:
+        return self.identity.seed
+
+    def summary(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"method": self.method, "lam": self.lam, **self.identity.as_json()}
+        if self.training is not None:
+            entry |= asdict(self.training)
+        else:
+            entry["params"] = {}
+        if self.evaluation is not None:
+            entry["eval"] = self.evaluation
+        return entry | self.provenance.as_json()

@@ -1,0 +1,107 @@
+"""What every language-model task shares: its recipe fields (model, tokenizer, SFT, reference handling, LoRA,
+evaluation) and the two steps a task supplies, its SFT examples and, from the SFT model, its preference pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import model_validator
+from rich.console import Console
+from transformers import AutoTokenizer, PreTrainedModel
+
+from expo_bench import metric_keys
+from expo_bench.config_model import ConfigModel
+from expo_bench.evaluation.types import Judge
+from expo_bench.lm.evaluation import EvaluationConfig, ExactMetrics
+from expo_bench.lm.model import LoraSettings, ModelConfig, ReferenceKind
+from expo_bench.lm.sampling import SamplingConfig
+from expo_bench.lm.tokenize import TokenizationConfig, TokenizedPair
+from expo_bench.methods.base import KL_SAMPLES
+from expo_bench.metric_keys import Metric
+from expo_bench.training import TrainConfig
+
+
+@dataclass(frozen=True)
+class SFTExamples:
+    """What the SFT stage fine-tunes on (the chosen side of each pair) and measures held-out NLL on."""
+
+    train: list[TokenizedPair]
+    held_out: list[TokenizedPair]
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task's data for one seed: tokenized training and held-out pairs, and how to judge its policies."""
+
+    train: list[TokenizedPair]
+    evaluation: list[TokenizedPair]
+    provenance: Mapping[str, str | int | float] = field(default_factory=dict)
+    """Task-specific facts recorded with every run (e.g. how IMDb's pairs were labelled)."""
+    judge: Judge | None = None
+    """The task's own ground-truth judge (a reward model, an oracle), used when the recipe names none."""
+    exact: ExactMetrics | None = None
+
+
+class LanguageModelTask(ConfigModel):
+    """A preference task for causal language models. A subclass names its ``kind`` and supplies
+    :meth:`sft_examples` and :meth:`task_data`."""
+
+    tokenizer: str
+    tokenization: TokenizationConfig = TokenizationConfig()
+    model: ModelConfig
+    sft: TrainConfig | None = None
+    """Supervised fine-tuning first; its result is the reference and every method's start."""
+    reference_samples: SamplingConfig | None = None
+    """Sample responses from the reference (the SFT model) once per seed and cache them: EXPO's
+    ``kl_estimator: reference_samples`` estimates KL(π_ref ‖ π) on them."""
+    lora: LoraSettings | None = None
+    """Train a LoRA adapter on the policy instead of all its weights."""
+    reference: ReferenceKind = "cached"
+    """``cached``: reference log-probs computed once per seed, reused by every method, no reference in
+    memory; ``frozen_copy``: a frozen copy runs forward on every batch; ``adapter_disabled``: the policy
+    with its LoRA adapter switched off (needs ``lora``), no second copy."""
+
+    evaluation: EvaluationConfig | None = None
+    """Sample every trained policy on held-out prompts and judge the samples (win rate, diversity, reward, KL)."""
+    has_own_judge: ClassVar[bool] = False
+    """Whether :meth:`task_data` supplies a ground-truth judge, so ``evaluation.judge`` may be left unset."""
+    rank_by: ClassVar[Metric] = metric_keys.WIN_RATE
+    """The metric that picks a method's best configuration on the leaderboard."""
+
+    @model_validator(mode="after")
+    def _lora_reference(self) -> LanguageModelTask:
+        if self.reference == "adapter_disabled" and self.lora is None:
+            raise ValueError("reference 'adapter_disabled' needs a LoRA policy: add lora: {r: 16}")
+        if self.evaluation is not None and self.evaluation.judge is None and not self.has_own_judge:
+            raise ValueError("this task has no ground-truth judge of its own: set evaluation.judge (kind: llm or reward_model)")
+        return self
+
+    @property
+    def dataset(self) -> str:
+        """The dataset's name in the tracking store: the leaderboard has one table per dataset."""
+        raise NotImplementedError
+
+    @property
+    def model_name(self) -> str:
+        tiny = self.model.tiny or {}
+        return self.model.name_or_path or f"tiny {tiny.get('model_type')}"
+
+    def load_tokenizer(self) -> Any:
+        return AutoTokenizer.from_pretrained(self.tokenizer)
+
+    def provides(self) -> frozenset[str]:
+        """Optional batch fields the data carries: reference samples when ``reference_samples`` is set."""
+        return frozenset({KL_SAMPLES}) if self.reference_samples is not None else frozenset()
+
+    def sft_examples(self, seed: int, tokenizer: Any, console: Console) -> SFTExamples:
+        """This seed's SFT data (the sweep fine-tunes on it only when ``sft`` is set)."""
+        raise NotImplementedError
+
+    def task_data(
+        self, seed: int, tokenizer: Any, reference: PreTrainedModel, sft: SFTExamples, cache_dir: Path, console: Console
+    ) -> TaskData:
+        """This seed's preference pairs, given the reference (the SFT model) and the SFT examples."""
+        raise NotImplementedError
