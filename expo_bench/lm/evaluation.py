@@ -46,7 +46,10 @@ class EvaluationConfig(ConfigModel):
     samples_per_prompt: int = Field(1, ge=1)
     max_new_tokens: int = Field(64, ge=1)
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling; the KL estimate scores samples under the full tempered policy, so it is exact at 1 only."""
+    """Nucleus sampling; 1 keeps the whole distribution."""
+    top_k: int = Field(0, ge=0)
+    """Keep only the k most likely tokens; 0 keeps them all. The KL estimate scores samples under the whole tempered
+    policy, so it is an unbiased estimate of KL(π_T‖π_ref) only with top_p = 1 and top_k = 0."""
     prompts: int | None = Field(None, gt=0)
     """Evaluate on the first this many held-out prompts (all when unset)."""
     batch_size: int = Field(16, ge=1)
@@ -79,6 +82,7 @@ class EvaluationConfig(ConfigModel):
             max_new_tokens=self.max_new_tokens,
             temperature=temperature,
             top_p=self.top_p,
+            top_k=self.top_k,
             batch_size=self.batch_size,
         )
 
@@ -193,16 +197,18 @@ class Evaluator:
         baselines = self._baselines_for(temperature)
         prompts, held_out = [], self.held_out
         comparisons, lengths = [], []
+        eos = self.tokenizer.eos_token_id
         for index, (group, baseline_group) in enumerate(zip(samples, baselines, strict=True)):
             for sample, baseline in zip(group, baseline_group, strict=True):
                 prompts.append(index)
                 comparisons.append(Comparison(held_out.prompts[index], self._text(sample), self._text(baseline)))
-                lengths.append(len(sample) - len(baseline))
+                # lengths in the same units: a policy sample keeps its EOS, a chosen response has none
+                lengths.append(len(strip_eos(sample, eos)) - len(strip_eos(baseline, eos)))
         verdicts = self.judge.judge(comparisons)
         win_rate = WinRate(resamples=self.config.bootstrap_resamples)
         win_rate.update(torch.tensor([verdict.outcome for verdict in verdicts]), torch.tensor(lengths, dtype=torch.float64))
         diversity = Diversity()
-        diversity.update([[strip_eos(sample, self.tokenizer.eos_token_id) for sample in group] for group in samples])
+        diversity.update([[strip_eos(sample, eos) for sample in group] for group in samples])
         results = {**scalars(win_rate.compute()), **scalars(diversity.compute())}
         rewards: list[float] | None = None
         if self.judge.gives_rewards:

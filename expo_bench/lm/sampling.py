@@ -1,4 +1,9 @@
-"""Batched sampling from a causal LM (KV-cached ``generate``), seeded, returning response token ids."""
+"""Batched sampling from a causal LM (KV-cached ``generate``), seeded, returning response token ids.
+
+The distribution is exactly the one the config names: softmax(logits / temperature), truncated only by the
+config's own ``top_p`` and ``top_k``. Nothing is inherited from transformers' defaults (a hidden top-k of 50) or
+from a hub model's ``generation_config`` (repetition penalties, bad words, forced tokens).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from pydantic import Field
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from expo_bench.config_model import ConfigModel
 
@@ -18,7 +23,41 @@ class SamplingConfig(ConfigModel):
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling; 1 keeps the whole distribution."""
+    top_k: int = Field(0, ge=0)
+    """Keep only the k most likely tokens; 0 keeps them all."""
     batch_size: int = Field(16, ge=1)
+
+    @property
+    def untruncated(self) -> bool:
+        """Whether samples come from the model's own distribution at temperature 1 (no temperature, top-p or top-k)."""
+        return self.temperature == 1 and self.top_p == 1 and self.top_k == 0
+
+    def generation_config(self, pad_token_id: int, eos_token_id: int) -> GenerationConfig:
+        """Every setting ``generate`` reads, explicit."""
+        return GenerationConfig(
+            do_sample=True,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=None,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            bad_words_ids=None,
+            suppress_tokens=None,
+            begin_suppress_tokens=None,
+            forced_bos_token_id=None,
+            forced_eos_token_id=None,
+            min_new_tokens=0,
+            max_new_tokens=self.max_new_tokens,
+            num_beams=1,
+            num_return_sequences=self.samples_per_prompt,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+        )
 
 
 @torch.no_grad()
@@ -39,6 +78,9 @@ def sample_responses(
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
+    generation = config.generation_config(pad_token_id, eos_token_id)
+    # generate() fills every setting left unset from the model's own generation_config: blank it while sampling
+    inherited, model.generation_config = model.generation_config, GenerationConfig()
     responses: list[list[list[int]]] = []
     try:
         for start in range(0, len(prompts), config.batch_size):
@@ -50,21 +92,14 @@ def sample_responses(
                 input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
                 attention_mask[row, width - len(prompt) :] = 1
             output = model.generate(  # type: ignore[operator]
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                do_sample=True,
-                temperature=config.temperature,
-                top_p=config.top_p,
-                max_new_tokens=config.max_new_tokens,
-                num_return_sequences=config.samples_per_prompt,
-                pad_token_id=pad_token_id,
-                eos_token_id=eos_token_id,
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=generation
             )
             generated = output[:, width:].tolist()
             for index in range(len(chunk)):
                 rows = generated[index * config.samples_per_prompt : (index + 1) * config.samples_per_prompt]
                 responses.append([until_eos(row, eos_token_id) for row in rows])
     finally:
+        model.generation_config = inherited
         model.train(was_training)
         torch.random.set_rng_state(generator_state)
     return responses

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 from rich.console import Console
 from transformers import AutoTokenizer, PreTrainedModel
 
@@ -70,6 +70,17 @@ class LanguageModelTask(ConfigModel):
     """Whether :meth:`task_data` supplies a ground-truth judge, so ``evaluation.judge`` may be left unset."""
     rank_by: ClassVar[Metric] = metric_keys.WIN_RATE
     """The metric that picks a method's best configuration on the leaderboard."""
+
+    @field_validator("reference_samples")
+    @classmethod
+    def _from_the_reference_itself(cls, sampling: SamplingConfig | None) -> SamplingConfig | None:
+        if sampling is not None and not sampling.untruncated:
+            raise ValueError(
+                "reference samples estimate KL(π_ref ‖ π), so they must come from π_ref itself: "
+                f"temperature 1, top_p 1, top_k 0 (got temperature {sampling.temperature:g}, top_p {sampling.top_p:g}, "
+                f"top_k {sampling.top_k})"
+            )
+        return sampling
 
     @model_validator(mode="after")
     def _lora_reference(self) -> LanguageModelTask:
