@@ -135,6 +135,11 @@ class PairLogps:
         one token)."""
         return self.policy_chosen if self.length_normalized else self.policy_chosen / self.chosen_tokens.clamp(min=1)
 
+    @property
+    def rejected_token_mean(self) -> Tensor:
+        """log π(y_l) / |y_l|, as :attr:`chosen_token_mean`."""
+        return self.policy_rejected if self.length_normalized else self.policy_rejected / self.rejected_tokens.clamp(min=1)
+
     def normalized(self) -> PairLogps:
         """Per-token means; an empty response counts as one token so nothing divides by zero."""
         if self.length_normalized:

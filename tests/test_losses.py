@@ -120,6 +120,30 @@ HAND_CASES = [
         {"loss": nll(0.5 * JS_MARGIN)},
         id="fdpo-js",
     ),
+    # DPO on h = 1 - 0.7 = 0.3, plus λ_KL·KL on the reference samples y0, y1 (weights ½): 2·½((-0.5 + 1) + (-1.2 + 2))
+    pytest.param(
+        "dpo_kl",
+        {"beta": 0.1, "kl_lam": 2.0},
+        P,
+        (-0.5, -1.2),
+        (1, 1),
+        1.0,
+        {"loss": nll(0.03), "kl": 2 * 0.65},
+        id="dpo-kl",
+    ),
+    # DPO on h = 1, plus α·(-log π(y_w)/|y_w|) = 0.5·(1/2)
+    pytest.param("rpo", {"beta": 0.1, "alpha": 0.5}, P, R, (2, 4), 1.0, {"loss": nll(0.1), "nll": 0.25}, id="rpo"),
+    # the same with per-token log-probs in the pair term: h = (-1/2 + 2/4) - (-1.5/2 + 1.5/4) = 0.375; the NLL is unchanged
+    pytest.param(
+        "rpo",
+        {"beta": 0.1, "alpha": 0.5, "length_normalize": True},
+        P,
+        R,
+        (2, 4),
+        1.0,
+        {"loss": nll(0.0375), "nll": 0.25},
+        id="rpo-per-token",
+    ),
     # BT on d_pol = 1; KL ≈ ½((-0.5 + 1) + (-1.2 + 2)) = 0.65 on the dataset responses, times λ = 2
     pytest.param(
         "expo_compositional",
