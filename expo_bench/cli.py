@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument(
         "experiment", nargs="?", metavar="EXPERIMENT", help="a recipe's experiment: name (default: every experiment in the store)"
     )
+    board.add_argument(
+        "--baseline", default="dpo", metavar="METHOD", help="the method every row is paired with, seed by seed (default: dpo)"
+    )
     ui_command = commands.add_parser(
         "ui",
         help="browse the tracking store in the MLflow UI (http://127.0.0.1:5000)",
@@ -89,21 +92,30 @@ def lam_summary(lams: list[float] | None) -> str:
     return ", ".join(f"{lam:g}" for lam in lams) if len(lams) <= 3 else f"{len(lams)}: {min(lams):g}…{max(lams):g}"
 
 
+def _values(values: list[object]) -> str:
+    distinct = list(dict.fromkeys(values))
+    text = [f"{value:.4g}" if isinstance(value, float) else str(value) for value in distinct]
+    return text[0] if len(text) == 1 else "{" + ", ".join(text) + "}"
+
+
 def describe(experiment: Experiment) -> Table:
-    """One row per method: what will be trained, with which λ grid, non-default hyperparameters and budget."""
+    """One row per method run: what will be trained, with which λ grid, the other hyperparameters that are not
+    defaults (a set where the grid varies them) and the budget."""
     recipe = experiment.recipe
     table = Table(title=f"{recipe.experiment} · recipe {recipe.fingerprint()} · seeds {recipe.seeds}")
     for column in ("method", "λ", "other params", "epochs", "batch", "optimizer"):
         table.add_column(column, overflow="fold")
     for run in experiment.runs:
-        params = run.grid[0].model_dump(exclude_defaults=True, exclude={run.method.regularization or ""})
+        dumps = [params.model_dump(exclude={run.method.regularization or ""}) for params in run.grid]
+        defaults = run.method.Params().model_dump()
+        varying = {key: [dump[key] for dump in dumps] for key in dumps[0]}
+        shown = {
+            key: values for key, values in varying.items() if len(set(map(str, values))) > 1 or values[0] != defaults.get(key)
+        }
         table.add_row(
             run.label,
-            lam_summary(run.lam)
-            if run.lam or run.method.regularization is None
-            else f"{run.method.regularization}={getattr(run.grid[0], run.method.regularization):g}",
-            ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items())
-            or "—",
+            lam_summary(run.lam),
+            ", ".join(f"{key}={_values(values)}" for key, values in shown.items()) or "—",
             str(run.train.max_epochs),
             str(run.train.batch_size),
             f"{run.train.optimizer.name} {run.train.optimizer.lr:g}",
@@ -130,7 +142,7 @@ def leaderboard(args: argparse.Namespace, console: Console) -> None:
     from expo_bench.leaderboard import load_leaderboard, write_leaderboard  # imports MLflow and matplotlib
     from expo_bench.tracking import resolve_tracking_uri
 
-    tables = load_leaderboard(resolve_tracking_uri(args.tracking_uri, args.results), args.experiment)
+    tables = load_leaderboard(resolve_tracking_uri(args.tracking_uri, args.results), args.experiment, args.baseline)
     written = write_leaderboard(tables, args.results / (args.experiment or "leaderboard"), console)
     console.print(f"wrote {', '.join(str(path) for path in written)}")
 

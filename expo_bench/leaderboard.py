@@ -1,8 +1,11 @@
 """The leaderboard, generated from the tracking store and never edited by hand.
 
-One table per (experiment, dataset): each method's best configuration by its rank metric, every leaderboard metric
-as mean ± 95% CI over seeds (Student t), and where each number came from (runs, git sha, recipe hash, parameters).
-The best configuration is picked on the metric it is reported on, so its estimate is optimistic when grids are large.
+One table per (experiment, dataset): each method's best configuration, every leaderboard metric as mean ± 95% CI over
+seeds (Student t), the rank metric's paired per-seed difference from a baseline method, which methods the best one is
+not distinguishable from, and where each number came from (runs, git sha, recipe hash, parameters). Where the runs
+logged a selection metric (on held-out prompts set aside for it) the best configuration is picked on that, never on
+the reported numbers; otherwise it is picked on the reported metric and the caption says it is optimistic. A pick at
+the edge of its grid is flagged.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from rich.console import Console
 from scipy import stats
 
+from expo_bench.comparison import SIGNIFICANCE, PairedDifference, grid_edges, holm, paired_difference
 from expo_bench.config_model import closest
 from expo_bench.errors import UserError
 from expo_bench.metric_keys import (
@@ -57,6 +61,8 @@ from expo_bench.tracking import (
     RANK_GOAL,
     RANK_METRIC,
     RECIPE_HASH,
+    SEED,
+    SELECTION_METRIC,
     open_client,
     retrying,
     search_all,
@@ -131,8 +137,49 @@ class Configuration:
         column = next((column for column in LEADERBOARD_COLUMNS if column.key in self.estimates), LEADERBOARD_COLUMNS[0])
         return column.key, column.goal
 
+    @cached_property
+    def selection(self) -> tuple[str, Goal] | None:
+        """The metric its runs were tagged to be picked by (on prompts set aside for it) and its goal, if they logged it."""
+        tagged = Counter(run.tags[SELECTION_METRIC] for run in self.runs if SELECTION_METRIC in run.tags)
+        if not tagged:
+            return None
+        metric = tagged.most_common(1)[0][0]
+        if metric not in self.estimates:
+            return None
+        known = CATALOG.get(f"eval/{metric.split('/', 1)[1]}")
+        return metric, known.goal if known is not None else self.rank[1]
+
+    def by_seed(self, metric: str) -> dict[str, float]:
+        """``{seed: value}`` of one metric (runs without a seed tag are left out)."""
+        return {run.tags[SEED]: run.metrics[metric] for run in self.runs if SEED in run.tags and metric in run.metrics}
+
     def provenance(self, tag: str) -> list[str]:
         return list(dict.fromkeys(run.tags[tag] for run in self.runs if tag in run.tags))
+
+
+GRID_PARAMS = ("params.", "train.")
+"""Run params that a recipe's grids vary (``lam`` mirrors a ``params.`` field and is left out)."""
+
+
+@dataclass(frozen=True)
+class RowVerdict:
+    """How one method's row was chosen and how it compares."""
+
+    selected_by: str
+    """The metric its configuration was picked on."""
+    edges: list[str]
+    """Hyperparameters whose picked value is the lowest or highest its grid tried."""
+    versus_baseline: PairedDifference | None
+    """Rank metric, this method − the baseline method, paired by seed."""
+    versus_best: PairedDifference | None
+    """Rank metric, this method − the best row, paired by seed (None for the best row itself)."""
+    best_p_holm: float | None
+    """Holm-adjusted p-value of ``versus_best`` over every row compared with the best."""
+
+    @property
+    def indistinguishable_from_best(self) -> bool:
+        """True for the best row, and for rows the paired tests (Holm-corrected, 5%) cannot tell from it."""
+        return self.versus_best is None or self.best_p_holm is None or self.best_p_holm >= SIGNIFICANCE
 
 
 def _sort_key(metric: str, goal: Goal) -> Callable[[Configuration], tuple[bool, float, int, str, str]]:
@@ -158,9 +205,23 @@ class LeaderboardTable:
     columns: tuple[Metric, ...]
     rows: tuple[Configuration, ...]
     configurations: tuple[Configuration, ...]
+    verdicts: dict[str, RowVerdict]
+    """By method."""
+    baseline: str | None
+    """The method every row is paired with (None: not in this table)."""
 
 
-def build_table(store: str, experiment: str, dataset: str, runs: Sequence[RunRecord]) -> LeaderboardTable:
+def _pick(candidates: list[Configuration], rank: tuple[str, Goal]) -> tuple[Configuration, str]:
+    """A method's configuration: the best by its selection metric when every candidate logged one, else by ``rank``."""
+    selections = {configuration.selection for configuration in candidates}
+    selection = selections.pop() if len(selections) == 1 else None
+    by = selection or rank
+    return min(candidates, key=_sort_key(*by)), by[0]
+
+
+def build_table(
+    store: str, experiment: str, dataset: str, runs: Sequence[RunRecord], baseline: str | None = "dpo"
+) -> LeaderboardTable:
     groups: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
     for run in runs:
         groups[run.tags.get(METHOD, run.tags.get("mlflow.runName", run.run_id)), run.tags.get(CONFIG_KEY, run.run_id)].append(run)
@@ -169,14 +230,43 @@ def build_table(store: str, experiment: str, dataset: str, runs: Sequence[RunRec
     for configuration in configurations:
         by_method[configuration.method].append(configuration)
     ranks = {method: Counter(c.rank for c in candidates).most_common(1)[0][0] for method, candidates in by_method.items()}
-    best = [min(candidates, key=_sort_key(*ranks[method])) for method, candidates in by_method.items()]
+    picked = {method: _pick(candidates, ranks[method]) for method, candidates in by_method.items()}
     rank_metric, rank_goal = Counter(ranks.values()).most_common(1)[0][0]  # methods may disagree: the majority sorts
-    rows = sorted(best, key=_sort_key(rank_metric, rank_goal))
+    rows = sorted((best for best, _ in picked.values()), key=_sort_key(rank_metric, rank_goal))
     logged = {key for row in rows for key in row.estimates}
     columns = tuple(column for column in LEADERBOARD_COLUMNS if column.key in logged)
     if rank_metric not in {column.key for column in columns}:
         columns = (Metric(rank_metric, rank_metric, rank_goal), *columns)
-    return LeaderboardTable(store, experiment, dataset, rank_metric, rank_goal, columns, tuple(rows), tuple(configurations))
+    baseline_row = next((row for row in rows if row.method == baseline), None)
+    versus_best = {row.method: paired_difference(row.by_seed(rank_metric), rows[0].by_seed(rank_metric)) for row in rows[1:]}
+    adjusted = holm({method: found.p_value for method, found in versus_best.items() if found and found.p_value is not None})
+    verdicts = {
+        row.method: RowVerdict(
+            selected_by=picked[row.method][1],
+            edges=grid_edges(
+                {key: value for key, value in row.params.items() if key.startswith(GRID_PARAMS)},
+                [candidate.params for candidate in by_method[row.method]],
+            ),
+            versus_baseline=None
+            if baseline_row is None or row is baseline_row
+            else paired_difference(row.by_seed(rank_metric), baseline_row.by_seed(rank_metric)),
+            versus_best=versus_best.get(row.method),
+            best_p_holm=adjusted.get(row.method),
+        )
+        for row in rows
+    }
+    return LeaderboardTable(
+        store,
+        experiment,
+        dataset,
+        rank_metric,
+        rank_goal,
+        columns,
+        tuple(rows),
+        tuple(configurations),
+        verdicts,
+        None if baseline_row is None else baseline,
+    )
 
 
 def _experiments(client: MlflowClient, uri: str, name: str | None) -> list[tuple[str, str]]:
@@ -194,8 +284,9 @@ def _experiments(client: MlflowClient, uri: str, name: str | None) -> list[tuple
     return found
 
 
-def load_leaderboard(uri: str, experiment: str | None) -> list[LeaderboardTable]:
-    """The tables of one experiment (None: of every experiment) from the complete child runs in the store."""
+def load_leaderboard(uri: str, experiment: str | None, baseline: str | None = "dpo") -> list[LeaderboardTable]:
+    """The tables of one experiment (None: of every experiment) from the complete child runs in the store, each row
+    paired with the ``baseline`` method's row."""
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
         raise UserError(f"no tracking store at {database} (URI {uri}): run a recipe first (expo-bench run RECIPE)")
@@ -209,7 +300,7 @@ def load_leaderboard(uri: str, experiment: str | None) -> list[LeaderboardTable]
         by_dataset: dict[str, list[RunRecord]] = defaultdict(list)
         for run in runs:
             by_dataset[run.tags.get(DATASET, "unknown")].append(run)
-        tables += [build_table(uri, name, dataset, members) for dataset, members in sorted(by_dataset.items())]
+        tables += [build_table(uri, name, dataset, members, baseline) for dataset, members in sorted(by_dataset.items())]
     if not tables:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
         raise UserError(
@@ -233,12 +324,30 @@ def _params_text(params: dict[str, str]) -> str:
     return ", ".join(f"{key}={value}" for key, value in shown.items()) or "—"
 
 
+def _difference(found: PairedDifference | None) -> str:
+    """``-1.2 ± 0.4 (p 0.003)``: a paired difference, its CI half-width and p-value."""
+    if found is None:
+        return "—"
+    spread = "" if found.half_width is None else f" ± {found.half_width:.2g}"
+    p = "" if found.p_value is None else f" (p {found.p_value:.2g})"
+    return f"{found.mean:+.3g}{spread}{p}"
+
+
+def _notes(verdict: RowVerdict) -> str:
+    notes = ["≈ best" if verdict.indistinguishable_from_best else "worse than best"]
+    notes += [f"grid edge: {edge}" for edge in verdict.edges]
+    return "; ".join(notes)
+
+
 def _display(table: LeaderboardTable) -> tuple[list[str], list[list[str]]]:
-    header = ["method", *(column.title for column in table.columns), "seeds", "config", "runs", "git", "recipe"]
+    versus = [] if table.baseline is None else [f"Δ vs {table.baseline} (paired)"]
+    header = ["method", *(column.title for column in table.columns), *versus, "notes", "seeds", "config", "runs", "git", "recipe"]
     rows = [
         [
             row.method,
             *(_cell(row.estimates.get(column.key), column.spread) for column in table.columns),
+            *([] if table.baseline is None else [_difference(table.verdicts[row.method].versus_baseline)]),
+            _notes(table.verdicts[row.method]),
             str(len(row.runs)),
             _params_text(row.params),
             " ".join(run.run_id[:8] for run in row.runs),
@@ -264,9 +373,26 @@ def _shown(uri: str) -> str:
 
 def _caption(table: LeaderboardTable) -> str:
     direction = "higher" if table.rank_goal == "max" else "lower"
+    selected = {verdict.selected_by for verdict in table.verdicts.values()}
+    if selected == {table.rank_metric}:
+        picked = (
+            f"Each method's configuration is picked on `{table.rank_metric}` itself, the reported metric: with a grid, its "
+            "value is optimistic"
+        )
+    else:
+        picked = (
+            f"Each method's configuration is picked on {', '.join(f'`{key}`' for key in sorted(selected))}, computed on "
+            "held-out prompts set aside for selection and never reported"
+        )
+    versus = (
+        ""
+        if table.baseline is None
+        else f"; Δ: the paired per-seed difference from `{table.baseline}` (mean ± 95% CI, paired t-test p)"
+    )
     return (
-        f"Best configuration per method by `{table.rank_metric}` ({direction} is better); mean ± 95% CI over seeds "
-        f"(Student t). Source: {_shown(table.store)}."
+        f"Rows ranked by `{table.rank_metric}` ({direction} is better); mean ± 95% CI over seeds (Student t){versus}. "
+        f'{picked}. "≈ best": a paired t-test against the best row (Holm-corrected over the rows, 5%) cannot tell them '
+        f'apart. "grid edge": the picked value is the lowest or highest its grid tried. Source: {_shown(table.store)}.'
     )
 
 
@@ -276,6 +402,14 @@ Cell = Callable[[LeaderboardTable, Configuration], str]
 def _number(found: Estimate | None, half_width: bool = False) -> str:
     value = None if found is None else found.half_width if half_width else found.mean
     return "" if value is None else repr(value)
+
+
+def _number_or_blank(value: float | int | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def _paired(found: PairedDifference | None, field: str) -> str:
+    return "" if found is None else _number_or_blank(getattr(found, field))
 
 
 def _mean(key: str) -> Cell:
@@ -311,6 +445,14 @@ def _csv_columns(tables: Sequence[LeaderboardTable]) -> list[tuple[str, Cell]]:
             columns += [(key, _mean(key)), (f"{key}_ci95", _ci95(key))]
     return [
         *columns,
+        ("selected_by", lambda table, row: table.verdicts[row.method].selected_by),
+        ("vs_baseline", lambda table, row: table.baseline or ""),
+        ("vs_baseline_difference", lambda table, row: _paired(table.verdicts[row.method].versus_baseline, "mean")),
+        ("vs_baseline_ci95", lambda table, row: _paired(table.verdicts[row.method].versus_baseline, "half_width")),
+        ("vs_baseline_p", lambda table, row: _paired(table.verdicts[row.method].versus_baseline, "p_value")),
+        ("vs_best_p_holm", lambda table, row: _number_or_blank(table.verdicts[row.method].best_p_holm)),
+        ("indistinguishable_from_best", lambda table, row: str(table.verdicts[row.method].indistinguishable_from_best)),
+        ("grid_edges", lambda table, row: "; ".join(table.verdicts[row.method].edges)),
         ("n_seeds", lambda table, row: str(len(row.runs))),
         ("rank_metric", lambda table, row: table.rank_metric),
         ("experiment", lambda table, row: table.experiment),

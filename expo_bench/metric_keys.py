@@ -41,6 +41,15 @@ def stage_key(stage: str, name: str) -> str:
     return f"{stage}/{name}"
 
 
+SELECTION = "selection"
+"""Evaluation metrics on the prompts set aside to pick configurations (``selection/win_rate``): never reported."""
+
+
+def selection_key(key: str) -> str:
+    """``eval/win_rate`` -> ``selection/win_rate``."""
+    return stage_key(SELECTION, key.split("/", 1)[1])
+
+
 def at_temperature(key: str, temperature: float) -> str:
     """``eval/win_rate`` at temperature 0.5 is ``eval/T0.5/win_rate``."""
     prefix, name = key.split("/", 1)
@@ -89,6 +98,12 @@ MEAN_LENGTH = Metric("eval/mean_length", "length", "max", spread=False)
 # Tasks with an exactly known target policy.
 KL_TO_TARGET = Metric("eval/kl_target_to_policy", "KL(π*‖π)", "min")
 """KL(π_target ‖ π) summed over prompts: the synthetic tasks' distance to the optimal policy."""
+KL_WELL_FORMED = Metric("eval/kl_target_to_policy_well_formed", "KL(π*‖π̃) well-formed", "min")
+"""KL(π_target ‖ π̃), π̃ the policy renormalised over well-formed responses, summed over prompts: the distance among
+well-formed responses. With :data:`MALFORMED_LEAK` it sums to :data:`KL_TO_TARGET`."""
+MALFORMED_LEAK = Metric("eval/malformed_leak", "leak −log π(W)", "min")
+"""−log π(W) summed over prompts, π(W) the probability of a well-formed response: the part of KL(π_target ‖ π) that
+is probability leaked to malformed sequences."""
 TOP_RESPONSE_MASS = Metric("eval/top_response_mass", "top-response mass", "max")
 """Mean probability of each prompt's highest-reward response: how far a policy collapsed onto it."""
 
@@ -98,6 +113,8 @@ LEADERBOARD_COLUMNS: tuple[Metric, ...] = (
     REWARD,
     KL,
     KL_TO_TARGET,
+    KL_WELL_FORMED,
+    MALFORMED_LEAK,
     TOP_RESPONSE_MASS,
     DISTINCT_2,
     SELF_BLEU,

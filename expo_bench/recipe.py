@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from expo_bench.config_model import ConfigModel
+from expo_bench.config_model import ConfigModel, closest
 from expo_bench.errors import RecipeError
 from expo_bench.methods import MethodParams, PreferenceMethod, UnknownMethodError, default_label, method_class
 from expo_bench.tasks import TASK_KINDS, Task
@@ -27,7 +28,8 @@ class MethodEntry(ConfigModel):
     """One method to train: a built-in name or an import path ``package.module:Class``.
 
     ``params`` are the method's hyperparameters (validated by its ``Params``); ``lam`` overrides the
-    recipe's λ grid; ``train`` overrides parts of the recipe's ``train`` section.
+    recipe's λ grid; ``train`` overrides parts of the recipe's ``train`` section; ``grid`` tunes the method on the
+    product of the listed values, each key a hyperparameter or a ``train.`` setting (``train.optimizer.lr``).
     """
 
     method: str
@@ -35,6 +37,7 @@ class MethodEntry(ConfigModel):
     params: dict[str, Any] = Field(default_factory=dict)
     lam: list[float] | None = Field(None, min_length=1)
     train: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
 
 
 class TrackingConfig(ConfigModel):
@@ -55,6 +58,8 @@ class Recipe(ConfigModel):
     lam: list[float] | None = Field(None, min_length=1)
     """The paper's λ, applied to each method's regularization parameter (DPO's β, IPO's τ, EXPO's λ)."""
     methods: list[MethodEntry] = Field(min_length=1)
+    baseline_method: str | None = "dpo"
+    """The method label the leaderboard pairs every row with (per-seed differences); null for none."""
     tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("seeds")
@@ -72,13 +77,20 @@ class Recipe(ConfigModel):
 
 @dataclass(frozen=True)
 class MethodRun:
-    """A method entry resolved: its class, one parameter set per λ (replica), and its budget."""
+    """Part of a method entry resolved: its class, one parameter set per replica (they differ in numeric values only,
+    so a tabular task trains them at once), and its budget. An entry with a grid of settings that cannot vary across
+    replicas (``train.*``, non-numeric hyperparameters) resolves into one run per such setting, all with its label."""
 
     label: str
     method: type[PreferenceMethod]
     grid: list[MethodParams]
-    lam: list[float] | None
     train: TrainConfig
+
+    @property
+    def lam(self) -> list[float] | None:
+        """The paper's λ of each replica: the value of the method's regularization field (None: it has none)."""
+        field = self.method.regularization
+        return None if field is None else [float(getattr(params, field)) for params in self.grid]
 
 
 @dataclass(frozen=True)
@@ -141,41 +153,82 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         node[leaf] = value
 
 
-def _resolve(recipe: Recipe, index: int, entry: MethodEntry, problems: list[tuple[str, str]]) -> MethodRun | None:
+TRAIN_PREFIX = "train."
+
+
+def _points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a grid's values, in the order the keys and values are listed."""
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def _resolve(recipe: Recipe, index: int, entry: MethodEntry, problems: list[tuple[str, str]]) -> list[MethodRun]:
     where: list[int | str] = ["methods", index]
     try:
         method = method_class(entry.method)
     except UnknownMethodError as error:
         problems.append((field_path([*where, "method"]), str(error)))
-        return None
-    try:
-        train = TrainConfig.model_validate(deep_merge(recipe.train.model_dump(), entry.train))
-    except ValidationError as error:
-        problems.extend(_problems(error, [*where, "train"]))
-        train = recipe.train
+        return []
     lam, lam_path = (entry.lam, [*where, "lam"]) if entry.lam is not None else (recipe.lam, ["lam"])
-    grid: list[MethodParams] = []
-    if lam is not None and method.regularization is None:
-        problems.append((field_path(lam_path), f"{entry.method} has no regularization parameter to sweep (it is reference-free)"))
-        return None
-    if lam is not None and method.regularization in entry.params:
-        problems.append(
-            (field_path([*where, "params", method.regularization]), "set by the λ grid; remove it here or drop the grid")
-        )
-        return None
-    for k, value in enumerate(lam or [None]):
-        params = entry.params if value is None else {**entry.params, str(method.regularization): value}
+    grid = dict(entry.grid)
+    if entry.lam is not None and method.regularization in grid:
+        problems.append((field_path([*where, "lam"]), f"the grid sets {method.regularization} too; keep one of them"))
+        return []
+    if lam is not None and method.regularization not in grid:
+        if method.regularization is None:
+            problems.append(
+                (field_path(lam_path), f"{entry.method} has no regularization parameter to sweep (it is reference-free)")
+            )
+            return []
+        grid = {method.regularization: lam, **grid}
+    fields = set(method.Params.model_fields)
+    before = len(problems)
+    for key, choices in grid.items():
+        if key in entry.params:
+            problems.append((field_path([*where, "params", key]), "set by a grid (lam or grid); remove it here or there"))
+        elif key not in fields and not key.startswith(TRAIN_PREFIX):
+            hint = closest(key, sorted(fields))
+            message = (
+                f"{key!r} is neither a hyperparameter of {entry.method}{hint} ({', '.join(sorted(fields))}) nor a train. setting"
+            )
+            problems.append((field_path([*where, "grid", key]), message))
+        elif not choices:
+            problems.append((field_path([*where, "grid", key]), "give at least one value"))
+    if len(problems) > before:
+        return []
+    runs: dict[str, tuple[TrainConfig, list[MethodParams]]] = {}
+    for point in _points(grid):
+        overrides: dict[str, Any] = {}
+        for key, value in point.items():
+            if key.startswith(TRAIN_PREFIX):
+                apply_override(overrides, f"{key.removeprefix(TRAIN_PREFIX)}={yaml.safe_dump(value)}")
         try:
-            grid.append(method.Params.model_validate(params))
+            train = TrainConfig.model_validate(deep_merge(deep_merge(recipe.train.model_dump(), entry.train), overrides))
+        except ValidationError as error:
+            problems.extend(_problems(error, [*where, "grid", "train"] if overrides else [*where, "train"]))
+            return []
+        chosen = {key: value for key, value in point.items() if not key.startswith(TRAIN_PREFIX)}
+        try:
+            params = method.Params.model_validate({**entry.params, **chosen})
         except ValidationError as error:
             for item in error.errors():
-                from_grid = value is not None and item["loc"] == (method.regularization,)
-                location = [*lam_path, k] if from_grid else [*where, "params", *item["loc"]]
+                name = str(item["loc"][0]) if item["loc"] else ""
+                location: list[int | str]
+                if name in chosen:
+                    position = grid[name].index(chosen[name])
+                    from_lam = lam is not None and name == method.regularization and name not in entry.grid
+                    location = [*lam_path, position] if from_lam else [*where, "grid", name, position]
+                else:
+                    location = [*where, "params", *item["loc"]]
                 if item["type"] == "unknown_key":
                     location.append(item["ctx"]["key"])
                 problems.append((field_path(location), item["msg"]))
-            return None
-    missing = method.requires(grid[0]) - recipe.task.provides()
+            return []
+        # replicas may differ only in numeric hyperparameters: anything else starts another run
+        fixed = {key: value for key, value in params.model_dump(mode="json").items() if not _numeric(value)}
+        key = json.dumps({"train": train.model_dump(mode="json"), "fixed": fixed}, sort_keys=True)
+        runs.setdefault(key, (train, []))[1].append(params)
+    resolved = [MethodRun(entry.label or default_label(method), method, replicas, train) for train, replicas in runs.values()]
+    missing = method.requires(resolved[0].grid[0]) - recipe.task.provides()
     if missing:
         problems.append(
             (
@@ -185,13 +238,17 @@ def _resolve(recipe: Recipe, index: int, entry: MethodEntry, problems: list[tupl
                 "(for EXPO on language models: set task.reference_samples, or kl_estimator: dataset_responses)",
             )
         )
-        return None
-    if not method.takes_margin and any(params.gamma for params in grid):
+        return []
+    if not method.takes_margin and any(params.gamma for run in resolved for params in run.grid):
         problems.append(
             (field_path([*where, "params", "gamma"]), f"{entry.method} defines its own objective, which takes no margin gamma")
         )
-        return None
-    return MethodRun(entry.label or default_label(method), method, grid, lam, train)
+        return []
+    return resolved
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def validate_recipe(data: Any, source: Path | str) -> Experiment:
@@ -201,17 +258,19 @@ def validate_recipe(data: Any, source: Path | str) -> Experiment:
     except ValidationError as error:
         raise RecipeError(source, _problems(error)) from None
     problems: list[tuple[str, str]] = []
-    resolved = [(index, run) for index, entry in enumerate(recipe.methods) if (run := _resolve(recipe, index, entry, problems))]
+    resolved = [(index, _resolve(recipe, index, entry, problems)) for index, entry in enumerate(recipe.methods)]
     seen: set[str] = set()
-    for index, run in resolved:
-        if run.label in seen:
+    for index, runs in resolved:
+        if not runs:
+            continue
+        if runs[0].label in seen:
             problems.append(
-                (field_path(["methods", index, "label"]), f"label {run.label!r} is used twice; give each entry its own label")
+                (field_path(["methods", index, "label"]), f"label {runs[0].label!r} is used twice; give each entry its own label")
             )
-        seen.add(run.label)
+        seen.add(runs[0].label)
     if problems:
         raise RecipeError(source, problems)
-    return Experiment(recipe, [run for _, run in resolved], Path(source))
+    return Experiment(recipe, [run for _, runs in resolved for run in runs], Path(source))
 
 
 def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Experiment:

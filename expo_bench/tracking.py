@@ -58,6 +58,8 @@ RANK_METRIC = "expo_bench.rank_metric"
 """A key of :mod:`expo_bench.metric_keys` that picks a method's best configuration."""
 RANK_GOAL = "expo_bench.rank_goal"
 """``max`` or ``min``: the direction of the rank metric."""
+SELECTION_METRIC = "expo_bench.selection_metric"
+"""The metric, computed on prompts set aside for it, that picks a method's best configuration (``selection/...``)."""
 
 # Tags the tracker itself sets.
 SWEEP_KEY = "expo_bench.sweep_key"

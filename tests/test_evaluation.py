@@ -73,7 +73,7 @@ def test_evaluation_only_refuses_a_run_that_never_trained(tmp_path: Path) -> Non
     data = hh_twin("http://127.0.0.1:9/v1")
     data["task"]["evaluation"]["evaluate_only"] = True
     data["task"]["sft"] = None
-    with pytest.raises(UserError, match=r"have not finished training \(seed 0\): dpo under .*train them first"):
+    with pytest.raises(UserError, match=r"have not finished training \(seed 0\): dpo λ=0.1 under .*train them first"):
         run_experiment(validate_recipe(data, "hh.yaml"), tmp_path, Console(quiet=True))
 
 

@@ -314,3 +314,20 @@ def test_response_entropy_of_a_uniform_model_is_log_vocabulary(tokenizer: Any, p
     batch = collate_pairs(pairs[:4], tokenizer.eos_token_id)
     entropy = CausalLMScorer(model).response_entropy(batch.chosen)
     torch.testing.assert_close(entropy, torch.full((4,), math.log(model.config.vocab_size)))
+
+
+def test_redrawn_reference_samples_change_with_the_epoch(tokenizer: Any, pairs: list[Any]) -> None:
+    from expo_bench.lm.data import loader
+
+    eos = tokenizer.eos_token_id
+    samples = [[[11, eos], [12, eos], [13, eos]] for _ in range(4)]
+    dataset = PairDataset(pairs[:4], eos, reference_samples=samples, reference_sample_logps=[[-1.0, -2.0, -3.0]] * 4)
+    dataset.samples_per_epoch = 1
+    for epoch, token in [(0, 11), (1, 12), (2, 13), (3, 11)]:  # epoch e uses draw e, cycling
+        batches = loader(dataset, 4, shuffle=True, seed=0)
+        batches.sampler.set_epoch(epoch)  # type: ignore[union-attr]  # what Lightning calls at every epoch start
+        batch = next(iter(batches))
+        assert batch.kl_samples is not None and batch.kl_reference_logps is not None
+        first_tokens = batch.kl_samples["input_ids"][batch.kl_samples["loss_mask"]].view(4, 2)[:, 0]
+        assert first_tokens.tolist() == [token] * 4
+        assert batch.kl_reference_logps.tolist() == [-(token - 10.0)] * 4

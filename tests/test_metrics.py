@@ -110,7 +110,7 @@ def test_win_rate_degenerate_inputs() -> None:
     metric.update(torch.tensor([1.0]), torch.tensor([4.0]))
     with pytest.raises(ValueError, match="every update or with none"):
         metric.update(torch.tensor([0.0]))
-    with pytest.raises(ValueError, match="length differences"):
+    with pytest.raises(ValueError, match="values of length_difference"):
         metric.update(torch.tensor([0.0, 1.0]), torch.tensor([1.0]))
 
 

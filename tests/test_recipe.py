@@ -182,3 +182,33 @@ def test_fingerprint_is_stable_and_content_sensitive() -> None:
     changed = base()
     changed["seeds"] = [2]
     assert validate_recipe(changed, "a.yaml").recipe.fingerprint() != first
+
+
+def test_a_grid_tunes_numeric_hyperparameters_as_replicas_and_train_settings_as_runs() -> None:
+    data = base()
+    data["methods"] = [
+        {"method": "dpo", "grid": {"beta": [0.1, 1.0, 3.0], "train.optimizer.lr": [0.01, 0.03]}},
+        {"method": "expo_regression", "grid": {"distance": ["bce", "squared"]}},
+    ]
+    runs = validate_recipe(data, "my.yaml").runs
+    dpo, regression = [run for run in runs if run.label == "dpo"], [run for run in runs if run.label == "expo_regression"]
+    assert [run.train.optimizer.lr for run in dpo] == [0.01, 0.03]
+    assert all(run.lam == [0.1, 1.0, 3.0] for run in dpo)  # the entry's grid overrides the recipe's λ grid
+    assert [[params.distance for params in run.grid] for run in regression] == [["bce", "bce"], ["squared", "squared"]]
+    assert all(run.lam == [0.1, 1.0] for run in regression)  # the recipe's λ grid, for each distance
+
+
+@pytest.mark.parametrize(
+    ("grid", "where", "message"),
+    [
+        ({"betta": [0.1]}, "methods[0].grid.betta", "neither a hyperparameter of dpo (did you mean 'beta'?)"),
+        ({"beta": [0.1, -1.0]}, "methods[0].grid.beta[1]", "greater than 0"),
+        ({"train.optimizer.lr": [0.0]}, "methods[0].grid.train.optimizer.lr", "greater than 0"),
+        ({"beta": []}, "methods[0].grid.beta", "at least one value"),
+    ],
+)
+def test_grid_mistakes_name_the_field(grid: dict[str, Any], where: str, message: str) -> None:
+    data = base()
+    data["methods"] = [{"method": "dpo", "grid": grid}]
+    [(path, text)] = problems(data)
+    assert path == where and message in text

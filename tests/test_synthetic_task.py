@@ -47,7 +47,7 @@ def test_oracle_reward_reads_the_text_and_ranks_malformed_responses_last() -> No
 
 def test_pairs_are_labelled_by_bradley_terry_on_the_reward() -> None:
     synthetic = task(prompts=2, reward_scale=0.5)
-    pairs = synthetic._pairs(4000, random.Random(0))
+    pairs = synthetic._pairs(4000, random.Random(0), held_out=False)
     rewards = {
         (f"p{x}", synthetic.text(y)): float(synthetic.rewards[x, i]) for x in range(2) for i, y in enumerate(synthetic.responses)
     }
@@ -77,7 +77,8 @@ def test_exact_metrics_of_a_uniform_model_match_the_closed_form() -> None:
     model = synthetic.model.build(vocab_size=len(tokenizer))
     for parameter in model.parameters():
         torch.nn.init.zeros_(parameter)  # zero logits: every token has probability 1/V at every step
-    metrics = synthetic.exact_metrics(tokenizer)(model)
+    prompts = [[tokenizer.convert_tokens_to_ids(f"p{x}")] for x in range(3)]
+    metrics = synthetic.exact_metrics(tokenizer)(model, prompts)
     vocabulary, steps = len(tokenizer), synthetic.response_length + 1  # the response tokens and EOS
     optimal = synthetic.optimal_policy()
     entropy = float((optimal * optimal.log()).sum())
@@ -85,6 +86,49 @@ def test_exact_metrics_of_a_uniform_model_match_the_closed_form() -> None:
         entropy + 3 * steps * math.log(vocabulary), rel=1e-6
     )  # float32 logits
     assert metrics[metric_keys.TOP_RESPONSE_MASS.key] == pytest.approx(vocabulary**-steps, rel=1e-6)
+    # the split: π(W) = 64/V^4 of the mass on the well-formed set, uniform within it
+    well_formed = len(synthetic.responses) * vocabulary**-steps
+    assert metrics[metric_keys.MALFORMED_LEAK.key] == pytest.approx(-3 * math.log(well_formed), rel=1e-6)
+    assert metrics[metric_keys.KL_WELL_FORMED.key] == pytest.approx(entropy + 3 * math.log(len(synthetic.responses)), rel=1e-5)
+    total = metrics[metric_keys.KL_WELL_FORMED.key] + metrics[metric_keys.MALFORMED_LEAK.key]
+    assert total == pytest.approx(metrics[metric_keys.KL_TO_TARGET.key], rel=1e-9)
+    # on a subset of prompts: the sums over those prompts only
+    one = synthetic.exact_metrics(tokenizer)(model, prompts[1:2])
+    assert one[metric_keys.MALFORMED_LEAK.key] == pytest.approx(metrics[metric_keys.MALFORMED_LEAK.key] / 3, rel=1e-6)
+
+
+def test_trained_policy_splits_its_distance_exactly() -> None:
+    """On a trained-looking (random) model too, KL(π*‖π) = KL(π*‖π̃) − log π(W) to float precision."""
+    synthetic = task()
+    tokenizer = synthetic.load_tokenizer()
+    torch.manual_seed(3)
+    model = synthetic.model.build(vocab_size=len(tokenizer))
+    prompts = [[tokenizer.convert_tokens_to_ids(f"p{x}")] for x in range(3)]
+    metrics = synthetic.exact_metrics(tokenizer)(model, prompts)
+    total = metrics[metric_keys.KL_WELL_FORMED.key] + metrics[metric_keys.MALFORMED_LEAK.key]
+    assert total == pytest.approx(metrics[metric_keys.KL_TO_TARGET.key], rel=1e-9)
+    assert metrics[metric_keys.MALFORMED_LEAK.key] > 0 and metrics[metric_keys.KL_WELL_FORMED.key] > 0
+
+
+def test_held_out_pairs_share_no_response_with_sft_or_training_pairs() -> None:
+    synthetic = task(held_out_responses=0.25)
+    tokenizer = synthetic.load_tokenizer()
+    examples = synthetic.sft_examples(0, tokenizer, Console(quiet=True))
+
+    def responses(pairs: list) -> set[tuple[int, ...]]:
+        return {(*pair.prompt_ids, -1, *ids) for pair in pairs for ids in (pair.chosen_ids, pair.rejected_ids)}
+
+    train, held_out = responses(examples.train), responses(examples.held_out)
+    assert train and held_out and not train & held_out
+    assert all(len(kept) == 16 for kept in synthetic.held_out)  # a quarter of the 64 responses of each prompt
+    everything = task(held_out_responses=0.0)
+    both = everything.sft_examples(0, tokenizer, Console(quiet=True))
+    assert responses(both.train) & responses(both.held_out)  # without a held-out set, they overlap
+
+
+def test_too_few_held_out_responses_are_refused() -> None:
+    with pytest.raises(ValueError, match="each side needs at least 2"):
+        task(response_tokens=2, response_length=2, held_out_responses=0.25)  # 1 of 4 responses held out
 
 
 def test_tokenizer_round_trips_prompts_and_responses() -> None:
@@ -98,7 +142,7 @@ def test_quickstart_slice_runs_end_to_end_and_reuses_its_work(tmp_path: Path) ->
     data = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
     data["seeds"] = [0]
     data["task"] |= {"prompts": 4, "train_pairs_per_prompt": 32}
-    data["task"]["evaluation"] |= {"samples_per_prompt": 8}
+    data["task"]["evaluation"] |= {"samples_per_prompt": 8, "selection": {"prompts": 2}}
     data["methods"] = [{"method": "expo_compositional", "params": {"lam": 0.1}}, {"method": "dpo", "params": {"beta": 0.1}}]
     experiment = validate_recipe(data, "quickstart.yaml")
     out = run_experiment(experiment, tmp_path, Console(quiet=True))
@@ -108,7 +152,10 @@ def test_quickstart_slice_runs_end_to_end_and_reuses_its_work(tmp_path: Path) ->
     assert [run["method"] for run in runs] == ["expo_compositional", "dpo"]
     for run in runs:
         metrics = run["eval"]
-        assert metrics[metric_keys.JUDGED.key] == 4 * 8 and metrics[metric_keys.INVALID_VERDICTS.key] == 0
+        assert metrics[metric_keys.JUDGED.key] == 2 * 8 and metrics[metric_keys.INVALID_VERDICTS.key] == 0  # p2, p3
+        # p0, p1 picked the configuration: their metrics are logged apart and never reported
+        selected = metric_keys.selection_key(metric_keys.KL_TO_TARGET.key)
+        assert metrics[selected] > 0 and metrics[selected] != metrics[metric_keys.KL_TO_TARGET.key]
         [judgments] = (out / "runs").glob(f"{run['method']}-*/evaluation-*/T1/judgments.jsonl")
         rows = [json.loads(line) for line in judgments.read_text().splitlines()]
         assert sum(row["outcome"] for row in rows) / len(rows) == pytest.approx(metrics[metric_keys.WIN_RATE.key])
@@ -127,7 +174,7 @@ def test_quickstart_slice_runs_end_to_end_and_reuses_its_work(tmp_path: Path) ->
     data["task"]["evaluation"]["evaluate_only"] = True
     log = Console(record=True, width=200)
     run_experiment(validate_recipe(data, "quickstart.yaml"), tmp_path, log)
-    assert "dpo: finished in an earlier run" in log.export_text()
+    assert "dpo λ=0.1: finished in an earlier run" in log.export_text()
     restored = json.loads((out / "summary.json").read_text())["runs"][2]
     assert restored["method"] == "dpo" and restored["eval"] == runs[1]["eval"]
 
@@ -138,7 +185,7 @@ def test_periodic_evaluation_logs_metrics_during_training(tmp_path: Path) -> Non
     data = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
     data["seeds"] = [0]
     data["task"] |= {"prompts": 2, "train_pairs_per_prompt": 16, "sft": None}
-    data["task"]["evaluation"] |= {"samples_per_prompt": 4, "every_n_steps": 1}
+    data["task"]["evaluation"] |= {"samples_per_prompt": 4, "every_n_steps": 1, "selection": {"prompts": 1}}
     data["train"] |= {"max_epochs": 2, "batch_size": 16}
     data["methods"] = [{"method": "dpo", "params": {"beta": 0.1}}]
     out = run_experiment(validate_recipe(data, "quickstart.yaml"), tmp_path, Console(quiet=True))

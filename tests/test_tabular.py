@@ -188,7 +188,8 @@ def test_population_preservation(population_results: dict[str, list[dict[str, An
         good = [run["kl_star_to_policy"]["good"] for run in by(runs, method)]
         bad = [run["kl_star_to_policy"]["bad"] for run in by(runs, method)]
         assert max(good) < 1e-4  # preservation: π_ref = π* stays put for every λ
-        assert bad[0] < 1e-3 and bad[-1] == pytest.approx(runs[0]["kl_star_to_reference"]["bad"], rel=0.02)
+        # at the grid's largest λ = e^5 it has nearly reached π_ref
+        assert bad[0] < 1e-3 and bad[-1] == pytest.approx(runs[0]["kl_star_to_reference"]["bad"], rel=0.05)
         # Rises monotonically toward KL(π* ‖ π_ref), up to Adam's jitter at lr 0.01 near the optimum.
         assert all(later >= earlier - 1e-3 for earlier, later in itertools.pairwise(bad))
     for method in ("dpo", "ipo", "fdpo_js"):

@@ -57,27 +57,37 @@ def _mean_stderr(values: Tensor) -> tuple[float, float]:
     return mean, float(values.std(correction=1)) / math.sqrt(n)
 
 
-def bootstrap_ci(values: Tensor, *, resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Tensor, *, clusters: Tensor | None = None, resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile-bootstrap confidence interval of the mean of ``values`` (NaNs dropped; (NaN, NaN) if none).
 
-    Resamples come from a generator seeded with ``seed``, so the interval is deterministic; the percentiles
-    interpolate linearly between resampled means (``torch.quantile``, like numpy's default).
+    With ``clusters`` (one id per value, e.g. each sample's prompt), whole clusters are resampled and each resample's
+    mean is over the values of the clusters drawn: the samples of one prompt are not independent, so resampling them
+    one by one would understate the spread. Without, every value is its own cluster. Resamples come from a generator
+    seeded with ``seed``, so the interval is deterministic; the percentiles interpolate linearly between resampled
+    means (``torch.quantile``, like numpy's default).
     """
     values = values.detach().to(device="cpu", dtype=torch.float64).flatten()
-    values = values[~values.isnan()]
-    n = values.numel()
-    if n == 0:
+    clusters = torch.arange(values.numel()) if clusters is None else clusters.detach().cpu().flatten()
+    if clusters.numel() != values.numel():
+        raise ValueError(f"{values.numel()} values but {clusters.numel()} cluster ids")
+    defined = ~values.isnan()
+    values, clusters = values[defined], clusters[defined]
+    if values.numel() == 0:
         return math.nan, math.nan
+    _, cluster_of = torch.unique(clusters, return_inverse=True)
+    k = int(cluster_of.max()) + 1
+    sums = torch.zeros(k, dtype=torch.float64).index_add_(0, cluster_of, values)
+    counts = torch.bincount(cluster_of, minlength=k).to(torch.float64)
     generator = torch.Generator().manual_seed(seed)
-    chunk = max(1, _BOOTSTRAP_CHUNK // n)
-    means = torch.cat(
-        [
-            values[torch.randint(n, (min(chunk, resamples - start), n), generator=generator)].mean(dim=1)
-            for start in range(0, resamples, chunk)
-        ]
-    )
+    chunk = max(1, _BOOTSTRAP_CHUNK // k)
+    means = []
+    for start in range(0, resamples, chunk):
+        drawn = torch.randint(k, (min(chunk, resamples - start), k), generator=generator)
+        means.append(sums[drawn].sum(dim=1) / counts[drawn].sum(dim=1))
     tail = (1 - confidence) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    low, high = torch.quantile(torch.cat(means), torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return low, high
 
 
@@ -140,15 +150,17 @@ def win_rate_summary(
     resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    clusters: Tensor | None = None,
 ) -> dict[str, float]:
     """Counts, win rate (ties count ½), its standard error and bootstrap CI, and the LC win rate if lengths are given.
 
     ``outcomes`` per judged example: 1 win, 0 loss, 0.5 tie, NaN unparseable (counted in ``invalid``, excluded from
-    ``n`` and everything else). See :func:`bootstrap_ci` and :func:`length_controlled_win_rate`.
+    ``n`` and everything else). ``stderr`` is AlpacaEval's, over judged examples; the bootstrap CI resamples whole
+    ``clusters`` (each example's prompt) when given. See :func:`bootstrap_ci` and :func:`length_controlled_win_rate`.
     """
     judged = _judged(outcomes)
     win_rate, stderr = _mean_stderr(judged)
-    ci_low, ci_high = bootstrap_ci(judged, resamples=resamples, confidence=confidence, seed=seed)
+    ci_low, ci_high = bootstrap_ci(outcomes, clusters=clusters, resamples=resamples, confidence=confidence, seed=seed)
     summary = {
         "wins": float((judged == 1).sum()),
         "losses": float((judged == 0).sum()),
@@ -373,7 +385,11 @@ class _CatMetric(Metric):
 class WinRate(_CatMetric):
     """Win rate of judged comparisons against a baseline: see :func:`win_rate_summary` for the keys."""
 
-    _states: ClassVar[dict[str, torch.dtype]] = {"outcomes": torch.float64, "length_difference": torch.float64}
+    _states: ClassVar[dict[str, torch.dtype]] = {
+        "outcomes": torch.float64,
+        "length_difference": torch.float64,
+        "clusters": torch.int64,
+    }
     higher_is_better = True
 
     def __init__(self, resamples: int = 1000, confidence: float = 0.95, seed: int = 0, **kwargs: Any) -> None:
@@ -382,25 +398,29 @@ class WinRate(_CatMetric):
         super().__init__(**kwargs)
         self.resamples, self.confidence, self.seed = resamples, confidence, seed
 
-    def update(self, outcomes: Tensor, length_difference: Tensor | None = None) -> None:
-        """Add verdicts (1 win, 0 loss, 0.5 tie, NaN invalid) and, for the LC win rate, len(candidate) − len(baseline)."""
+    def update(self, outcomes: Tensor, length_difference: Tensor | None = None, clusters: Tensor | None = None) -> None:
+        """Add verdicts (1 win, 0 loss, 0.5 tie, NaN invalid), for the LC win rate len(candidate) − len(baseline), and
+        for a clustered bootstrap each verdict's cluster id (its prompt)."""
         _judged(outcomes)
-        if self.outcomes and (length_difference is None) == bool(self.length_difference):
-            raise ValueError("pass length_difference with every update or with none")
+        for name, given in (("length_difference", length_difference), ("clusters", clusters)):
+            if self.outcomes and (given is None) == bool(getattr(self, name)):
+                raise ValueError(f"pass {name} with every update or with none")
+            if given is not None:
+                if given.numel() != outcomes.numel():
+                    raise ValueError(f"{outcomes.numel()} outcomes but {given.numel()} values of {name}")
+                self._append(name, given)
         self._append("outcomes", outcomes)
-        if length_difference is not None:
-            if length_difference.numel() != outcomes.numel():
-                raise ValueError(f"{outcomes.numel()} outcomes but {length_difference.numel()} length differences")
-            self._append("length_difference", length_difference)
 
     def compute(self) -> dict[str, Tensor]:
         outcomes, length_difference = self._gathered("outcomes"), self._gathered("length_difference")
+        clusters = self._gathered("clusters")
         summary = win_rate_summary(
             outcomes,
             length_difference if length_difference.numel() else None,
             resamples=self.resamples,
             confidence=self.confidence,
             seed=self.seed,
+            clusters=clusters if clusters.numel() else None,
         )
         return self._as_tensors(summary)
 

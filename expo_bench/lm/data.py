@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 import lightning as L
 import torch
@@ -14,6 +15,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from expo_bench.contracts import PreferenceBatch, SequenceScorer, concat_sequences, whole_batch
 from expo_bench.lm.tokenize import TokenizedPair, collate_pairs, padded_sequences
 
+T = TypeVar("T")
+
 
 class PairDataset(Dataset[PreferenceBatch]):
     """Pairs that build whole batches, with what was computed once from the reference attached.
@@ -21,6 +24,8 @@ class PairDataset(Dataset[PreferenceBatch]):
     ``reference_logps``: ``(N, 2)`` log-probs of (chosen, rejected). ``reference_samples``: for each pair,
     responses sampled from the reference for its prompt: a batch then carries them as KL samples, each
     weighted 1 / (batch pairs × samples per prompt); ``reference_sample_logps``: their reference log-probs.
+    With ``samples_per_epoch`` each pair holds several epochs' worth of samples and epoch e uses its e-th slice
+    (cycling), so the KL is estimated on fresh draws from π_ref every epoch.
     """
 
     def __init__(
@@ -34,6 +39,19 @@ class PairDataset(Dataset[PreferenceBatch]):
         self.pairs, self.pad_token_id = pairs, pad_token_id
         self.reference_logps, self.reference_samples = reference_logps, reference_samples
         self.reference_sample_logps = reference_sample_logps
+        self.samples_per_epoch: int | None = None
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _this_epoch(self, values: Sequence[T]) -> Sequence[T]:
+        """The slice of a pair's samples (or their log-probs) that belongs to the current epoch."""
+        if self.samples_per_epoch is None:
+            return values
+        slices = len(values) // self.samples_per_epoch
+        start = (self.epoch % slices) * self.samples_per_epoch
+        return values[start : start + self.samples_per_epoch]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -44,26 +62,30 @@ class PairDataset(Dataset[PreferenceBatch]):
             cached = self.reference_logps[indices]
             batch = replace(batch, reference_chosen_logps=cached[:, 0], reference_rejected_logps=cached[:, 1])
         if self.reference_samples is not None:
-            prompts = [self.pairs[index].prompt_ids for index in indices for _ in self.reference_samples[index]]
-            samples = [sample for index in indices for sample in self.reference_samples[index]]
+            drawn = [self._this_epoch(self.reference_samples[index]) for index in indices]
+            prompts = [self.pairs[index].prompt_ids for index, group in zip(indices, drawn, strict=True) for _ in group]
+            samples = [sample for group in drawn for sample in group]
             length = max(len(prompt) + len(sample) for prompt, sample in zip(prompts, samples, strict=True))
             kl_samples = padded_sequences(prompts, samples, length, self.pad_token_id)
             batch = replace(batch, kl_samples=kl_samples, kl_weights=torch.full((len(samples),), 1 / len(samples)))
             if self.reference_sample_logps is not None:
-                logps = [logp for index in indices for logp in self.reference_sample_logps[index]]
+                logps = [logp for index in indices for logp in self._this_epoch(self.reference_sample_logps[index])]
                 batch = replace(batch, kl_reference_logps=torch.tensor(logps))
         return batch
 
 
 class EpochSeededSampler(Sampler[int]):
     """A fresh permutation per epoch, a function of (seed, epoch) alone, so a run resumed from an
-    end-of-epoch checkpoint sees the same order as one that never stopped (Lightning calls set_epoch)."""
+    end-of-epoch checkpoint sees the same order as one that never stopped (Lightning calls set_epoch, which
+    the sampler passes on to its dataset: its reference samples may change with the epoch)."""
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int, on_epoch: Callable[[int], None] | None = None) -> None:
+        self.size, self.seed, self.epoch, self.on_epoch = size, seed, 0, on_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.on_epoch is not None:
+            self.on_epoch(epoch)
 
     def __len__(self) -> int:
         return self.size
@@ -74,7 +96,7 @@ class EpochSeededSampler(Sampler[int]):
 
 
 def loader(dataset: PairDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader[PreferenceBatch]:
-    sampler = EpochSeededSampler(len(dataset), seed) if shuffle else None
+    sampler = EpochSeededSampler(len(dataset), seed, dataset.set_epoch) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=whole_batch)
 
 
@@ -107,12 +129,16 @@ def reference_logps(reference: SequenceScorer, dataset: PairDataset, batch_size:
 def reference_sample_logps(
     reference: SequenceScorer, dataset: PairDataset, batch_size: int, device: torch.device
 ) -> list[list[float]]:
-    """For each pair, the reference log-prob of each of its reference samples, one pass over the data."""
+    """For each pair, the reference log-prob of each of its reference samples (every epoch's), one pass over the data."""
     assert dataset.reference_samples is not None
     flat: list[float] = []
-    for batch in loader(dataset, batch_size, shuffle=False, seed=0):
-        assert batch.kl_samples is not None
-        flat += reference.sequence_logps({key: value.to(device) for key, value in batch.kl_samples.items()}).float().tolist()
+    for start in range(0, len(dataset), batch_size):
+        pairs = range(start, min(start + batch_size, len(dataset)))
+        prompts = [dataset.pairs[index].prompt_ids for index in pairs for _ in dataset.reference_samples[index]]
+        samples = [sample for index in pairs for sample in dataset.reference_samples[index]]
+        length = max(len(prompt) + len(sample) for prompt, sample in zip(prompts, samples, strict=True))
+        sequences = padded_sequences(prompts, samples, length, dataset.pad_token_id)
+        flat += reference.sequence_logps({key: value.to(device) for key, value in sequences.items()}).float().tolist()
     per_pair, start = [], 0
     for samples in dataset.reference_samples:
         per_pair.append(flat[start : start + len(samples)])

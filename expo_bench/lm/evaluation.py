@@ -16,13 +16,13 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from transformers import PreTrainedModel
 
 from expo_bench import metric_keys
 from expo_bench.cache import cached, digest
-from expo_bench.config_model import ConfigModel
+from expo_bench.config_model import ConfigModel, closest
 from expo_bench.distributed import accelerator_device
 from expo_bench.evaluation.judges import JudgeConfig
 from expo_bench.evaluation.metrics import Diversity, RewardKL, WinRate
@@ -32,8 +32,28 @@ from expo_bench.lm.model import policy_model, response_logps
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.tokenize import pad_token_id, padded_sequences
 
-ExactMetrics = Callable[[PreTrainedModel], dict[str, float]]
-"""Metrics a task can compute exactly from a policy's weights (the synthetic tasks' distance to π*)."""
+ExactMetrics = Callable[[PreTrainedModel, Sequence[list[int]]], dict[str, float]]
+"""Metrics a task can compute exactly from a policy's weights on the given prompts (the synthetic task's distance to
+π*), as evaluation metric keys."""
+
+
+class SelectionConfig(ConfigModel):
+    """Held-out prompts set aside to pick each method's configuration, so that the prompts a leaderboard reports on
+    never chose what is reported (a configuration picked on the reported metric itself is optimistic)."""
+
+    prompts: int = Field(gt=0)
+    """The first this many held-out prompts; the leaderboard reports on the others."""
+    metric: str | None = None
+    """The evaluation metric (a name after ``eval/``, e.g. ``win_rate``) computed on them that picks; default: the
+    task's rank metric."""
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str | None) -> str | None:
+        names = sorted(m.name for m in metric_keys.CATALOG.values() if m.key.startswith(f"{metric_keys.EVAL}/"))
+        if metric is not None and metric not in names:
+            raise ValueError(f"unknown evaluation metric {metric!r}{closest(metric, names)}; known: {', '.join(names)}")
+        return metric
 
 
 class EvaluationConfig(ConfigModel):
@@ -51,7 +71,10 @@ class EvaluationConfig(ConfigModel):
     """Keep only the k most likely tokens; 0 keeps them all. The KL estimate scores samples under the whole tempered
     policy, so it is an unbiased estimate of KL(π_T‖π_ref) only with top_p = 1 and top_k = 0."""
     prompts: int | None = Field(None, gt=0)
-    """Evaluate on the first this many held-out prompts (all when unset)."""
+    """Report on this many held-out prompts (all the rest when unset), after those set aside for selection."""
+    selection: SelectionConfig | None = None
+    """Held-out prompts that pick each method's configuration and are never reported on (unset: the leaderboard picks
+    on the reported metric itself, and says so)."""
     batch_size: int = Field(16, ge=1)
     baseline: Literal["reference", "chosen"] = "reference"
     """What each sample is judged against: the reference (SFT) model's sample for the same prompt at the
@@ -97,7 +120,8 @@ class HeldOutPrompts:
 
 
 class Evaluator:
-    """Evaluates policies of one seed against one baseline: the reference's samples are drawn once and cached."""
+    """Evaluates policies of one seed against one baseline on the reported (test) prompts and, where the config sets
+    some aside, on the selection prompts; the reference's samples are drawn once and cached."""
 
     def __init__(
         self,
@@ -109,37 +133,34 @@ class Evaluator:
         seed: int,
         cache_dir: Path,
         exact: ExactMetrics | None = None,
+        selection: HeldOutPrompts | None = None,
     ) -> None:
         self.config, self.tokenizer, self.reference, self.held_out = config, tokenizer, reference, held_out
-        self.judge, self.seed, self.cache_dir, self.exact = judge, seed, cache_dir, exact
+        self.judge, self.seed, self.cache_dir, self.exact, self.selection = judge, seed, cache_dir, exact, selection
         self.pad = pad_token_id(tokenizer)
-        self._baselines: dict[float, list[list[list[int]]]] = {}
+        self._baselines: dict[tuple[str, float], list[list[list[int]]]] = {}
 
-    def _sample(self, model: PreTrainedModel, temperature: float) -> list[list[list[int]]]:
-        return sample_responses(
-            model, self.held_out.prompt_ids, self.config.sampling(temperature), self.pad, self.tokenizer.eos_token_id, self.seed
-        )
+    def _sample(self, model: PreTrainedModel, prompts: HeldOutPrompts, temperature: float) -> list[list[list[int]]]:
+        sampling = self.config.sampling(temperature)
+        return sample_responses(model, prompts.prompt_ids, sampling, self.pad, self.tokenizer.eos_token_id, self.seed)
 
-    def _baseline_samples(self, temperature: float) -> list[list[list[int]]]:
-        if temperature not in self._baselines:
+    def _baselines_for(self, prompts: HeldOutPrompts, stage: str, temperature: float) -> list[list[list[int]]]:
+        if self.config.baseline == "chosen":
+            return [[ids] * self.config.samples_per_prompt for ids in prompts.chosen_ids]
+        if (stage, temperature) not in self._baselines:
             key = {
                 "reference": fingerprint_module(self.reference),
-                "prompts": self.held_out.prompt_ids,
+                "prompts": prompts.prompt_ids,
                 "sampling": self.config.sampling(temperature).model_dump(),
                 "seed": self.seed,
             }
-            self._baselines[temperature], _ = cached(
-                self.cache_dir, "baseline-samples", key, lambda: self._sample(self.reference, temperature)
+            self._baselines[stage, temperature], _ = cached(
+                self.cache_dir, "baseline-samples", key, lambda: self._sample(self.reference, prompts, temperature)
             )
-        return self._baselines[temperature]
+        return self._baselines[stage, temperature]
 
     def _text(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-    def _baselines_for(self, temperature: float) -> list[list[list[int]]]:
-        if self.config.baseline == "chosen":
-            return [[ids] * self.config.samples_per_prompt for ids in self.held_out.chosen_ids]
-        return self._baseline_samples(temperature)
 
     def results_dir(self, run_dir: Path) -> Path:
         """Where this evaluation (config and judge) of a run keeps its samples, verdicts and metrics."""
@@ -161,17 +182,24 @@ class Evaluator:
         if done.exists():
             return dict(json.loads(done.read_text())), True
         assert policy is not None, "a run without stored metrics needs its policy"
-        metrics = self.evaluate(policy, out_dir, provenance)
+        metrics = self.evaluate(policy, out_dir, provenance, with_selection=True)
         partial = done.with_suffix(".json.partial")
         partial.write_text(json.dumps(metrics, indent=2))
         partial.replace(done)  # written last: its presence means the evaluation finished
         return metrics, False
 
     def evaluate(
-        self, policy: PreTrainedModel, out_dir: Path, provenance: dict[str, Any], temperatures: Sequence[float] | None = None
+        self,
+        policy: PreTrainedModel,
+        out_dir: Path,
+        provenance: dict[str, Any],
+        temperatures: Sequence[float] | None = None,
+        with_selection: bool = False,
     ) -> dict[str, float]:
-        """Metrics of ``policy`` at every temperature (keys ``eval/T<t>/...``) and, unprefixed, at the
-        leaderboard temperature; samples and verdicts go to ``out_dir/T<t>/{samples,judgments}.jsonl``."""
+        """Metrics of ``policy`` on the reported prompts at every temperature (keys ``eval/T<t>/...``) and, unprefixed,
+        at the leaderboard temperature; samples and verdicts go to ``out_dir/T<t>/{samples,judgments}.jsonl``. With
+        ``with_selection``, also the ``selection/...`` metrics on the selection prompts at the leaderboard temperature
+        (in ``out_dir/selection-T<t>/``)."""
         homes = [next(policy.parameters()).device, next(self.reference.parameters()).device]
         device = accelerator_device()
         nn.Module.to(policy, device)
@@ -179,23 +207,36 @@ class Evaluator:
         metrics: dict[str, float] = {}
         try:
             for temperature in temperatures or self.config.temperatures:
-                results = self._evaluate_at(policy, temperature, out_dir / f"T{temperature:g}", provenance)
+                results = self._evaluate_at(policy, self.held_out, "test", temperature, out_dir / f"T{temperature:g}", provenance)
                 metrics |= {metric_keys.at_temperature(key, temperature): value for key, value in results.items()}
                 if temperature == self.config.headline_temperature:
                     metrics |= results
             if self.exact is not None:
-                metrics |= self.exact(policy)
+                metrics |= self.exact(policy, self.held_out.prompt_ids)
+            if with_selection and self.selection is not None:
+                temperature = self.config.headline_temperature
+                where = out_dir / f"selection-T{temperature:g}"
+                chosen = self._evaluate_at(policy, self.selection, "selection", temperature, where, provenance)
+                if self.exact is not None:
+                    chosen |= self.exact(policy, self.selection.prompt_ids)
+                metrics |= {metric_keys.selection_key(key): value for key, value in chosen.items()}
         finally:  # back where they were: a periodic evaluation runs in the middle of training
             nn.Module.to(policy, homes[0])
             nn.Module.to(self.reference, homes[1])
         return metrics
 
     def _evaluate_at(
-        self, policy: PreTrainedModel, temperature: float, out_dir: Path, provenance: dict[str, Any]
+        self,
+        policy: PreTrainedModel,
+        held_out: HeldOutPrompts,
+        stage: str,
+        temperature: float,
+        out_dir: Path,
+        provenance: dict[str, Any],
     ) -> dict[str, float]:
-        samples = self._sample(policy, temperature)
-        baselines = self._baselines_for(temperature)
-        prompts, held_out = [], self.held_out
+        samples = self._sample(policy, held_out, temperature)
+        baselines = self._baselines_for(held_out, stage, temperature)
+        prompts = []
         comparisons, lengths = [], []
         eos = self.tokenizer.eos_token_id
         for index, (group, baseline_group) in enumerate(zip(samples, baselines, strict=True)):
@@ -206,7 +247,11 @@ class Evaluator:
                 lengths.append(len(strip_eos(sample, eos)) - len(strip_eos(baseline, eos)))
         verdicts = self.judge.judge(comparisons)
         win_rate = WinRate(resamples=self.config.bootstrap_resamples)
-        win_rate.update(torch.tensor([verdict.outcome for verdict in verdicts]), torch.tensor(lengths, dtype=torch.float64))
+        win_rate.update(
+            torch.tensor([verdict.outcome for verdict in verdicts]),
+            torch.tensor(lengths, dtype=torch.float64),
+            clusters=torch.tensor(prompts),  # a prompt's samples are resampled together
+        )
         diversity = Diversity()
         diversity.update([[strip_eos(sample, eos) for sample in group] for group in samples])
         results = {**scalars(win_rate.compute()), **scalars(diversity.compute())}

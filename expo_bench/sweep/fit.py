@@ -10,6 +10,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -45,6 +46,7 @@ class FitUnit:
     reference_fingerprint: str
     lora: LoraSettings | None
     reference: str
+    reference_samples: dict[str, Any] | None
     runs_dir: Path
 
     @property
@@ -62,6 +64,7 @@ class FitUnit:
             train=self.run.train.model_dump(mode="json"),
             lora=None if self.lora is None else self.lora.model_dump(),
             reference=self.reference,
+            reference_samples=self.reference_samples,
         )
 
     @property

@@ -19,7 +19,7 @@ from expo_bench.lm.evaluation import Evaluator, HeldOutPrompts, strip_eos
 from expo_bench.lm.model import count_parameters
 from expo_bench.lm.reference import attach_reference_logps, attach_reference_samples
 from expo_bench.lm.sft import fine_tune
-from expo_bench.lm.tokenize import fingerprint_tokenizer, pad_token_id
+from expo_bench.lm.tokenize import TokenizedPair, fingerprint_tokenizer, pad_token_id
 from expo_bench.sweep import lm_report
 from expo_bench.sweep.context import SweepContext
 from expo_bench.sweep.fit import FitUnit, evaluate, fit
@@ -86,6 +86,9 @@ class LanguageModelSweep:
                 provenance.reference_fingerprint,
                 task.lora,
                 task.reference,
+                None
+                if task.reference_samples is None
+                else task.reference_samples.model_dump() | {"redraw": task.redraw_reference_samples},
                 self.context.runs_dir,
             )
             for run in self.context.experiment.runs
@@ -120,28 +123,45 @@ class LanguageModelSweep:
         key: dict[str, Any] = {"reference": provenance.reference_fingerprint, "data": provenance.data_fingerprint}
         nn.Module.to(base, accelerator_device())
         if task.reference_samples is not None:
-            key |= {"sampling": task.reference_samples.model_dump(), "seed": seed}
-            attach_reference_samples(base, datasets, task.reference_samples, eos, seed, key, cache_dir, console)
+            sampling, per_epoch = task.reference_samples, task.reference_samples.samples_per_prompt
+            if task.redraw_reference_samples:
+                epochs = max(run.train.max_epochs for run in self.context.experiment.runs)
+                sampling = sampling.model_copy(update={"samples_per_prompt": per_epoch * epochs})
+                for dataset in datasets:
+                    dataset.samples_per_epoch = per_epoch
+            key |= {"sampling": sampling.model_dump(), "seed": seed}
+            attach_reference_samples(base, datasets, sampling, eos, seed, key, cache_dir, console)
         if task.reference == "cached":
             batch_size = self.context.experiment.runs[0].train.batch_size
             attach_reference_logps(base, datasets, batch_size, key, cache_dir, console)
         base.cpu()
 
     def _evaluator(self, data: TaskData, tokenizer: Any, base: PreTrainedModel, seed: int) -> Evaluator:
-        """Judge and held-out prompts (each distinct prompt once, with its first chosen response)."""
+        """Judge and held-out prompts (each distinct prompt once, with its first chosen response): the selection
+        prompts first, then the reported ones."""
         config = self.task.evaluation
         assert config is not None
         judge = data.judge if config.judge is None else config.judge.build(self.context.cache_dir / "judgments", seed)
         assert judge is not None, "the recipe validator requires a judge for tasks without their own"
         first_pairs = list({tuple(pair.prompt_ids): pair for pair in reversed(data.evaluation)}.values())[::-1]
-        pairs = first_pairs[: config.prompts]
-        eos = tokenizer.eos_token_id
-        held_out = HeldOutPrompts(
-            [pair.prompt_ids for pair in pairs],
-            [tokenizer.decode(pair.prompt_ids) for pair in pairs],
-            [strip_eos(pair.chosen_ids, eos) for pair in pairs],
-        )
-        return Evaluator(config, tokenizer, base, held_out, judge, seed, self.context.cache_dir, data.exact)
+        set_aside = 0 if config.selection is None else config.selection.prompts
+        reported = first_pairs[set_aside:][: config.prompts]
+        if not reported:
+            raise UserError(
+                f"task.evaluation: the task has {len(first_pairs)} held-out prompts and selection sets aside {set_aside}, "
+                "leaving none to report on; lower task.evaluation.selection.prompts"
+            )
+
+        def held_out(pairs: list[TokenizedPair]) -> HeldOutPrompts:
+            eos = tokenizer.eos_token_id
+            return HeldOutPrompts(
+                [pair.prompt_ids for pair in pairs],
+                [tokenizer.decode(pair.prompt_ids) for pair in pairs],
+                [strip_eos(pair.chosen_ids, eos) for pair in pairs],
+            )
+
+        selection = None if not set_aside else held_out(first_pairs[:set_aside])
+        return Evaluator(config, tokenizer, base, held_out(reported), judge, seed, self.context.cache_dir, data.exact, selection)
 
     def _evaluate_reference(self, evaluator: Evaluator, seed: int, provenance: SeedProvenance) -> LanguageModelRecord:
         """The SFT reference evaluated like a method: the frontier's origin and the win rate of "no optimization"."""
@@ -165,6 +185,8 @@ class LanguageModelSweep:
             params["lam"] = lam
         if evaluator is not None:
             params["evaluation"] = evaluator.config.model_dump(mode="json")
+        rank_by = self.task.rank_by if evaluator is not None else metric_keys.VAL_PREFERENCE_ACCURACY
+        selection = None if evaluator is None else evaluator.config.selection
         return open_run(
             self.context.runs,
             RunIdentity(
@@ -176,8 +198,11 @@ class LanguageModelSweep:
                 config_key=digest(identity.configuration(lam) | {"evaluation": evaluation}),
                 dataset=self.task.dataset,
                 model=self.task.model_name,
-                rank_by=self.task.rank_by if evaluator is not None else metric_keys.VAL_PREFERENCE_ACCURACY,
+                rank_by=rank_by,
                 params=params,
+                selection_by=None
+                if selection is None
+                else metric_keys.stage_key(metric_keys.SELECTION, selection.metric or rank_by.name),
                 judge=None if evaluator is None else evaluator.judge.name,
                 data_fingerprint=identity.data_fingerprint,
                 model_fingerprint=identity.reference_fingerprint,

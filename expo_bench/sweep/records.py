@@ -28,6 +28,8 @@ class RunIdentity:
     model: str
     rank_by: Metric
     params: Mapping[str, Any]
+    selection_by: str | None = None
+    """The ``selection/...`` metric that picks its configuration on prompts set aside for it, if it logs one."""
     """Recorded as the run's (flattened) params."""
     judge: str | None = None
     data_fingerprint: str | None = None
@@ -50,6 +52,7 @@ def open_run(runs: RunLog, identity: RunIdentity) -> TrackedRun:
         tracking.JUDGE: identity.judge,
         tracking.DATA_FINGERPRINT: identity.data_fingerprint,
         tracking.MODEL_FINGERPRINT: identity.model_fingerprint,
+        tracking.SELECTION_METRIC: identity.selection_by,
     }
     tags |= {tag: value for tag, value in optional.items() if value is not None}
     return runs.child(identity.key, identity.name, identity.params, tags)
@@ -153,13 +156,21 @@ class LanguageModelIdentity:
     train: dict[str, Any] | None = None
     lora: dict[str, Any] | None = None
     reference: str | None = None
+    reference_samples: dict[str, Any] | None = None
+    """How the reference samples that KL estimates read were drawn (None: the task draws none)."""
 
     def as_json(self) -> dict[str, Any]:
         """The digest input of the run directory (its keys are part of every stored run's name)."""
         fingerprints = {"data_fingerprint": self.data_fingerprint, "reference_fingerprint": self.reference_fingerprint}
         if self.params is None:
             return {"method_class": self.method_class, "seed": self.seed, **fingerprints}
-        setup = {"params": self.params, "train": self.train, "lora": self.lora, "reference": self.reference}
+        setup = {
+            "params": self.params,
+            "train": self.train,
+            "lora": self.lora,
+            "reference": self.reference,
+            "reference_samples": self.reference_samples,
+        }
         return {"method_class": self.method_class, **setup, "seed": self.seed, **fingerprints}
 
     def configuration(self, lam: float | None) -> dict[str, Any]:

@@ -53,7 +53,7 @@ class TabularSweep:
         self.context.console.print(f"seed {seed}: {len(sampled)} sampled pairs over {len(task.prompts)} prompt(s)")
         records: list[TabularRecord] = []
         for run in self.context.experiment.runs:
-            data = TabularPreferenceData(sampled, self.pi_ref, run.train.batch_size, seed)
+            data = TabularPreferenceData(sampled, self.pi_ref, run.train.batch_size, seed, reshuffle=task.order == "reshuffled")
             records += self._tracked(self._fit(run, run.train, data, "sampled", seed))
             if task.population is not None:
                 optimizer = run.train.optimizer.model_copy(update={"lr": task.population.lr})
@@ -68,14 +68,14 @@ class TabularSweep:
         """Write the final-policy table (Markdown), the trajectories and the λ-sweep (PNG)."""
         experiment, console = self.context.experiment, self.context.console
         name = experiment.recipe.experiment
-        rows = report.final_policy_rows(records, [prompt.name for prompt in self.task.prompts])
-        console.print(rich_table(f"{name}: final policies", report.HEADER, rows))
+        header, rows = report.header(self.task), report.final_policy_rows(records, self.task)
+        console.print(rich_table(f"{name}: final policies", header, rows))
         table = out_dir / "final_policies.md"
-        table.write_text(f"# {name}: final policies\n\n" + markdown_table(report.HEADER, rows))
+        table.write_text(f"# {name}: final policies\n\n" + markdown_table(header, rows))
         trajectories, sweep = out_dir / "trajectories.png", out_dir / "lambda_sweep.png"
         report.plot_trajectories(records, self.task.prompts, trajectories)
         lam_labels = experiment.recipe.lam or next((run.lam for run in experiment.runs if run.lam), [0.0])
-        report.plot_lambda_sweep(records, self.task.prompts, lam_labels, sweep)
+        report.plot_lambda_sweep(records, self.task, lam_labels, sweep)
         return [table, trajectories, sweep]
 
     def _tracked(self, records: list[TabularRecord]) -> list[TabularRecord]:

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from expo_bench.sweep.records import TabularRecord
-from expo_bench.tasks.tabular import TabularPrompt
+from expo_bench.tasks.tabular import TabularPrompt, TabularTask
 
 OBJECTIVE_STYLE = {"sampled": "-", "population": "--"}
 
@@ -20,7 +20,12 @@ def _fmt(values: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
 
 
-def final_policy_rows(records: Sequence[TabularRecord], prompts: Sequence[str]) -> list[list[str]]:
+def header(task: TabularTask) -> list[str]:
+    return ["method", "λ", "objective", "seed", "prompt", "final π", task.kl_label]
+
+
+def final_policy_rows(records: Sequence[TabularRecord], task: TabularTask) -> list[list[str]]:
+    prompts = [prompt.name for prompt in task.prompts]
     rows = []
     for record in records:
         lam = "—" if record.lam is None else f"{record.lam:g}"
@@ -33,13 +38,10 @@ def final_policy_rows(records: Sequence[TabularRecord], prompts: Sequence[str]) 
                     str(record.seed),
                     prompt,
                     _fmt(record.final_policy[prompt]),
-                    f"{record.kl_star_to_policy[prompt]:.4f}",
+                    f"{task.shown_kl(record.kl_star_to_policy[prompt]):.4f}",
                 ]
             )
     return rows
-
-
-HEADER = ["method", "λ", "objective", "seed", "prompt", "final π", "KL(π* ‖ π)"]
 
 
 def _methods_in_order(records: Sequence[TabularRecord]) -> list[str]:
@@ -95,14 +97,12 @@ def plot_trajectories(records: Sequence[TabularRecord], prompts: Sequence[Tabula
     plt.close(fig)
 
 
-def plot_lambda_sweep(
-    records: Sequence[TabularRecord], prompts: Sequence[TabularPrompt], lam_labels: Sequence[float], path: Path
-) -> None:
+def plot_lambda_sweep(records: Sequence[TabularRecord], task: TabularTask, lam_labels: Sequence[float], path: Path) -> None:
     """KL(π* ‖ π_final) against the position in the λ grid, one panel per prompt.
 
     Colour is the method, line style the objective (solid: sampled pairs, dashed: population).
     """
-    methods = _methods_in_order(records)
+    methods, prompts = _methods_in_order(records), task.prompts
     fig, axes = plt.subplots(1, len(prompts), figsize=(5 * len(prompts) + 2.5, 4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     seed = records[0].seed
@@ -114,17 +114,18 @@ def plot_lambda_sweep(
                 if runs:
                     ax.plot(
                         range(len(runs)),
-                        [r.kl_star_to_policy[prompt.name] for r in runs],
+                        [task.shown_kl(r.kl_star_to_policy[prompt.name]) for r in runs],
                         style,
                         marker="o",
                         markersize=3,
                         color=color,
                         label=method if objective == "sampled" else None,
                     )
-        ax.axhline(records[0].kl_star_to_reference[prompt.name], color="grey", linestyle=":", label="KL(π* ‖ π_ref)")
-        ax.set_xticks(range(len(lam_labels)), [f"{lam:g}" for lam in lam_labels], fontsize=7, rotation=45)
+        reference = task.shown_kl(records[0].kl_star_to_reference[prompt.name])
+        ax.axhline(reference, color="grey", linestyle=":", label=task.kl_label.replace("‖ π", "‖ π_ref", 1))
+        ax.set_xticks(range(len(lam_labels)), [f"{lam:.3g}" for lam in lam_labels], fontsize=7, rotation=45)
         ax.set_xlabel("λ (position in the recipe's grid)")
-        ax.set_ylabel("KL(π* ‖ π)")
+        ax.set_ylabel(task.kl_label)
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_ylim(bottom=0)
         ax.set_title(f"prompt {prompt.name!r} (solid: sampled, dashed: population)", fontsize=9)

@@ -117,24 +117,30 @@ class _FullBatchDataset(Dataset[PreferenceBatch]):
 
 
 class TabularPreferenceData(L.LightningDataModule):
-    """Sampled pairs in shuffled mini-batches, or the exact population as ``full_batch_steps`` full batches."""
+    """Sampled pairs in mini-batches, in their drawn order or reshuffled each epoch, or the exact population as
+    ``full_batch_steps`` full batches."""
 
     def __init__(
-        self, pairs: TabularPairs, pi_ref: Tensor, batch_size: int, seed: int, full_batch_steps: int | None = None
+        self,
+        pairs: TabularPairs,
+        pi_ref: Tensor,
+        batch_size: int,
+        seed: int,
+        full_batch_steps: int | None = None,
+        reshuffle: bool = False,
     ) -> None:
         super().__init__()
         self.pairs, self.pi_ref, self.batch_size, self.seed = pairs, pi_ref, batch_size, seed
-        self.full_batch_steps = full_batch_steps
+        self.full_batch_steps, self.reshuffle = full_batch_steps, reshuffle
 
     def train_dataloader(self) -> DataLoader[PreferenceBatch]:
         if self.full_batch_steps is not None:
             whole = make_batch(self.pairs, torch.arange(len(self.pairs)), self.pi_ref)
             return DataLoader(_FullBatchDataset(whole, self.full_batch_steps), batch_size=None)
-        generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             TabularPairDataset(self.pairs, self.pi_ref),
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            shuffle=self.reshuffle,
+            generator=torch.Generator().manual_seed(self.seed) if self.reshuffle else None,
             collate_fn=whole_batch,
         )

@@ -57,6 +57,9 @@ class LanguageModelTask(ConfigModel):
     reference_samples: SamplingConfig | None = None
     """Sample responses from the reference (the SFT model) once per seed and cache them: EXPO's
     ``kl_estimator: reference_samples`` estimates KL(π_ref ‖ π) on them."""
+    redraw_reference_samples: bool = False
+    """Fresh reference samples for every epoch (drawn up front, ``samples_per_prompt`` per epoch): the KL term then
+    pulls the policy toward π_ref itself rather than toward one fixed set of its samples."""
     lora: LoraSettings | None = None
     """Train a LoRA adapter on the policy instead of all its weights."""
     reference: ReferenceKind = "cached"
@@ -84,6 +87,8 @@ class LanguageModelTask(ConfigModel):
 
     @model_validator(mode="after")
     def _lora_reference(self) -> LanguageModelTask:
+        if self.redraw_reference_samples and self.reference_samples is None:
+            raise ValueError("redraw_reference_samples needs reference_samples to redraw")
         if self.reference == "adapter_disabled" and self.lora is None:
             raise ValueError("reference 'adapter_disabled' needs a LoRA policy: add lora: {r: 16}")
         if self.evaluation is not None and self.evaluation.judge is None and not self.has_own_judge:

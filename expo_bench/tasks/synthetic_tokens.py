@@ -13,12 +13,13 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from rich.console import Console
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -63,6 +64,19 @@ class SyntheticTokensTask(LanguageModelTask):
     """The reward is the task's definition: fixed across training seeds."""
     train_pairs_per_prompt: int = Field(64, ge=1)
     eval_pairs_per_prompt: int = Field(8, ge=1)
+    held_out_responses: float = Field(0.25, ge=0, lt=1)
+    """The fraction of each prompt's responses that no SFT target or training pair contains: held-out pairs compare
+    only these, so held-out metrics are not measured on training data (0: pairs of any responses)."""
+
+    @model_validator(mode="after")
+    def _room_for_pairs(self) -> SyntheticTokensTask:
+        held_out = self._held_out_count
+        if held_out == 1 or len(self.responses) - held_out < 2:
+            raise ValueError(
+                f"held_out_responses {self.held_out_responses} keeps {held_out} of {len(self.responses)} responses per "
+                "prompt out of training: each side needs at least 2 to make a pair"
+            )
+        return self
 
     @cached_property
     def vocabulary(self) -> list[str]:
@@ -111,13 +125,32 @@ class SyntheticTokensTask(LanguageModelTask):
     def text(self, response: tuple[int, ...]) -> str:
         return " ".join(self._letters[token] for token in response)
 
-    def _pairs(self, per_prompt: int, rng: random.Random) -> list[PromptPair]:
-        """Distinct responses drawn uniformly, ordered by a BT coin flip on their rewards."""
+    @property
+    def _held_out_count(self) -> int:
+        return round(self.held_out_responses * len(self.responses))
+
+    @cached_property
+    def held_out(self) -> list[list[int]]:
+        """Each prompt's held-out responses (indices), fixed by ``reward_seed``: part of the task's definition."""
+        rng = random.Random(self.reward_seed)
+        return [sorted(rng.sample(range(len(self.responses)), self._held_out_count)) for _ in range(self.prompts)]
+
+    def _candidates(self, prompt: int, held_out: bool) -> list[int]:
+        """The responses a training (or, ``held_out``, a held-out) pair of ``prompt`` draws from."""
+        if not self._held_out_count:
+            return list(range(len(self.responses)))
+        kept = set(self.held_out[prompt])
+        return [index for index in range(len(self.responses)) if (index in kept) == held_out]
+
+    def _pairs(self, per_prompt: int, rng: random.Random, held_out: bool) -> list[PromptPair]:
+        """Distinct responses drawn uniformly (among the training or the held-out ones), ordered by a BT coin flip on
+        their rewards."""
         rewards = self.rewards
         pairs = []
         for prompt in range(self.prompts):
+            candidates = self._candidates(prompt, held_out)
             for _ in range(per_prompt):
-                first, second = rng.sample(range(len(self.responses)), 2)
+                first, second = rng.sample(candidates, 2)
                 margin = float(rewards[prompt, first] - rewards[prompt, second])
                 chosen, rejected = (first, second) if rng.random() < 1 / (1 + math.exp(-margin)) else (second, first)
                 pairs.append(PromptPair(f"p{prompt}", self.text(self.responses[chosen]), self.text(self.responses[rejected])))
@@ -129,9 +162,12 @@ class SyntheticTokensTask(LanguageModelTask):
 
     def sft_examples(self, seed: int, tokenizer: Any, console: Console) -> SFTExamples:
         rng = random.Random(seed)
-        train = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in self._pairs(self.train_pairs_per_prompt, rng)]
-        evaluation = [tokenize_pair(tokenizer, pair, self.tokenization) for pair in self._pairs(self.eval_pairs_per_prompt, rng)]
-        return SFTExamples(train, evaluation)
+        train = self._pairs(self.train_pairs_per_prompt, rng, held_out=False)
+        evaluation = self._pairs(self.eval_pairs_per_prompt, rng, held_out=True)
+        return SFTExamples(
+            [tokenize_pair(tokenizer, pair, self.tokenization) for pair in train],
+            [tokenize_pair(tokenizer, pair, self.tokenization) for pair in evaluation],
+        )
 
     def task_data(
         self, seed: int, tokenizer: Any, reference: PreTrainedModel, sft: SFTExamples, cache_dir: Path, console: Console
@@ -145,22 +181,28 @@ class SyntheticTokensTask(LanguageModelTask):
         return TaskData(sft.train, sft.held_out, judge=judge, exact=self.exact_metrics(tokenizer))
 
     def exact_metrics(self, tokenizer: Any) -> ExactMetrics:
-        """KL(π*‖π) summed over prompts and the mass on each prompt's best response, by enumerating every response."""
-        prompt_ids = [[tokenizer.convert_tokens_to_ids(f"p{prompt}")] for prompt in range(self.prompts)]
+        """On the given prompts, by enumerating every well-formed response: KL(π*‖π) summed over prompts, split into
+        the distance among well-formed responses and the probability leaked to malformed ones, and the mass on each
+        prompt's best response. For π̃ = π / π(W) on the well-formed set W, KL(π*‖π) = KL(π*‖π̃) − log π(W)."""
+        index_of = {tokenizer.convert_tokens_to_ids(f"p{prompt}"): prompt for prompt in range(self.prompts)}
         response_ids = [
             [*tokenizer.convert_tokens_to_ids([self._letters[t] for t in response]), tokenizer.eos_token_id]
             for response in self.responses
         ]
-        optimal = self.optimal_policy()
-        best = self.rewards.argmax(-1)
+        optimal_policy = self.optimal_policy()
+        best_responses = self.rewards.argmax(-1)
 
-        def metrics(policy: PreTrainedModel) -> dict[str, float]:
-            prompts = [ids for ids in prompt_ids for _ in response_ids]
-            logps = sequence_logps(policy, prompts, response_ids * self.prompts, tokenizer.pad_token_id, 512)
-            logps = logps.view(self.prompts, len(self.responses))
-            kl = (optimal * (optimal.log() - logps)).sum()
+        def metrics(policy: PreTrainedModel, prompt_ids: Sequence[list[int]]) -> dict[str, float]:
+            prompts = [index_of[ids[0]] for ids in prompt_ids]
+            rows = [ids for ids in prompt_ids for _ in response_ids]
+            logps = sequence_logps(policy, rows, response_ids * len(prompts), tokenizer.pad_token_id, 512)
+            logps = logps.view(len(prompts), len(self.responses))
+            optimal, best = optimal_policy[prompts], best_responses[prompts]
+            well_formed = logps.logsumexp(-1, keepdim=True)  # log π(W)
             return {
-                metric_keys.KL_TO_TARGET.key: float(kl),
+                metric_keys.KL_TO_TARGET.key: float((optimal * (optimal.log() - logps)).sum()),
+                metric_keys.KL_WELL_FORMED.key: float((optimal * (optimal.log() - (logps - well_formed))).sum()),
+                metric_keys.MALFORMED_LEAK.key: float(-well_formed.sum()),
                 metric_keys.TOP_RESPONSE_MASS.key: float(logps.exp().gather(1, best[:, None]).mean()),
             }
 

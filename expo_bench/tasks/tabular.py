@@ -51,6 +51,13 @@ class TabularTask(ConfigModel):
     """Also train each method on the exact population objective (every pair, labels p*); null to skip."""
     trajectory_points: int = Field(200, ge=2)
     """How many policy snapshots to keep per run for the trajectory plots."""
+    order: Literal["fixed", "reshuffled"] = "fixed"
+    """``fixed``: every epoch visits the sampled pairs in the one order they were drawn (and, with several prompts,
+    shuffled once), as the authors' code does; ``reshuffled``: a fresh permutation each epoch, seeded."""
+    kl_reduction: Literal["sum", "mean"] = "sum"
+    """How tables and plots reduce KL(π*‖π) over responses: ``sum`` is the KL; ``mean`` divides it by the number of
+    responses, which is what the authors plot (``F.kl_div(log π, π*, reduction="mean")``). The leaderboard's metric is
+    always the KL itself."""
     rank_by: ClassVar[Metric] = metric_keys.KL_TO_TARGET
     """KL(π*‖π) summed over prompts ranks the replicas (lower is better)."""
 
@@ -59,6 +66,15 @@ class TabularTask(ConfigModel):
         if len({len(prompt.pi_star) for prompt in self.prompts}) > 1:
             raise ValueError("every prompt needs the same number of responses")
         return self
+
+    @property
+    def kl_label(self) -> str:
+        """The name of the KL that tables and plots show."""
+        return "KL(π* ‖ π)" if self.kl_reduction == "sum" else f"KL(π* ‖ π)/{len(self.prompts[0].pi_star)}"
+
+    def shown_kl(self, kl: float) -> float:
+        """KL(π*‖π) as tables and plots show it."""
+        return kl if self.kl_reduction == "sum" else kl / len(self.prompts[0].pi_star)
 
     def provides(self) -> frozenset[str]:
         """Optional batch fields the data carries: every response of a prompt, weighted by π_ref."""
