@@ -250,3 +250,37 @@ def test_tokenizer_fingerprint_is_stable_and_content_sensitive(tokenizer: Any) -
     assert fingerprint_tokenizer(fresh) == fingerprint
     fresh.add_tokens(["<|new token|>"])
     assert fingerprint_tokenizer(fresh) != fingerprint
+
+
+@pytest.mark.parametrize("two_splits", [False, True])
+def test_held_out_prompts_are_never_training_prompts(tmp_path: Path, tokenizer: Any, two_splits: bool) -> None:
+    from rich.console import Console
+
+    from expo_bench.tasks.hh import HHTask
+
+    def record(turn: int, answer: str) -> str:
+        prompt = f"\n\nHuman: question {turn}{ASSISTANT}"
+        return json.dumps({"chosen": f"{prompt} good {answer}", "rejected": f"{prompt} bad {answer}"})
+
+    # every prompt twice, with different responses: a split by pairs would put one copy on each side
+    lines = [record(turn, answer) for turn in range(20) for answer in ("a", "b")]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines))
+    (tmp_path / "test.jsonl").write_text("\n".join([*lines[:10], *(record(turn, "c") for turn in range(100, 105))]))
+    task = HHTask.model_validate(
+        {
+            "kind": "hh",
+            "source": str(tmp_path),
+            "data_dir": None,
+            "tokenizer": str(NEOX),
+            "model": {"tiny": {"model_type": "gpt_neox"}},
+            "train_split": "train",
+            "eval_split": "test" if two_splits else "train",
+            "max_eval_pairs": 8,
+        }
+    )
+    log = Console(record=True, width=200)
+    examples = task.sft_examples(0, tokenizer, log)
+    train, held_out = ({tuple(pair.prompt_ids) for pair in pairs} for pairs in (examples.train, examples.held_out))
+    assert train and held_out and not train & held_out
+    dropped = "10 held-out pairs dropped" if two_splits else "training pairs dropped: their prompt is a held-out prompt"
+    assert dropped in log.export_text()

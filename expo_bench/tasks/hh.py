@@ -21,7 +21,8 @@ class HHTask(LanguageModelTask):
     """HH pairs from the hub (``source: Anthropic/hh-rlhf``) or a local file or folder.
 
     When ``eval_split`` equals ``train_split`` (local test splits), the pairs are shuffled once by seed
-    and cut into disjoint training and held-out slices.
+    and cut into training and held-out slices. Either way no held-out prompt is a training prompt: the pairs that
+    would share one are dropped from training (one split) or from the held-out pairs (two splits), and counted.
     """
 
     kind: Literal["hh"]
@@ -51,9 +52,17 @@ class HHTask(LanguageModelTask):
             random.Random(seed).shuffle(train)
             held_out = self.max_eval_pairs or max(1, len(train) // 10)
             evaluation, train = train[:held_out], train[held_out:]
+            seen = {pair.prompt for pair in evaluation}
+            kept = [pair for pair in train if pair.prompt not in seen]
+            notes.append(f"{len(train) - len(kept)} training pairs dropped: their prompt is a held-out prompt")
+            train = kept
         else:
             evaluation, eval_report = load_hh_pairs(self.source, self.data_dir, self.eval_split, self.skip_malformed)
             notes.append(f"{self.eval_split}: {eval_report.summary()}")
+            seen = {pair.prompt for pair in train}
+            kept = [pair for pair in evaluation if pair.prompt not in seen]
+            notes.append(f"{len(evaluation) - len(kept)} held-out pairs dropped: their prompt is a training prompt")
+            evaluation = kept
         return train[: self.max_train_pairs], evaluation[: self.max_eval_pairs], notes
 
     def sft_examples(self, seed: int, tokenizer: Any, console: Console) -> SFTExamples:

@@ -166,7 +166,12 @@ class IMDbTask(LanguageModelTask):
             [tokenize_pair(tokenizer, PromptPair(*texts), self.tokenization) for texts in labelled[split]]
             for split in ("train", "evaluation")
         )
+        # a 2-8 token prefix of a test review can equal a training prefix ("This movie"): held out means unseen
+        seen = {tuple(pair.prompt_ids) for pair in train}
+        kept = [pair for pair in evaluation if tuple(pair.prompt_ids) not in seen]
         provenance = {key: labelled[key] for key in ("reward_model", "labeling", "eval_labeling")}
+        provenance["held_out_pairs_dropped_as_training_prompts"] = len(evaluation) - len(kept)
+        evaluation = kept
         judge = None if self.evaluation is None else RewardModelJudge(self.reward_model.build(train_reviews, seed, cache_dir))
         return TaskData(train, evaluation, provenance, judge=judge)
 
