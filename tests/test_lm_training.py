@@ -252,7 +252,7 @@ def test_a_second_run_reuses_cached_reference_work(tmp_path: Path) -> None:
     first = Console(record=True, width=200)
     out = run_experiment(experiment, tmp_path, first)
     before = json.loads((out / "summary.json").read_text())["runs"][0]["eval_after"]
-    cache = sorted(path.name.split("-")[:2] for path in (tmp_path / "hh_tiny_local" / "cache").iterdir())
+    cache = sorted(path.name.split("-")[:2] for path in (tmp_path / "hh_tiny_local" / "cache").glob("[!.]*"))  # not locks
     assert cache == [["reference", "logps"], ["reference", "samples"]]
     second = Console(record=True, width=200)
     run_experiment(experiment, tmp_path, second)
