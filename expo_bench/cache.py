@@ -22,6 +22,8 @@ from expo_bench.errors import UserError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
 
 
 def digest(key: dict[str, Any], length: int = 12) -> str:
@@ -37,6 +39,7 @@ def atomic_write(path: Path, data: bytes | str | Callable[[Path], None]) -> None
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     temporary = Path(name)
     try:
+        os.fchmod(handle, 0o666 & ~_UMASK)  # as open() would create it, not mkstemp's owner-only mode
         with os.fdopen(handle, "wb") as file:
             if not callable(data):
                 file.write(data.encode() if isinstance(data, str) else data)
