@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -164,24 +163,25 @@ def test_a_corrupt_or_locked_store_exits_2_and_writes_nothing(
     assert snapshot(results) == before
 
 
-def test_a_read_only_results_folder_exits_2_and_writes_nothing() -> None:
-    home = Path(tempfile.mkdtemp())  # outside pytest's private folder, so another user can reach it
+def test_a_read_only_results_folder_exits_2_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import expo_bench.cli
+
+    monkeypatch.setenv("COLUMNS", "300")
+    results = tmp_path / "results"
+    results.mkdir()
+    results.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: the folder refuses as a read-only one would
+
+        def refused(dir: Path) -> None:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+
+        monkeypatch.setattr(expo_bench.cli.tempfile, "TemporaryFile", refused)
     try:
-        home.chmod(0o755)
-        results = home / "results"
-        results.mkdir(mode=0o555)
-        results.chmod(0o555)
-        user = {"user": 65534} if os.geteuid() == 0 else {}  # root writes anywhere: run as nobody
-        result = subprocess.run(
-            [sys.executable, "-m", "expo_bench", "run", str(ROOT / "recipes" / "quickstart.yaml"), "--results", str(results)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "COLUMNS": "300", "HOME": str(home)},
-            cwd=ROOT,
-            **user,  # type: ignore[call-overload]
-        )
-        assert result.returncode == EXIT_USER_ERROR, result.stderr
-        assert "Traceback" not in result.stderr and f"cannot write results under {results / 'quickstart'}" in result.stderr
-        assert "Permission denied" in result.stderr and not list(results.iterdir())
+        assert main(["run", str(ROOT / "recipes" / "quickstart.yaml"), "--results", str(results)]) == EXIT_USER_ERROR
     finally:
-        shutil.rmtree(home)
+        results.chmod(0o755)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"cannot write results under {results / 'quickstart'}: {results}: Permission denied" in err
+    assert "Traceback" not in err and not list(results.iterdir())
