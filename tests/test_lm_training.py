@@ -289,7 +289,7 @@ def test_an_interrupted_run_resumes_and_a_finished_one_is_reused(tmp_path: Path,
         patch.setattr(LossHistory, "on_train_epoch_start", fail_in_second_epoch, raising=False)
         with pytest.raises(Interrupted):
             summary(tmp_path / "broken")
-    [run_dir] = (tmp_path / "broken" / "hh_tiny_local" / "runs").iterdir()
+    [run_dir] = (tmp_path / "broken" / "hh_tiny_local" / "runs").glob("dpo-*")  # beside it: its lock
     assert (run_dir / "last.ckpt").exists() and not (run_dir / "record.json").exists()
 
     log = Console(record=True, width=200)
