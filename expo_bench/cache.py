@@ -1,16 +1,29 @@
-"""A small on-disk cache for work that every method of a sweep shares (reference log-probs, samples)."""
+"""A small on-disk cache for work that every method of a sweep shares (reference log-probs, samples), and the file
+primitives every writer of the results folder uses: atomic writes and cross-process locks."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-from collections.abc import Callable
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from filelock import FileLock, Timeout
+
+from expo_bench.errors import UserError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
 
 
 def digest(key: dict[str, Any], length: int = 12) -> str:
@@ -18,18 +31,73 @@ def digest(key: dict[str, Any], length: int = 12) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:length]
 
 
+def atomic_write(path: Path, data: bytes | str | Callable[[Path], None]) -> None:
+    """Write ``path`` whole or not at all: ``data`` (or what ``data(temporary)`` writes) goes to a uniquely named
+    temporary file beside it, then an atomic rename, so concurrent writers and crashes never leave (or let anyone
+    read) a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    temporary = Path(name)
+    try:
+        os.fchmod(handle, 0o666 & ~_UMASK)  # as open() would create it, not mkstemp's owner-only mode
+        with os.fdopen(handle, "wb") as file:
+            if not callable(data):
+                file.write(data.encode() if isinstance(data, str) else data)
+        if callable(data):
+            data(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def locked(path: Path, what: str, timeout: float | None = None) -> Iterator[None]:
+    """Hold the lock file ``path`` (exclusive across processes); say so when another process holds it and wait, at most
+    ``timeout`` seconds (forever when None), then :class:`UserError`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        limit = "" if timeout is None else f" (at most {timeout:g} s)"
+        log.warning("waiting for %s: another process holds %s%s", what, path, limit)
+        try:
+            lock.acquire(timeout=-1 if timeout is None else timeout)
+        except Timeout:
+            raise UserError(f"{what}: another process held {path} for {timeout:g} s; is it still running?") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def unsafe_file(path: Path, error: pickle.UnpicklingError) -> UserError:
+    """What ``torch.load(..., weights_only=True)`` refusing a file means to the user."""
+    return UserError(
+        f"refusing to load {path}: it holds more than tensors and plain data, so loading it could run code "
+        f"({str(error).splitlines()[0]}); delete it if you did not put it there"
+    )
+
+
 def cached(directory: Path, name: str, key: dict[str, Any], compute: Callable[[], T]) -> tuple[T, bool]:
     """``compute()``'s value, stored under ``directory/name-<hash of key>.pt``; also whether it was a hit.
 
-    The key must name everything the value depends on (model, data and tokenization fingerprints,
-    settings, seed). Writes go through a temporary file, so an interrupted run leaves no half-written entry.
+    The key must name everything the value depends on (model, data and tokenization fingerprints, settings, seed).
+    Entries load with ``weights_only=True`` (tensors and plain data: a planted file cannot run code) and are written
+    atomically under a lock; two processes computing one entry both get the value, the first one written is kept.
+    The lock is not held while computing: under DDP every rank computes together (collectives inside ``compute``).
     """
     path = directory / f"{name}-{digest(key, 16)}.pt"
     if path.exists():
-        return torch.load(path, weights_only=True), True
+        try:
+            return torch.load(path, weights_only=True), True
+        except pickle.UnpicklingError as error:
+            raise unsafe_file(path, error) from None
     value = compute()
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save(value, partial)
-    partial.replace(path)
+    with locked(path.with_name(f".{path.name}.lock"), f"the cache entry {path.name}"):
+        if not path.exists():
+            buffer = io.BytesIO()
+            torch.save(value, buffer)
+            atomic_write(path, buffer.getvalue())
     return value, False

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from expo_bench.metric_keys import LEADERBOARD_COLUMNS
 from expo_bench.recipe import Experiment, load_recipe
 
 EXIT_USER_ERROR = 2
+ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+"""Write failures that are the machine's, not a bug: reported in one line, like a user error."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,10 +133,26 @@ def validate(args: argparse.Namespace, console: Console) -> None:
         console.print(Text(f"{path}: valid", style="green"))
 
 
+def writable(folder: Path) -> None:
+    """:class:`UserError` unless files can be created under ``folder`` (checked where it, or its nearest existing parent,
+    is; the probe file is removed again)."""
+    existing = next(path for path in [folder.absolute(), *folder.absolute().parents] if path.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(existing))
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise UserError(f"cannot write results under {folder}: {existing}: {error.strerror or error}; pass --results") from None
+
+
 def run(args: argparse.Namespace, console: Console) -> None:
     from expo_bench.runner import run_experiment  # imports Lightning: keep validate and --help fast
+    from expo_bench.tracking import check_store, resolve_tracking_uri
 
     experiments = [load_recipe(path, args.overrides) for path in args.recipes]  # all valid before any work
+    for experiment in experiments:  # and the places they write, before anything is written
+        writable(args.results / experiment.recipe.experiment)
+        check_store(resolve_tracking_uri(experiment.recipe.tracking.uri, args.results))
     for experiment in experiments:
         console.print(describe(experiment))
         run_experiment(experiment, args.results, console)
@@ -201,6 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args, Console())
     except UserError as error:
         Console(stderr=True).print(Text("error: ", style="bold red") + Text(str(error)))
+        return EXIT_USER_ERROR
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        Console(stderr=True).print(Text("error: ", style="bold red") + Text(f"{where}{error.strerror}"))
         return EXIT_USER_ERROR
     return 0
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from expo_bench.config_model import ConfigModel, closest
+from expo_bench.config_model import ConfigModel, closest, reject_non_finite, reject_unknown_keys
 
 OPTIMIZERS = sorted(
     name
@@ -19,7 +20,9 @@ OPTIMIZERS = sorted(
 
 
 class OptimizerConfig(ConfigModel):
-    """``name`` is a class in ``torch.optim`` (Adam, AdamW, RMSprop, SGD, ...); ``kwargs`` go to it."""
+    """``name`` is a class in ``torch.optim`` (Adam, AdamW, RMSprop, SGD, ...); ``kwargs`` go to it, checked at validation
+    against its signature and by building it once on a dummy parameter (so ``betass`` or ``betas: [2, 0]`` fail before
+    any work, not after SFT)."""
 
     name: str = "Adam"
     lr: float = Field(1e-3, gt=0)
@@ -33,6 +36,21 @@ class OptimizerConfig(ConfigModel):
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}{closest(name, OPTIMIZERS)}; torch.optim has {', '.join(OPTIMIZERS)}")
         return name
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs_accepted(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "name" not in info.data or "lr" not in info.data:
+            return kwargs  # the name or lr is wrong already, and reported
+        name, optimizer_class = info.data["name"], getattr(torch.optim, info.data["name"])
+        taken = [p for p in inspect.signature(optimizer_class).parameters if p not in ("params", "lr")]
+        reject_unknown_keys(kwargs, taken, f"torch.optim.{name}")
+        reject_non_finite(kwargs)
+        try:
+            optimizer_class([torch.nn.Parameter(torch.zeros(1))], lr=info.data["lr"], **kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"torch.optim.{name} refuses {kwargs}: {error}") from None
+        return kwargs
 
     def build(self, parameters: Iterable[torch.nn.Parameter]) -> OptimizerLRScheduler:
         """The optimizer, with its warmup schedule when there is one, in Lightning's return format."""

@@ -127,6 +127,10 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    return str(getattr(error, "problem", None) or error)
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply ``dotted.key=value`` (value parsed as YAML; numeric segments index lists) in place."""
     key, sep, raw = assignment.partition("=")
@@ -144,7 +148,10 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             node = node.setdefault(part, {})
         if not isinstance(node, (dict, list)):
             raise RecipeError("--set", [(where, f"is a value, not a section: cannot set {key}")])
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise RecipeError("--set", [(key, f"value {raw!r} is not valid YAML ({_yaml_problem(error)})")]) from None
     if isinstance(node, list):
         if not leaf.isdigit() or int(leaf) >= len(node):
             raise RecipeError("--set", [(key, f"no list item {leaf!r} (the list has {len(node)})")])
@@ -279,11 +286,17 @@ def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Experiment:
     if not path.is_file():
         raise RecipeError(path, [("", "no such recipe file")])
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise RecipeError(
+            path, [("", f"not UTF-8 text: byte {error.object[error.start]:#04x} at offset {error.start}")]
+        ) from None
+    except OSError as error:
+        raise RecipeError(path, [("", f"cannot read the file ({error.strerror})")]) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(path, [(where, f"not valid YAML: {getattr(error, 'problem', error)}")]) from None
+        raise RecipeError(path, [(where, f"not valid YAML: {_yaml_problem(error)}")]) from None
     if not isinstance(data, dict):
         raise RecipeError(path, [("", "a recipe is a YAML mapping (experiment:, task:, methods:, ...)")])
     for assignment in overrides:

@@ -8,14 +8,14 @@ store calls retry while the database is locked, and get-or-create steps hold a l
 
 from __future__ import annotations
 
-import fcntl
 import json
+import logging
 import os
 import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -30,6 +30,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, TEMPORARILY_UN
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
+from expo_bench.cache import locked
 from expo_bench.errors import UserError
 from expo_bench.metric_keys import LEADERBOARD_COLUMNS
 
@@ -78,6 +79,12 @@ TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
 TRUNCATED = "…[truncated]"
 RETRY_ATTEMPTS = 10
 BACKOFF_CAP_S = 5.0
+STORE_WAIT_S = 300.0
+"""The longest wait for the store lock or a locked SQLite store before giving up with a message."""
+FAILURE = "expo_bench.failure"
+"""Why a run failed (a diverged loss, say): such a run is never complete, so never reused or ranked."""
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -151,7 +158,8 @@ def retrying(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
 
 @contextmanager
 def store_lock(uri: str) -> Iterator[None]:
-    """Exclusive across processes for an SQLite store (a lock file beside it).
+    """Exclusive across processes for an SQLite store (a lock file beside it); held only for short get-or-create steps,
+    so waiting for it says so and gives up after :data:`STORE_WAIT_S`.
 
     Nothing for other stores: two sweeps running the same run keys against one tracking server at the same moment
     could each create the run.
@@ -160,14 +168,40 @@ def store_lock(uri: str) -> Iterator[None]:
     if path is None:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "a") as handle:  # closing it releases the lock
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with locked(Path(f"{path}.lock"), f"the tracking store {path}", STORE_WAIT_S):
         yield
+
+
+def check_store(uri: str) -> None:
+    """:class:`UserError` unless an existing SQLite store can be read: not a database (corrupt, or another file), or
+    locked by another process for longer than :data:`STORE_WAIT_S`. Run before anything is written."""
+    path = sqlite_path(uri)
+    if path is None or not path.exists():
+        return
+    if not path.is_file():
+        raise UserError(f"the tracking store {path} is not a file (URI {uri})")
+    try:
+        with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=0)) as database:
+            try:
+                database.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error):
+                    raise
+                log.warning("waiting for the tracking store %s: another process holds it (at most %g s)", path, STORE_WAIT_S)
+                database.execute(f"PRAGMA busy_timeout = {int(STORE_WAIT_S * 1000)}")
+                database.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as error:
+        if "locked" in str(error):
+            raise UserError(f"the tracking store {path} stayed locked by another process for {STORE_WAIT_S:g} s") from None
+        raise UserError(
+            f"the tracking store {path} cannot be read as an SQLite database ({error}): move it aside, or point "
+            "tracking.uri (or MLFLOW_TRACKING_URI) at another store"
+        ) from None
 
 
 def open_client(uri: str) -> MlflowClient:
     """A client whose store exists: a fresh SQLite file gets its schema from one process at a time."""
+    check_store(uri)
     with store_lock(uri):
         return retrying(MlflowClient, uri)  # the constructor builds the store (cached per URI): a fresh file gets its tables
 
@@ -296,6 +330,15 @@ class TrackedRun:
                 retrying(self._client.log_artifact, self.run_id, str(path), artifact_path)
             else:
                 raise FileNotFoundError(f"no artifact to log at {path}")
+
+    def refresh(self) -> None:
+        """Read again whether the run is complete: another process may have completed it since it was opened."""
+        self._complete = retrying(self._client.get_run, self.run_id).data.tags.get(COMPLETE) == "true"
+
+    def mark_failed(self, reason: str) -> None:
+        """Record why the run failed; it stays incomplete, so a later sweep trains it again and no leaderboard ranks it."""
+        self.set_tags({FAILURE: reason[:MAX_PARAM_VAL_LENGTH]})
+        retrying(self._client.set_terminated, self.run_id, "FAILED")
 
     def mark_complete(self) -> None:
         """Record that training and evaluation finished: a later sweep reuses this run as done."""

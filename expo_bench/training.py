@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from pydantic import Field
 
 from expo_bench import metric_keys
 from expo_bench.config_model import ConfigModel
 from expo_bench.optim import OptimizerConfig
+
+LAST = "last.ckpt"
+"""The file :class:`LastCheckpoint` writes."""
 
 
 class TrainConfig(ConfigModel):
@@ -35,6 +40,14 @@ class TrainConfig(ConfigModel):
     log_every_n_steps: int = Field(10, ge=1)
     checkpoint_every_n_steps: int | None = Field(None, ge=1)
     """Where a task keeps checkpoints (language models): also every this many steps, not only per epoch."""
+    keep: Literal["weights", "full", "none"] = "weights"
+    """What a finished run keeps (language models): its final ``weights`` (safetensors, no optimizer state); ``full``:
+    also the final Lightning checkpoint with optimizer and loop state; ``none``: nothing once it is evaluated (another
+    evaluation of it later means training it again)."""
+
+    def identity(self) -> dict[str, Any]:
+        """What the numbers of a run depend on: everything but what it keeps on disk."""
+        return self.model_dump(mode="json", exclude={"keep"})
 
 
 def build_trainer(train: TrainConfig, callbacks: list[Callback], logger: Logger | bool = False, **overrides: Any) -> L.Trainer:
@@ -77,3 +90,43 @@ class LossHistory(Callback):
         loss = trainer.callback_metrics.get(metric_keys.TRAIN_LOSS)
         if loss is not None and trainer.global_step % trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
             self.losses.append((trainer.global_step, float(loss)))
+
+
+class RandomState(Callback):
+    """The torch random streams (CPU and every GPU), kept in checkpoints so a resumed run draws what an uninterrupted
+    one would (dropout); saved as tensors, so checkpoints load with ``weights_only=True``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["cpu"])
+        if state_dict["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` optimizer steps (when set) and at every epoch's end, written so that
+    a run resumed from any of them ends exactly where an uninterrupted one does.
+
+    A step save that falls on an epoch's last batch is made at that epoch's end instead: Lightning 2.6 resumes from a
+    checkpoint written after an epoch's last batch into the next epoch without counting that epoch's start, so the
+    loop progress in the next checkpoint is wrong and a resume from it replays the epoch (tests/test_robustness.py).
+    """
+
+    def __init__(self, dirpath: Path, every_n_train_steps: int | None) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=Path(LAST).stem,
+            enable_version_counter=False,
+            every_n_train_steps=every_n_train_steps,
+            save_on_train_epoch_end=True,
+        )
+        self._every_n_epochs = 1  # as well: the parent takes one trigger only
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -21,6 +21,8 @@ class Scripted:
     headers: dict[str, str] = field(default_factory=dict)
     body: str = '{"error": {"message": "scripted"}}'
     sleep: float = 0.0
+    trickle: float = 0.0
+    """Seconds between the bytes of the body: each read is quick, the whole reply never ends in time."""
 
 
 class QuietServer(ThreadingHTTPServer):
@@ -84,7 +86,13 @@ class ChatServer:
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not scripted.trickle:
+                    self.wfile.write(body)
+                    return
+                for byte in body[:40]:  # bounded: the test's client gives up long before
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(scripted.trickle)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

@@ -158,6 +158,43 @@ def test_429_5xx_and_timeouts_are_retried(server: ChatServer, tmp_path: Path, ca
     assert all(f"HTTP {status}" in caplog.text for status in (429, 500, 503)) and "TimeoutError" in caplog.text
 
 
+def test_a_redirect_is_never_followed_so_the_key_stays_home(server: ChatServer, tmp_path: Path) -> None:
+    with serving() as elsewhere:  # another origin (another port) that would answer like a judge
+        for status in (301, 302, 307, 308):
+            server.script = [Scripted(status, {"Location": f"{elsewhere.base_url}/chat/completions"})]
+            with pytest.raises(JudgeError, match=rf"HTTP {status} .*redirects are not followed.*pointed to {elsewhere.base_url}"):
+                LLMJudge(llm_config(server, max_concurrency=1), tmp_path, seed=0).judge(comparisons(1))
+        assert not elsewhere.requests, "the other origin got no request, so no key and no verdict"
+    assert [request["authorization"] for request in server.requests] == [f"Bearer {KEY}"] * 4
+    assert not list(tmp_path.glob("*.json")), "nothing cached from a redirect"
+
+
+def test_a_reply_is_read_up_to_a_cap(server: ChatServer, tmp_path: Path) -> None:
+    from expo_bench.evaluation.llm_judge import MAX_RESPONSE_BYTES
+
+    server.script = [Scripted(200, body=" " * (MAX_RESPONSE_BYTES + 10))]
+    with pytest.raises(JudgeError, match=f"more than {MAX_RESPONSE_BYTES} bytes"):
+        LLMJudge(llm_config(server, max_concurrency=1), tmp_path, seed=0).judge(comparisons(1))
+
+
+def test_the_timeout_bounds_the_whole_request_not_each_read(
+    server: ChatServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.script = [Scripted(200, body='{"choices": []}' * 4, trickle=0.1)]  # every byte in time, the reply never
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        verdicts = LLMJudge(llm_config(server, max_concurrency=1, timeout=0.5), tmp_path, seed=0).judge(comparisons(1))
+    assert time.monotonic() - start < 2.0 and verdicts[0].outcome == 1.0
+    assert "over 0.5 s in all" in caplog.text and len(server.requests) == 2
+
+
+def test_retry_after_is_capped(server: ChatServer, tmp_path: Path) -> None:
+    server.script = [Scripted(429, {"Retry-After": "3600"}), Scripted(503, {"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"})]
+    start = time.monotonic()
+    verdicts = LLMJudge(llm_config(server, max_retry_after=0.2), tmp_path, seed=0).judge(comparisons(1))
+    assert verdicts[0].outcome == 1.0 and 0.4 <= time.monotonic() - start < 3.0
+
+
 def test_an_unreachable_server_fails_clearly_after_the_retries(tmp_path: Path) -> None:
     port = free_port()
     config = LLMJudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", api_key_env=None, max_retries=2, backoff=0.001)

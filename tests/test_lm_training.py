@@ -252,7 +252,7 @@ def test_a_second_run_reuses_cached_reference_work(tmp_path: Path) -> None:
     first = Console(record=True, width=200)
     out = run_experiment(experiment, tmp_path, first)
     before = json.loads((out / "summary.json").read_text())["runs"][0]["eval_after"]
-    cache = sorted(path.name.split("-")[:2] for path in (tmp_path / "hh_tiny_local" / "cache").iterdir())
+    cache = sorted(path.name.split("-")[:2] for path in (tmp_path / "hh_tiny_local" / "cache").glob("[!.]*"))  # not locks
     assert cache == [["reference", "logps"], ["reference", "samples"]]
     second = Console(record=True, width=200)
     run_experiment(experiment, tmp_path, second)
@@ -289,7 +289,7 @@ def test_an_interrupted_run_resumes_and_a_finished_one_is_reused(tmp_path: Path,
         patch.setattr(LossHistory, "on_train_epoch_start", fail_in_second_epoch, raising=False)
         with pytest.raises(Interrupted):
             summary(tmp_path / "broken")
-    [run_dir] = (tmp_path / "broken" / "hh_tiny_local" / "runs").iterdir()
+    [run_dir] = (tmp_path / "broken" / "hh_tiny_local" / "runs").glob("dpo-*")  # beside it: its lock
     assert (run_dir / "last.ckpt").exists() and not (run_dir / "record.json").exists()
 
     log = Console(record=True, width=200)
@@ -325,7 +325,7 @@ def test_redrawn_reference_samples_change_with_the_epoch(tokenizer: Any, pairs: 
     dataset.samples_per_epoch = 1
     for epoch, token in [(0, 11), (1, 12), (2, 13), (3, 11)]:  # epoch e uses draw e, cycling
         batches = loader(dataset, 4, shuffle=True, seed=0)
-        batches.sampler.set_epoch(epoch)  # type: ignore[union-attr]  # what Lightning calls at every epoch start
+        batches.batch_sampler.sampler.set_epoch(epoch)  # type: ignore[union-attr]  # what Lightning calls at every epoch start
         batch = next(iter(batches))
         assert batch.kl_samples is not None and batch.kl_reference_logps is not None
         first_tokens = batch.kl_samples["input_ids"][batch.kl_samples["loss_mask"]].view(4, 2)[:, 0]

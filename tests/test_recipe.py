@@ -212,3 +212,100 @@ def test_grid_mistakes_name_the_field(grid: dict[str, Any], where: str, message:
     data["methods"] = [{"method": "dpo", "grid": grid}]
     [(path, text)] = problems(data)
     assert path == where and message in text
+
+
+def hh(**task: Any) -> dict[str, Any]:
+    """A local HH recipe with a tiny model (the shipped twin's shape, paths made absolute)."""
+    shared = Path(__file__).parents[2] / "shared" / "data"
+    data = yaml.safe_load(Path(__file__).parent.parent.joinpath("recipes", "hh_tiny_local.yaml").read_text())
+    data["task"] |= {"source": str(shared / "hh-rlhf"), "tokenizer": str(shared / "tokenizers" / "gpt-neox-20b"), **task}
+    return data
+
+
+def test_a_misspelt_architecture_key_is_refused_not_defaulted() -> None:
+    data = hh()
+    data["task"]["model"]["tiny"]["hiden_size"] = data["task"]["model"]["tiny"].pop("hidden_size")
+    [(path, message)] = problems(data)
+    assert path == "task.model.tiny.hiden_size"
+    assert message.startswith("unknown key 'hiden_size' for gpt_neox (did you mean 'hidden_size'?)")
+    data["task"]["model"]["tiny"] = {"model_type": "gpt_neoz"}
+    [(path, message)] = problems(data)
+    assert path == "task.model.tiny" and "unknown model_type 'gpt_neoz' (did you mean" in message
+
+
+def test_optimizer_kwargs_are_checked_against_the_optimizer() -> None:
+    data = base()
+    data["train"]["optimizer"]["kwargs"] = {"betass": [0.9, 0.99]}
+    [(path, message)] = problems(data)
+    assert path == "train.optimizer.kwargs.betass" and "for torch.optim.Adam (did you mean 'betas'?)" in message
+    data["train"]["optimizer"]["kwargs"] = {"betas": [2.0, 0.99]}
+    [(path, message)] = problems(data)
+    assert path == "train.optimizer.kwargs" and "Invalid beta parameter at index 0" in message
+    data["train"]["optimizer"]["kwargs"] = {"weight_decay": 0.1}
+    data["methods"][0]["train"] = {"optimizer": {"name": "SGD", "kwargs": {"momentum": 0.9, "betas": [0.9, 0.99]}}}
+    [(path, message)] = problems(data)  # a method's own override is checked too
+    assert path == "methods[0].train.optimizer.kwargs.betas" and "for torch.optim.SGD" in message
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        (["train", "optimizer", "lr"], float("inf")),
+        (["lam"], [0.1, float("nan")]),
+        (["methods", 2, "lam"], [0.1, float("inf")]),
+        (["train", "optimizer", "kwargs"], {"eps": float("nan")}),
+        (["train", "gradient_clip_val"], float("inf")),
+    ],
+)
+def test_non_finite_numbers_are_refused_everywhere(where: list[Any], value: Any) -> None:
+    data = base()
+    node = data
+    for part in where[:-1]:
+        node = node[part]
+    node[where[-1]] = value
+    [(path, message)] = problems(data)
+    assert path.startswith(".".join(str(part) for part in where[:1])) and ("finite" in message)
+
+
+def test_non_finite_yaml_values_are_refused(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(base()).replace("lr: 0.01", "lr: .inf"))
+    with pytest.raises(RecipeError, match=r"train.optimizer.lr: Input should be a finite number"):
+        load_recipe(recipe)
+
+
+def test_a_path_shaped_model_or_tokenizer_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    for field, value in (("tokenizer", str(tmp_path / "no-tokenizer")), ("tokenizer", "../tokenizers/nowhere")):
+        [(path, message)] = problems(hh(**{field: value}))
+        assert path == "task.tokenizer" and f"no such file or folder: {value!r}" in message
+    data = hh()
+    data["task"]["model"] = {"name_or_path": "models/pythia/2.8b"}
+    [(path, message)] = problems(data)
+    assert path == "task.model.name_or_path" and "no such file or folder" in message
+    assert validate_recipe(hh(tokenizer="EleutherAI/pythia-2.8b"), "my.yaml")  # a hub id: checked when loaded
+
+
+def test_an_empty_data_file_is_refused_at_validation(tmp_path: Path) -> None:
+    (tmp_path / "helpful-base").mkdir()
+    (tmp_path / "helpful-base" / "test.jsonl").write_text("\n")
+    [(path, message)] = problems(hh(source=str(tmp_path)))
+    assert path == "task" and "test.jsonl: the file is empty" in message
+    imdb = {"kind": "imdb", "source": str(tmp_path), "tokenizer": hh()["task"]["tokenizer"], "model": hh()["task"]["model"]}
+    (tmp_path / "train.jsonl").write_text('{"text": "good", "label": 1}\n')
+    (tmp_path / "test.jsonl").write_text("")
+    [(path, message)] = problems({**base(), "task": imdb})
+    assert path == "task" and "test.jsonl: the file is empty" in message
+
+
+def test_set_value_that_is_not_yaml_names_the_key() -> None:
+    with pytest.raises(RecipeError) as caught:
+        apply_override(base(), "train.max_epochs=[1")
+    [(path, message)] = caught.value.problems
+    assert caught.value.source == "--set" and path == "train.max_epochs" and "is not valid YAML" in message
+
+
+def test_a_recipe_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    recipe = tmp_path / "latin1.yaml"
+    recipe.write_bytes("experiment: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"not UTF-8 text: byte 0xe9 at offset 15"):
+        load_recipe(recipe)

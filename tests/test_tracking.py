@@ -296,3 +296,16 @@ def test_two_processes_writing_one_store_lose_nothing(tmp_path: Path) -> None:
             expected = win_rate(tags[tracking.METHOD], float(run.data.params["lam"]), int(tags[tracking.SEED]))
             assert run.data.metrics[keys.WIN_RATE.key] == pytest.approx(expected)
             assert [m.step for m in client.get_metric_history(run.info.run_id, keys.TRAIN_LOSS)] == list(range(10))
+
+
+def test_a_held_store_lock_is_waited_for_with_a_message_then_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from filelock import FileLock
+
+    from expo_bench.errors import UserError
+
+    monkeypatch.setattr(tracking, "STORE_WAIT_S", 0.3)
+    with FileLock(f"{tmp_path / 'mlflow.db'}.lock"), pytest.raises(UserError, match=r"another process held .* for 0\.3 s"):
+        tracking.open_client(sqlite_uri(tmp_path))  # another sweep in the middle of a get-or-create
+    assert "waiting for the tracking store" in caplog.text

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from expo_bench.config_model import ConfigModel
+from expo_bench.config_model import ConfigModel, LocalOrHub
 from expo_bench.distributed import accelerator_device
 from expo_bench.evaluation.llm_judge import LLMJudgeConfig
 from expo_bench.evaluation.reward_models import HFRewardModel, RewardModel
@@ -73,7 +73,7 @@ class RewardModelJudgeConfig(ConfigModel):
     """A Hugging Face reward model (one output logit) scores prompt + response; the higher reward wins."""
 
     kind: Literal["reward_model"] = "reward_model"
-    name_or_path: str = Field(min_length=1)
+    name_or_path: LocalOrHub = Field(min_length=1)
     batch_size: int = Field(16, gt=0)
     max_length: int = Field(1024, gt=0)
     """Tokens per scored text; longer ones keep their end (the response)."""

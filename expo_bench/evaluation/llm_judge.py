@@ -5,10 +5,16 @@ random across comparisons (LLM judges favour one position) yet the same on every
 written to disk as soon as it arrives, keyed by a hash of everything the request depends on, so an
 interrupted judging resumes without asking twice. The API key is read from the environment when sending and
 kept out of logs, errors and the cache.
+
+Transport is the standard library's ``http.client``, one connection per request, so that the client controls what
+matters for a request that carries a key: no redirect is followed (a 3xx is an error: the key never reaches another
+address and another server's reply is never a verdict), a reply is read up to :data:`MAX_RESPONSE_BYTES`, and
+``timeout`` bounds the whole request (a watchdog shuts the socket), not each read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import http.client
@@ -17,12 +23,12 @@ import logging
 import math
 import os
 import re
+import socket
+import ssl
 import string
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -30,6 +36,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from expo_bench.cache import atomic_write
 from expo_bench.config_model import ConfigModel
 from expo_bench.errors import UserError
 from expo_bench.evaluation.types import Comparison, Verdict
@@ -37,6 +44,9 @@ from expo_bench.evaluation.types import Comparison, Verdict
 log = logging.getLogger(__name__)
 
 Position = Literal["A", "B"]
+
+MAX_RESPONSE_BYTES = 1 << 20
+"""The most of a reply that is read: a chat completion of a few hundred tokens is a few KiB."""
 
 
 class JudgeError(UserError):
@@ -120,7 +130,9 @@ class LLMJudgeConfig(ConfigModel):
     backoff: float = Field(1.0, ge=0)
     """Seconds before the first retry, doubling with each (a server's Retry-After takes precedence)."""
     timeout: float = Field(120.0, gt=0)
-    """Seconds to wait for one response."""
+    """Seconds for one whole request: connecting, sending, waiting and reading the reply."""
+    max_retry_after: float = Field(60.0, ge=0)
+    """The longest pause before a retry: a server's Retry-After above it is cut to it."""
 
     @field_validator("base_url")
     @classmethod
@@ -246,7 +258,8 @@ class LLMJudge:
                 except _Transient as error:
                     if retries == self.config.max_retries:
                         raise JudgeError(f"{error}; gave up after {retries + 1} attempts") from None
-                    delay = error.retry_after if error.retry_after is not None else self.config.backoff * 2**retries
+                    delay = self.config.backoff * 2**retries if error.retry_after is None else error.retry_after
+                    delay = min(delay, self.config.max_retry_after)
                     retries += 1
                     log.warning("%s; retry %d of %d in %.3g s", error, retries, self.config.max_retries, delay)
                     stop.wait(delay)
@@ -259,18 +272,21 @@ class LLMJudge:
         return None
 
     def _send(self, body: bytes) -> str:
-        request = urllib.request.Request(self.url, data=body, headers=self._headers(), method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.config.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as error:
-            message = f"HTTP {error.code} {error.reason} from {self.url}: {self._excerpt(error)}"
-            if error.code == 429 or error.code >= 500:
-                raise _Transient(message, _retry_after(error.headers.get("Retry-After"))) from None
-            raise JudgeError(message) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
-            reason = error.reason if isinstance(error, urllib.error.URLError) else error
-            raise _Transient(f"no answer from {self.url} ({type(error).__name__}: {reason})") from None
+        status, reason, headers, raw = self._post(body)
+        if status != 200:
+            message = (
+                f"HTTP {status} {reason} from {self.url}: {self._redact(' '.join(raw[:300].decode(errors='replace').split()))}"
+            )
+            if 300 <= status < 400:
+                location = headers.get("Location")
+                where = f" (it pointed to {self._redact(location)})" if location else ""
+                raise JudgeError(
+                    f"{message}; redirects are not followed (the request carries the API key): set base_url to where "
+                    f"the endpoint answers{where}"
+                )
+            if status == 429 or status >= 500:
+                raise _Transient(message, _retry_after(headers.get("Retry-After")))
+            raise JudgeError(message)
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, LookupError, TypeError):
@@ -278,6 +294,49 @@ class LLMJudge:
                 f"{self.url} answered without choices[0].message.content: {self._redact(raw[:300].decode(errors='replace'))}"
             ) from None
         return content if isinstance(content, str) else ""  # a null content (a refusal) is an unparseable answer
+
+    def _post(self, body: bytes) -> tuple[int, str, http.client.HTTPMessage, bytes]:
+        """One POST to the endpoint within ``timeout`` seconds in all: (status, reason, headers, body up to the cap)."""
+        parts = urllib.parse.urlsplit(self.url)
+        connection = (
+            http.client.HTTPSConnection(
+                parts.hostname or "", parts.port, timeout=self.config.timeout, context=ssl.create_default_context()
+            )
+            if parts.scheme == "https"
+            else http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self.config.timeout)
+        )
+        expired = threading.Event()
+        opened: list[socket.socket] = []  # the response keeps reading from it after the connection lets go of it
+
+        def expire() -> None:  # per-operation socket timeouts let a server that trickles bytes hold a request forever
+            expired.set()
+            for sock in opened:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(self.config.timeout, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            connection.connect()
+            opened.append(connection.sock)
+            if expired.is_set():  # the deadline passed while connecting, before there was a socket to shut
+                raise TimeoutError
+            connection.request("POST", parts.path + (f"?{parts.query}" if parts.query else ""), body, self._headers())
+            response = connection.getresponse()
+            raw = response.read(MAX_RESPONSE_BYTES + 1)
+        except (OSError, http.client.HTTPException) as error:
+            if expired.is_set():
+                raise _Transient(f"no answer from {self.url} (TimeoutError: over {self.config.timeout:g} s in all)") from None
+            raise _Transient(f"no answer from {self.url} ({type(error).__name__}: {error})") from None
+        finally:
+            watchdog.cancel()
+            connection.close()
+        if expired.is_set():
+            raise _Transient(f"no answer from {self.url} (TimeoutError: over {self.config.timeout:g} s in all)")
+        if len(raw) > MAX_RESPONSE_BYTES:
+            raise JudgeError(f"{self.url} answered with more than {MAX_RESPONSE_BYTES} bytes; a chat completion is far smaller")
+        return response.status, response.reason, response.headers, raw
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -296,13 +355,6 @@ class LLMJudge:
         key = os.environ.get(self.config.api_key_env, "") if self.config.api_key_env is not None else ""
         return text.replace(key, "[API key]") if key else text
 
-    def _excerpt(self, error: urllib.error.HTTPError) -> str:
-        try:
-            text = error.read(300).decode(errors="replace")
-        except (OSError, http.client.HTTPException):
-            text = ""
-        return self._redact(" ".join(text.split()))
-
     def _key(self, prompt: str, response_a: str, response_b: str) -> str:
         """sha256 of everything the answer depends on: the judge (endpoint, model, template, sampling) and the texts."""
         identity = self.config.model_dump(include={"base_url", "model", "template", "temperature", "max_tokens"})
@@ -317,8 +369,5 @@ class LLMJudge:
         return str(answer)
 
     def _store(self, key: str, answer: str) -> None:
-        """Write through a temporary file and an atomic rename: concurrent writers and crashes leave whole files."""
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=self.cache_dir, prefix=f".{key}.", delete=False) as file:
-            json.dump({"answer": answer}, file)
-        os.replace(file.name, self.cache_dir / f"{key}.json")
+        """Written atomically: concurrent writers and crashes leave whole files."""
+        atomic_write(self.cache_dir / f"{key}.json", json.dumps({"answer": answer}))

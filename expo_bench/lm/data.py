@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import TypeVar
@@ -10,7 +11,7 @@ from typing import TypeVar
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from expo_bench.contracts import PreferenceBatch, SequenceScorer, concat_sequences, whole_batch
 from expo_bench.lm.tokenize import TokenizedPair, collate_pairs, padded_sequences
@@ -95,9 +96,58 @@ class EpochSeededSampler(Sampler[int]):
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
+class ResumableBatchSampler(BatchSampler):
+    """Batches of its sampler's indices that can start part-way through an epoch.
+
+    It counts the batches it handed out in the current epoch; told on resume that ``start`` batches of epoch ``epoch``
+    were trained, it skips exactly those (as indices: no data is loaded for them) when it next iterates that epoch.
+    Skipping whole batches of the sampler's own stream also holds under a distributed sampler wrapper, whose per-rank
+    stream is a function of the epoch too.
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.drawn = 0
+        self.resume: tuple[int, int] | None = None  # (epoch, batches already trained)
+
+    @property
+    def epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", 0))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, self.drawn = self.epoch, 0
+        start = self.resume[1] if self.resume is not None and self.resume[0] == epoch else 0
+        self.resume = None
+        for batch in itertools.islice(super().__iter__(), start, None):
+            self.drawn = start = start + 1
+            yield batch
+
+
+class ResumableLoader(DataLoader[PreferenceBatch]):
+    """A DataLoader that Lightning can resume mid-epoch: it saves :meth:`state_dict` in every checkpoint and calls
+    :meth:`load_state_dict` before the resumed epoch's first batch (``fit_loop`` treats any loader with both as stateful).
+
+    The count is exact because the batches are built in the main process (no worker prefetches indices) and Lightning
+    does not prefetch from a loader with a length: at a checkpoint, every batch drawn has been trained.
+    """
+
+    batch_sampler: ResumableBatchSampler
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.batch_sampler.epoch, "batches": self.batch_sampler.drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.resume = (int(state["epoch"]), int(state["batches"]))
+
+
 def loader(dataset: PairDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader[PreferenceBatch]:
-    sampler = EpochSeededSampler(len(dataset), seed, dataset.set_epoch) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=whole_batch)
+    # Its own generator: a DataLoader draws a worker seed from the global stream at every iter(), and a resumed run
+    # starts one more iterator than an uninterrupted one, which would shift every later dropout mask.
+    generator = torch.Generator().manual_seed(seed)
+    if not shuffle:
+        return DataLoader(dataset, batch_size=batch_size, collate_fn=whole_batch, generator=generator)
+    batches = ResumableBatchSampler(EpochSeededSampler(len(dataset), seed, dataset.set_epoch), batch_size, drop_last=False)
+    return ResumableLoader(dataset, batch_sampler=batches, collate_fn=whole_batch, generator=generator)
 
 
 class PairData(L.LightningDataModule):

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from expo_bench import metric_keys
-from expo_bench.cache import cached, digest
+from expo_bench.cache import atomic_write, cached, digest
 from expo_bench.config_model import ConfigModel, closest
 from expo_bench.distributed import accelerator_device
 from expo_bench.evaluation.judges import JudgeConfig
@@ -31,6 +31,7 @@ from expo_bench.lm.data import fingerprint_module
 from expo_bench.lm.model import policy_model, response_logps
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.tokenize import pad_token_id, padded_sequences
+from expo_bench.methods.base import require_finite_weights
 
 ExactMetrics = Callable[[PreTrainedModel, Sequence[list[int]]], dict[str, float]]
 """Metrics a task can compute exactly from a policy's weights on the given prompts (the synthetic task's distance to
@@ -183,9 +184,7 @@ class Evaluator:
             return dict(json.loads(done.read_text())), True
         assert policy is not None, "a run without stored metrics needs its policy"
         metrics = self.evaluate(policy, out_dir, provenance, with_selection=True)
-        partial = done.with_suffix(".json.partial")
-        partial.write_text(json.dumps(metrics, indent=2))
-        partial.replace(done)  # written last: its presence means the evaluation finished
+        atomic_write(done, json.dumps(metrics, indent=2))  # written last: its presence means the evaluation finished
         return metrics, False
 
     def evaluate(
@@ -333,9 +332,7 @@ def sequence_logps(
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    partial = path.with_suffix(".jsonl.partial")
-    partial.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    partial.replace(path)
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 class PeriodicEvaluation(Callback):
@@ -358,6 +355,7 @@ class PeriodicEvaluation(Callback):
         step = trainer.global_step
         if step % self.every or (self.history and self.history[-1][0] == step) or not trainer.is_global_zero:
             return
+        require_finite_weights(pl_module)  # type: ignore[arg-type]  # sampling from NaN weights fails obscurely
         temperature = self.evaluator.config.headline_temperature
         metrics = self.evaluator.evaluate(policy_model(pl_module), self.out_dir / f"step-{step}", self.provenance, [temperature])
         self.history.append((step, metrics))

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
 import torch
 from peft import LoraConfig, get_peft_model
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from expo_bench.config_model import ConfigModel
+from expo_bench.config_model import ConfigModel, LocalOrHub, closest, reject_non_finite, reject_unknown_keys
 from expo_bench.contracts import Sequences
 
 
@@ -21,12 +22,30 @@ class ModelConfig(ConfigModel):
     """A causal LM from the hub or a local folder (``name_or_path``), or a tiny one built from a config.
 
     ``tiny`` is an architecture config, e.g. ``{model_type: gpt_neox, hidden_size: 64, ...}``: weights are
-    initialised from the seed, so tests and the embedded quickstart need no download.
+    initialised from the seed, so tests and the embedded quickstart need no download. Its keys are checked against
+    the architecture's config class: transformers would keep a misspelt key as a stray attribute and build the
+    full-size default model instead.
     """
 
-    name_or_path: str | None = None
+    name_or_path: LocalOrHub | None = None
     tiny: dict[str, Any] | None = None
     revision: str | None = None
+
+    @field_validator("tiny")
+    @classmethod
+    def _architecture_keys(cls, tiny: dict[str, Any] | None) -> dict[str, Any] | None:
+        if tiny is None or "model_type" not in tiny:
+            return tiny  # the model validator below says what is missing
+        model_type = tiny["model_type"]
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(f"unknown model_type {model_type!r}{closest(str(model_type), list(CONFIG_MAPPING))}")
+        config_class = CONFIG_MAPPING[model_type]
+        valid = dict.fromkeys(
+            [*inspect.signature(config_class).parameters, *config_class.attribute_map, *config_class().to_dict()]
+        )
+        reject_unknown_keys(tiny, [key for key in valid if not key.startswith("_") and key != "transformers_version"], model_type)
+        reject_non_finite(tiny)
+        return tiny
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelConfig:

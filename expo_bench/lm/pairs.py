@@ -64,3 +64,10 @@ def split_file(root: Path, split: str, subfolder: str | None = None) -> Path:
     if found is None:
         raise DataError(f"{root}: no split {split!r} there; looked for {', '.join(map(str, candidates))}")
     return found
+
+
+def require_records(root: Path, split: str, subfolder: str | None = None) -> None:
+    """DataError unless the split's file exists and holds at least one non-blank line (checked before any work)."""
+    path = split_file(root, split, subfolder)
+    if next(jsonl_lines(path), None) is None:
+        raise DataError(f"{path}: the file is empty; expected one JSON record per line")

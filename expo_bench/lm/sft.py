@@ -78,7 +78,7 @@ def fine_tune(
     key = {
         "initial": fingerprint_module(base),
         "data": fingerprint_pairs([*train, *held_out]),
-        "sft": config.model_dump(mode="json"),
+        "sft": config.identity(),
         "seed": seed,
     }
 

@@ -50,6 +50,20 @@ class MethodParams(ConfigModel):
     length_normalize: bool = False
 
 
+class DivergedError(RuntimeError):
+    """Training reached a non-finite loss term or weights: the run stops and is recorded as failed, never as a result."""
+
+
+def require_finite_weights(module: PreferenceMethod) -> None:
+    """:class:`DivergedError` naming the method, the step and the first non-finite weight tensor of the policy."""
+    bad = [name for name, parameter in module.policy.named_parameters() if not bool(torch.isfinite(parameter).all())]
+    if bad:
+        raise DivergedError(
+            f"{module.method_name}: non-finite policy weights after optimizer step {module.global_step} "
+            f"({len(bad)} tensors, the first {bad[0]}); lower the learning rate or check the hyperparameters"
+        )
+
+
 def bradley_terry(logit: Tensor) -> Tensor:
     """ℓ(u) = −log σ(u): the negative log-likelihood of the winner under Bradley–Terry."""
     return -F.logsigmoid(logit)
@@ -139,6 +153,10 @@ class PreferenceMethod(L.LightningModule):
             self.reference.eval()
         return self
 
+    @property
+    def method_name(self) -> str:
+        return getattr(type(self), "name", type(self).__qualname__)
+
     def hp(self, field: str) -> Any:
         """Hyperparameter ``field``: a float, or a ``(G, 1)`` tensor where it differs across replicas."""
         return getattr(self, f"_hp_{field}") if field in self._varying else getattr(self.params, field)
@@ -213,6 +231,7 @@ class PreferenceMethod(L.LightningModule):
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         logps = self.pair_logps(batch)
         terms = self.objective(logps, batch)
+        self._require_finite(terms)
         per_replica = torch.stack(list(terms.values())).sum(0)
         # Lightning's log() costs more than a tabular step; call it only on the steps a logger would keep.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
@@ -222,6 +241,18 @@ class PreferenceMethod(L.LightningModule):
             self.log_dict(metrics, batch_size=len(batch), sync_dist=True)
         # Summing over replicas keeps each replica's gradient what it would be if trained alone.
         return per_replica.sum()
+
+    def _require_finite(self, terms: dict[str, Tensor]) -> None:
+        """Stop at the first non-finite loss term (one host sync per step; every rank takes the same decision)."""
+        finite = torch.stack([torch.isfinite(value.detach()).all() for value in terms.values()]).tolist()
+        if self.trainer.strategy.reduce_boolean_decision(all(finite), all=True):
+            return
+        values = ", ".join(f"{name} = {value.detach().float().mean():.4g}" for name, value in terms.items())
+        bad = [name for name, ok in zip(terms, finite, strict=True) if not ok]
+        raise DivergedError(
+            f"{self.method_name}: non-finite loss term {', '.join(bad) or '(on another rank)'} at optimizer step "
+            f"{self.global_step + 1} ({values}); lower the learning rate or check the hyperparameters"
+        )
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         logps = self.pair_logps(batch)

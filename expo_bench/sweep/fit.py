@@ -1,37 +1,49 @@
 """One language-model run: train a (method, hyperparameters, seed) from the SFT weights, checkpointing under its run
-directory, then evaluate it. A finished run is reused, a checkpointed one resumed, evaluations kept per evaluation
-config."""
+directory, then evaluate it. A finished run is reused, a checkpointed one resumed (exactly, from any checkpoint),
+evaluations kept per evaluation config; a run that diverges is recorded as failed. One process at a time works on a
+run directory: another sweep on the same store waits for it, then reuses what it did."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import pickle
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from rich.console import Console
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
 from transformers import PreTrainedModel
 
 from expo_bench import metric_keys
-from expo_bench.cache import digest
+from expo_bench.cache import atomic_write, digest, locked, unsafe_file
+from expo_bench.errors import UserError
 from expo_bench.lm.data import PairData
 from expo_bench.lm.evaluation import Evaluator, PeriodicEvaluation
 from expo_bench.lm.model import REFERENCES, CausalLMScorer, LoraSettings, policy_model
-from expo_bench.methods.base import MethodParams, PreferenceMethod
+from expo_bench.methods.base import DivergedError, MethodParams, PreferenceMethod, require_finite_weights
 from expo_bench.recipe import MethodRun
 from expo_bench.sweep.records import LanguageModelIdentity, TrainingResult, display_name
 from expo_bench.tracking import TrackedRun
-from expo_bench.training import LossHistory, build_trainer
+from expo_bench.training import LAST, LastCheckpoint, LossHistory, RandomState, build_trainer
 
 RECORD = "record.json"
 """Written last into a run directory: its presence means the run finished training."""
-CHECKPOINT = "last.ckpt"
+CHECKPOINT = LAST
+"""Lightning's checkpoint while the run trains (and, with ``train.keep: full``, its final state)."""
+WEIGHTS = "weights.safetensors"
+"""The policy's final weights, what every evaluation of the finished run loads (tensors only: loading runs no code)."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +73,7 @@ class FitUnit:
             data_fingerprint=self.data_fingerprint,
             reference_fingerprint=self.reference_fingerprint,
             params=self.params.model_dump(mode="json"),
-            train=self.run.train.model_dump(mode="json"),
+            train=self.run.train.identity(),
             lora=None if self.lora is None else self.lora.model_dump(),
             reference=self.reference,
             reference_samples=self.reference_samples,
@@ -91,29 +103,57 @@ def fit(
     every_n_steps: int | None,
     tracked: TrackedRun,
     console: Console,
-) -> tuple[TrainingResult, dict[str, float] | None]:
-    """Train (or reuse, or resume) ``unit``, evaluate it, and record both in ``tracked``."""
-    module = None
-    if unit.finished:
-        console.print(f"  {unit.name}: finished in an earlier run, reusing {unit.run_dir / RECORD}")
-        training = TrainingResult.from_json(json.loads((unit.run_dir / RECORD).read_text()))
-    else:
-        periodic = None
-        if evaluator is not None and every_n_steps is not None:
-            where = unit.run_dir / "evaluation-during-training"
-            periodic = PeriodicEvaluation(evaluator, every_n_steps, where, {"method": unit.name})
-        module, training = _train(unit, base, data, periodic, tracked, console)
-    evaluation = None
-    if evaluator is not None:
-        if module is None and not evaluator.has_result(unit.run_dir):
-            module = _restore(unit, base)
-        evaluation = evaluate(evaluator, unit.name, None if module is None else policy_model(module), unit.run_dir, console)
-    if not tracked.complete:
-        tracked.log_metrics(training.eval_after | (evaluation or {}))
-        done = [unit.run_dir / RECORD] + ([] if evaluator is None else [evaluator.results_dir(unit.run_dir)])
-        tracked.log_artifacts(done)
-        tracked.mark_complete()
-    return training, evaluation
+) -> tuple[TrainingResult, dict[str, float] | None] | None:
+    """Train (or reuse, or resume) ``unit``, evaluate it, and record both in ``tracked``; None when it diverged (then
+    recorded as failed, with the reason)."""
+    with _owned(unit, tracked), _failure_recorded(unit, tracked, console):
+        module = None
+        if unit.finished:
+            console.print(f"  {unit.name}: finished in an earlier run, reusing {unit.run_dir / RECORD}")
+            training = TrainingResult.from_json(json.loads((unit.run_dir / RECORD).read_text()))
+        else:
+            periodic = None
+            if evaluator is not None and every_n_steps is not None:
+                where = unit.run_dir / "evaluation-during-training"
+                periodic = PeriodicEvaluation(evaluator, every_n_steps, where, {"method": unit.name})
+            module, training = _train(unit, base, data, periodic, tracked, console)
+        evaluation = None
+        if evaluator is not None:
+            if module is None and not evaluator.has_result(unit.run_dir):
+                module = _restore(unit, base, training)
+            policy = None if module is None else policy_model(module)
+            evaluation = evaluate(evaluator, unit.name, policy, unit.run_dir, console)
+        if not tracked.complete:
+            tracked.log_metrics(training.eval_after | (evaluation or {}))
+            done = [unit.run_dir / RECORD] + ([] if evaluator is None else [evaluator.results_dir(unit.run_dir)])
+            tracked.log_artifacts(done)
+            tracked.mark_complete()
+        if unit.run.train.keep == "none":
+            for name in (WEIGHTS, CHECKPOINT):
+                (unit.run_dir / name).unlink(missing_ok=True)
+        return training, evaluation
+    return None
+
+
+@contextmanager
+def _owned(unit: FitUnit, tracked: TrackedRun) -> Iterator[None]:
+    """Work on the run only while no other process does: another sweep on the same store waits, then finds the run as
+    that one left it (each rank holds its own lock, so the ranks of one DDP job never wait for each other)."""
+    rank = getattr(rank_zero_only, "rank", 0)
+    lock = unit.runs_dir / f".{unit.run_dir.name}.rank{rank}.lock"  # beside the run: Lightning wants its folder to itself
+    with locked(lock, f"{unit.name} (another process is training it)"):
+        tracked.refresh()
+        yield
+
+
+@contextmanager
+def _failure_recorded(unit: FitUnit, tracked: TrackedRun, console: Console) -> Iterator[None]:
+    """A diverged run ends here: said, and recorded as failed (never complete: never reused nor ranked)."""
+    try:
+        yield
+    except DivergedError as error:
+        console.print(f"  {unit.name}: [bold red]failed[/]: {error}")
+        tracked.mark_failed(str(error))
 
 
 def _train(
@@ -127,10 +167,8 @@ def _train(
     train, run_dir = unit.run.train, unit.run_dir
     module = unit.module(base)
     history = LossHistory()
-    checkpoints = ModelCheckpoint(
-        dirpath=run_dir, filename="last", enable_version_counter=False, every_n_train_steps=train.checkpoint_every_n_steps
-    )
-    callbacks: list[Callback] = [history, checkpoints, RichProgressBar(leave=False)]
+    checkpoints = LastCheckpoint(run_dir, train.checkpoint_every_n_steps)
+    callbacks: list[Callback] = [history, RandomState(), checkpoints, RichProgressBar(leave=False)]
     if periodic is not None:
         callbacks.append(periodic)
     trainer = build_trainer(train, callbacks, logger=tracked.logger(), enable_checkpointing=True)
@@ -139,9 +177,15 @@ def _train(
     if resume.exists():
         console.print(f"  {unit.name}: resuming from {resume}")
     started = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=resume if resume.exists() else None)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume if resume.exists() else None, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise unsafe_file(resume, error) from None
     seconds = time.perf_counter() - started
+    require_finite_weights(module)
     after = trainer.validate(module, datamodule=data, verbose=False)[0]
+    if not_finite := [key for key, value in after.items() if not math.isfinite(value)]:
+        raise DivergedError(f"{module.method_name}: non-finite held-out {', '.join(not_finite)} after step {trainer.global_step}")
     accuracy = (
         metric_keys.VAL_REWARDS_ACCURACY if metric_keys.VAL_REWARDS_ACCURACY.key in after else metric_keys.VAL_PREFERENCE_ACCURACY
     )
@@ -150,6 +194,9 @@ def _train(
         f"{before[metric_keys.VAL_LOSS.key]:.4f} -> {after[metric_keys.VAL_LOSS.key]:.4f}, "
         f"{accuracy.name} {after[accuracy.key]:.3f}"
     )
+    atomic_write(run_dir / WEIGHTS, lambda path: save_model(policy_model(module), str(path)))
+    if train.keep == "full":
+        trainer.save_checkpoint(resume)  # the final state, not the last periodic save
     training = TrainingResult(
         steps=trainer.global_step,
         train_seconds=round(seconds, 3),
@@ -157,20 +204,46 @@ def _train(
         eval_after=dict(after),
         loss_history=history.losses,
         eval_history=[] if periodic is None else periodic.history,
-        checkpoint=str(resume),
+        weights=WEIGHTS,
+        weights_step=trainer.global_step,
     )
     record = {"method": unit.run.label, "lam": unit.lam, **unit.identity.as_json(), **asdict(training)}
-    partial = run_dir / f"{RECORD}.partial"
-    partial.write_text(json.dumps(record, indent=2))
-    partial.replace(run_dir / RECORD)  # written last: its presence means the run finished
+    atomic_write(run_dir / RECORD, json.dumps(record, indent=2))  # written last: its presence means the run finished
+    if train.keep != "full":
+        resume.unlink(missing_ok=True)  # optimizer state is for resuming only
     return module, training
 
 
-def _restore(unit: FitUnit, base: PreTrainedModel) -> PreferenceMethod:
-    """A finished run's trained module, from its last checkpoint."""
+def _restore(unit: FitUnit, base: PreTrainedModel, training: TrainingResult) -> PreferenceMethod:
+    """A finished run's trained module, from its final weights (safetensors: tensors only, no code runs)."""
     module = unit.module(base)
-    checkpoint = torch.load(unit.run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-    module.load_state_dict(checkpoint["state_dict"])
+    weights = unit.run_dir / (training.weights or WEIGHTS)
+    if weights.exists():
+        try:
+            load_model(policy_model(module), str(weights))
+        except (SafetensorError, RuntimeError) as error:
+            raise UserError(
+                f"{weights}: not the final weights of {unit.name} ({error}); delete {unit.run_dir} to retrain it"
+            ) from None
+        return module
+    # a run recorded before final weights were kept: its last checkpoint, loaded as tensors and plain data only, and
+    # only if it holds the final step (with checkpoint_every_n_steps the last save can precede the end)
+    checkpoint = unit.run_dir / CHECKPOINT
+    if not checkpoint.exists():
+        raise UserError(
+            f"{unit.name} finished at step {training.steps} but kept no weights in {unit.run_dir} (train.keep: none?): "
+            "delete that folder to train it again"
+        )
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise unsafe_file(checkpoint, error) from None
+    if state.get("global_step") != training.steps:
+        raise UserError(
+            f"{checkpoint} holds step {state.get('global_step')} but {unit.name} finished at step {training.steps}: its "
+            f"final weights were not kept; delete {unit.run_dir} to train it again"
+        )
+    module.load_state_dict(state["state_dict"])
     return module
 
 

@@ -111,8 +111,9 @@ class LanguageModelSweep:
         for unit in units:
             tracked = self._open(unit.run.label, unit.lam, unit.identity, unit.run_dir, evaluator)
             pair_data = PairData(*datasets, batch_size=unit.run.train.batch_size, seed=seed)
-            training, metrics = fit(unit, base, pair_data, evaluator, every, tracked, console)
-            records.append(LanguageModelRecord(unit.run.label, unit.lam, unit.identity, provenance, training, metrics))
+            result = fit(unit, base, pair_data, evaluator, every, tracked, console)
+            if result is not None:  # a diverged run is recorded as failed in the store, and left out here
+                records.append(LanguageModelRecord(unit.run.label, unit.lam, unit.identity, provenance, *result))
         return records
 
     def _attach_reference_work(

@@ -128,7 +128,10 @@ class TrainingResult:
     eval_after: dict[str, float]
     loss_history: list[tuple[int, float]]
     eval_history: list[tuple[int, dict[str, float]]]
-    checkpoint: str
+    weights: str
+    """The final weights' file in the run directory (empty in records written before they were kept)."""
+    weights_step: int
+    """The optimizer step of those weights: the run's last (-1: unknown, an older record)."""
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> TrainingResult:
@@ -139,7 +142,8 @@ class TrainingResult:
             dict(record["eval_after"]),
             [(int(step), float(loss)) for step, loss in record["loss_history"]],
             [(int(step), dict(metrics)) for step, metrics in record["eval_history"]],
-            str(record["checkpoint"]),
+            str(record.get("weights", "")),
+            int(record.get("weights_step", -1)),
         )
 
 

@@ -11,8 +11,10 @@ from pydantic import Field, model_validator
 from rich.console import Console
 from transformers import PreTrainedModel
 
+from expo_bench.config_model import LocalOrHub
+from expo_bench.errors import DataError
 from expo_bench.lm.hh import HUB_ID, load_hh_pairs
-from expo_bench.lm.pairs import PromptPair
+from expo_bench.lm.pairs import PromptPair, require_records
 from expo_bench.lm.tokenize import tokenize_pair
 from expo_bench.tasks.language_model import LanguageModelTask, SFTExamples, TaskData
 
@@ -26,7 +28,7 @@ class HHTask(LanguageModelTask):
     """
 
     kind: Literal["hh"]
-    tokenizer: str = "EleutherAI/pythia-2.8b"
+    tokenizer: LocalOrHub = "EleutherAI/pythia-2.8b"
     source: str = HUB_ID
     data_dir: str | None = "helpful-base"
     train_split: str = "train"
@@ -39,6 +41,12 @@ class HHTask(LanguageModelTask):
     def _source_exists(self) -> HHTask:
         if self.source != HUB_ID and not Path(self.source).exists():
             raise ValueError(f"source {self.source!r} is neither an existing file or folder nor the hub id {HUB_ID!r}")
+        if self.source != HUB_ID:
+            for split in dict.fromkeys((self.train_split, self.eval_split)):
+                try:
+                    require_records(Path(self.source), split, self.data_dir)
+                except DataError as error:
+                    raise ValueError(str(error)) from None
         return self
 
     @property
@@ -63,6 +71,10 @@ class HHTask(LanguageModelTask):
             kept = [pair for pair in evaluation if pair.prompt not in seen]
             notes.append(f"{len(evaluation) - len(kept)} held-out pairs dropped: their prompt is a training prompt")
             evaluation = kept
+        if not train or not evaluation:
+            raise DataError(
+                f"{self.source}: no usable pairs left for {'training' if not train else 'evaluation'} ({'; '.join(notes)})"
+            )
         return train[: self.max_train_pairs], evaluation[: self.max_eval_pairs], notes
 
     def sft_examples(self, seed: int, tokenizer: Any, console: Console) -> SFTExamples:

@@ -17,14 +17,15 @@ from transformers import PreTrainedModel
 
 from expo_bench import metric_keys
 from expo_bench.cache import cached
-from expo_bench.config_model import ConfigModel
+from expo_bench.config_model import ConfigModel, LocalOrHub
 from expo_bench.distributed import accelerator_device
+from expo_bench.errors import DataError
 from expo_bench.evaluation.judges import RewardModelJudge
 from expo_bench.evaluation.reward_models import HFSentimentClassifier, RewardModel, TfidfSentiment
 from expo_bench.lm import imdb
 from expo_bench.lm.data import fingerprint_module
 from expo_bench.lm.imdb import Review, label_pairs, load_reviews, make_prompts
-from expo_bench.lm.pairs import PromptPair
+from expo_bench.lm.pairs import PromptPair, require_records
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.tokenize import TokenizedPair, pad_token_id, tokenize_pair
 from expo_bench.metric_keys import Metric
@@ -36,7 +37,7 @@ class RewardModelConfig(ConfigModel):
     ``huggingface`` sequence classifier (the DPO paper used siebert/sentiment-roberta-large-english)."""
 
     kind: Literal["tfidf", "huggingface"] = "tfidf"
-    name_or_path: str = "siebert/sentiment-roberta-large-english"
+    name_or_path: LocalOrHub = "siebert/sentiment-roberta-large-english"
     train_reviews: int | None = Field(None, gt=0)
     """``tfidf``: fit on the first this many training reviews (all when unset)."""
 
@@ -80,7 +81,7 @@ class IMDbTask(LanguageModelTask):
     kind: Literal["imdb"]
     has_own_judge: ClassVar[bool] = True
     rank_by: ClassVar[Metric] = metric_keys.REWARD
-    tokenizer: str = "gpt2-large"
+    tokenizer: LocalOrHub = "gpt2-large"
     source: str = imdb.HUB_ID
     train_split: str = "train"
     eval_split: str = "test"
@@ -101,6 +102,12 @@ class IMDbTask(LanguageModelTask):
     def _source_exists(self) -> IMDbTask:
         if self.source != imdb.HUB_ID and not Path(self.source).exists():
             raise ValueError(f"source {self.source!r} is neither an existing file or folder nor the hub id {imdb.HUB_ID!r}")
+        if self.source != imdb.HUB_ID:
+            for split in dict.fromkeys((self.train_split, self.eval_split)):
+                try:
+                    require_records(Path(self.source), split)
+                except DataError as error:
+                    raise ValueError(str(error)) from None
         low, high = self.prompt_tokens
         if not 1 <= low <= high:
             raise ValueError(f"prompt_tokens must be [low, high] with 1 <= low <= high, got {list(self.prompt_tokens)}")
@@ -114,6 +121,9 @@ class IMDbTask(LanguageModelTask):
         """All training reviews, and the training and held-out reviews shuffled by seed."""
         train_reviews = _load(self.source, self.train_split, self.skip_malformed)
         shuffled, held_out = list(train_reviews), list(_load(self.source, self.eval_split, self.skip_malformed))
+        for split, reviews in ((self.train_split, shuffled), (self.eval_split, held_out)):
+            if not reviews:
+                raise DataError(f"{self.source}: no usable reviews in split {split!r}")
         random.Random(seed).shuffle(shuffled)
         random.Random(seed + 1).shuffle(held_out)
         return list(train_reviews), shuffled, held_out

@@ -13,7 +13,7 @@ from rich.console import Console
 from transformers import AutoTokenizer, PreTrainedModel
 
 from expo_bench import metric_keys
-from expo_bench.config_model import ConfigModel
+from expo_bench.config_model import ConfigModel, LocalOrHub
 from expo_bench.evaluation.types import Judge
 from expo_bench.lm.evaluation import EvaluationConfig, ExactMetrics
 from expo_bench.lm.model import LoraSettings, ModelConfig, ReferenceKind
@@ -49,7 +49,7 @@ class LanguageModelTask(ConfigModel):
     """A preference task for causal language models. A subclass names its ``kind`` and supplies
     :meth:`sft_examples` and :meth:`task_data`."""
 
-    tokenizer: str
+    tokenizer: LocalOrHub
     tokenization: TokenizationConfig = TokenizationConfig()
     model: ModelConfig
     sft: TrainConfig | None = None

@@ -1,0 +1,191 @@
+"""Nothing lost, nothing wrong, nothing let in: a run resumes exactly from any checkpoint, a finished run is evaluated
+from its final weights, a diverging run fails by name and is never ranked, nothing unsafe is loaded from disk, and two
+sweeps on one store never train a run twice."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from rich.console import Console
+
+from expo_bench import metric_keys, tracking
+from expo_bench.errors import UserError
+from expo_bench.recipe import validate_recipe
+from expo_bench.runner import run_experiment
+
+ROOT = Path(__file__).parent.parent
+
+
+class Interrupted(Exception):
+    """Stands for a machine lost right after a checkpoint was written."""
+
+
+def quickstart(**train: Any) -> dict[str, Any]:
+    """A slice of the quickstart: 2 prompts, no SFT, DPO, evaluated by the exact oracle; a tiny model with dropout (so
+    the random stream matters), AdamW with warmup (so the optimizer and scheduler state matter)."""
+    data = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    data["seeds"] = [0]
+    data["task"] |= {"prompts": 2, "train_pairs_per_prompt": 6, "sft": None}
+    data["task"]["model"] = {
+        "tiny": {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                 "intermediate_size": 64, "max_position_embeddings": 16, "hidden_dropout": 0.1, "attention_dropout": 0.1}
+    }  # fmt: skip
+    data["task"]["evaluation"] |= {"samples_per_prompt": 4, "selection": None}
+    data["train"] |= {"max_epochs": 2, "batch_size": 4, "log_every_n_steps": 1, **train}
+    data["train"]["optimizer"] |= {"warmup_steps": 2}
+    data["methods"] = [{"method": "dpo", "params": {"beta": 0.1}}]
+    return data
+
+
+def dpo_run(data: dict[str, Any], root: Path, console: Console | None = None) -> dict[str, Any]:
+    out = run_experiment(validate_recipe(data, "quickstart.yaml"), root, console or Console(quiet=True))
+    return dict(json.loads((out / "summary.json").read_text())["runs"][1])
+
+
+def run_dir(root: Path) -> Path:
+    [found] = (root / "quickstart" / "runs").glob("dpo-*")
+    return found
+
+
+def test_a_run_killed_after_any_checkpoint_ends_exactly_where_an_uninterrupted_one_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = quickstart(checkpoint_every_n_steps=1)
+    whole = dpo_run(data, tmp_path / "whole")
+    steps = whole["steps"]
+    assert steps == 6  # 3 batches an epoch, 2 epochs: checkpoints mid-epoch, at the epoch's end and at the last step
+    save, kill_after = ModelCheckpoint._save_checkpoint, [0]
+
+    def save_then_die(self: ModelCheckpoint, trainer: L.Trainer, filepath: str) -> None:
+        save(self, trainer, filepath)
+        if trainer.global_step == kill_after[0]:
+            raise Interrupted
+
+    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", save_then_die)
+    for step in range(1, steps + 1):  # each rerun resumes from the checkpoint the run before it died after
+        kill_after[0] = step
+        with pytest.raises(Interrupted):
+            dpo_run(data, tmp_path / "killed")
+        assert not (run_dir(tmp_path / "killed") / "record.json").exists()
+    log = Console(record=True, width=200)
+    resumed = dpo_run(data, tmp_path / "killed", log)
+    assert "resuming from" in log.export_text()
+    for key in ("steps", "eval_after", "loss_history", "eval"):
+        assert resumed[key] == whole[key], key  # exactly: the data order, step, optimizer, scheduler and random state
+    assert resumed["eval"][metric_keys.KL_TO_TARGET.key] > 0
+
+
+def test_a_finished_run_keeps_its_final_weights_and_is_evaluated_from_them(tmp_path: Path) -> None:
+    data = quickstart(max_epochs=1, checkpoint_every_n_steps=2)  # 3 steps: the last periodic checkpoint is step 2
+    first = dpo_run(data, tmp_path)
+    directory = run_dir(tmp_path)
+    record = json.loads((directory / "record.json").read_text())
+    assert (record["steps"], record["weights"], record["weights_step"]) == (3, "weights.safetensors", 3)
+    assert sorted(path.name for path in directory.iterdir() if not path.is_dir()) == ["record.json", "weights.safetensors"]
+
+    [evaluation] = directory.glob("evaluation-*")  # a lost evaluation is redone from the final weights
+    shutil.rmtree(evaluation)
+    data["task"]["evaluation"]["evaluate_only"] = True
+    assert dpo_run(data, tmp_path)["eval"] == first["eval"]
+
+    for evaluation in directory.glob("evaluation-*"):  # a run recorded before weights were kept, whose last
+        shutil.rmtree(evaluation)  # checkpoint is stale, is refused
+    (directory / "weights.safetensors").unlink()
+    torch.save({"global_step": 2, "state_dict": {}}, directory / "last.ckpt")
+    with pytest.raises(UserError, match=r"holds step 2 but dpo λ=0.1 finished at step 3"):
+        dpo_run(data, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("keep", "kept"), [("full", ["last.ckpt", "record.json", "weights.safetensors"]), ("none", ["record.json"])]
+)
+def test_what_a_finished_run_keeps_is_a_choice(tmp_path: Path, keep: str, kept: list[str]) -> None:
+    data = quickstart(max_epochs=1, checkpoint_every_n_steps=2, keep=keep)
+    dpo_run(data, tmp_path)
+    directory = run_dir(tmp_path)
+    assert sorted(path.name for path in directory.iterdir() if not path.is_dir()) == kept
+    if keep == "full":  # the final state, not the step-2 save
+        assert torch.load(directory / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.parametrize(
+    "method", [{"method": "ipo", "params": {"tau": 1e-20}}, {"method": "ipo", "train": {"optimizer": {"lr": 1e4}}}]
+)
+def test_a_diverging_run_stops_by_name_and_is_never_reused_or_ranked(tmp_path: Path, method: dict[str, Any]) -> None:
+    data = quickstart(max_epochs=1)
+    data["methods"] = [method, {"method": "dpo", "params": {"beta": 0.1}}]
+    log = Console(record=True, width=300)
+    out = run_experiment(validate_recipe(data, "quickstart.yaml"), tmp_path, log)
+    text = log.export_text()
+    assert re.search(r"ipo λ=\S+: failed: ipo: non-finite", text) and "optimizer step" in text
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [run["method"] for run in runs] == ["sft-reference", "dpo"]  # the others go on
+    assert not list((out / "runs").glob("ipo-*/record.json")) and not list((out / "runs").glob("ipo-*/weights.*"))
+    client = tracking.open_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [failed] = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id], "tags.`expo_bench.method` = 'ipo'")
+    assert failed.info.status == "FAILED" and tracking.COMPLETE not in failed.data.tags
+    assert "non-finite" in failed.data.tags[tracking.FAILURE]
+    assert "ipo" not in (out / "leaderboard.md").read_text()
+
+
+def test_a_planted_pickle_in_a_run_folder_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (open, (str(marker), "w"))
+
+    data = quickstart(max_epochs=1)
+    first = dpo_run(data, tmp_path)
+    directory = run_dir(tmp_path)
+    [evaluation] = directory.glob("evaluation-*")
+    shutil.rmtree(evaluation)
+    (directory / "weights.safetensors").unlink()
+    torch.save({"global_step": 3, "state_dict": Payload()}, directory / "last.ckpt")  # a finished run's old checkpoint
+    data["task"]["evaluation"]["evaluate_only"] = True
+    with pytest.raises(UserError, match=r"refusing to load .*last\.ckpt"):
+        dpo_run(data, tmp_path)
+    assert not marker.exists()
+
+    (directory / "record.json").unlink()  # an unfinished run's checkpoint: Lightning's resume path
+    data["task"]["evaluation"]["evaluate_only"] = False
+    with pytest.raises(UserError, match=r"refusing to load .*last\.ckpt"):
+        dpo_run(data, tmp_path)
+    assert not marker.exists()
+
+    cache = next((tmp_path / "quickstart" / "cache").glob("reference-logps-*.pt"))
+    torch.save({"pairs": Payload()}, cache)  # a shared cache entry
+    with pytest.raises(UserError, match=r"refusing to load .*reference-logps"):
+        dpo_run(data, tmp_path)
+    assert not marker.exists() and first["eval"]
+
+
+def _sweep(root: str, delay: float) -> None:
+    time.sleep(delay)
+    dpo_run(quickstart(max_epochs=1), Path(root))
+
+
+def test_two_sweeps_on_one_store_train_each_run_once(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    sweeps = [context.Process(target=_sweep, args=(str(tmp_path), delay)) for delay in (0.0, 0.5)]
+    for sweep in sweeps:
+        sweep.start()
+    for sweep in sweeps:
+        sweep.join(timeout=600)
+    assert [sweep.exitcode for sweep in sweeps] == [0, 0]
+    client = tracking.open_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id], "tags.`expo_bench.method` = 'dpo'")
+    steps = [point.step for point in client.get_metric_history(run.info.run_id, metric_keys.TRAIN_LOSS)]
+    assert sorted(steps) == [0, 1, 2], "trained once: one loss per step"
+    assert run.data.tags[tracking.COMPLETE] == "true"
