@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from expo_bench.distributed import broadcast, is_global_zero
+
 T = TypeVar("T")
 
 
@@ -23,11 +25,16 @@ def cached(directory: Path, name: str, key: dict[str, Any], compute: Callable[[]
 
     The key must name everything the value depends on (model, data and tokenization fingerprints,
     settings, seed). Writes go through a temporary file, so an interrupted run leaves no half-written entry.
+
+    Across ranks: rank zero decides whether it is a hit, every rank computes a miss (``compute`` may be collective:
+    training, sharded sampling) and rank zero alone writes it.
     """
     path = directory / f"{name}-{digest(key, 16)}.pt"
-    if path.exists():
+    if broadcast(path.exists()):
         return torch.load(path, weights_only=True), True
     value = compute()
+    if not is_global_zero():
+        return value, False
     directory.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     torch.save(value, partial)

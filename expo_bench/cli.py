@@ -19,6 +19,7 @@ from expo_bench import __version__
 from expo_bench.errors import UserError
 from expo_bench.metric_keys import LEADERBOARD_COLUMNS
 from expo_bench.recipe import Experiment, load_recipe
+from expo_bench.training import Machine
 
 EXIT_USER_ERROR = 2
 
@@ -50,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "run":
             command.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results/)")
+        else:
+            command.add_argument(
+                "--any-machine",
+                action="store_true",
+                help="check the recipe alone, not whether this machine can run it (GPUs, DeepSpeed, precision): "
+                "for a recipe meant for another machine",
+            )
     board = commands.add_parser(
         "leaderboard",
         help="tables and plots of the best configuration per method, from the tracking store",
@@ -112,15 +120,23 @@ def describe(experiment: Experiment) -> Table:
 
 
 def validate(args: argparse.Namespace, console: Console) -> None:
+    machine = None if args.any_machine else Machine.this()
     for path in args.recipes:
-        console.print(describe(load_recipe(path, args.overrides)))
-        console.print(Text(f"{path}: valid", style="green"))
+        experiment = load_recipe(path, args.overrides)
+        if machine is not None:
+            experiment.check_machine(machine)
+        console.print(describe(experiment))
+        console.print(Text(f"{path}: valid" + ("" if machine is None else " on this machine"), style="green"))
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from expo_bench.runner import run_experiment  # imports Lightning: keep validate and --help fast
+    from expo_bench.runner import run_experiment, start_ranks  # imports Lightning: keep validate and --help fast
 
     experiments = [load_recipe(path, args.overrides) for path in args.recipes]  # all valid before any work
+    machine = Machine.this()
+    for experiment in experiments:
+        experiment.check_machine(machine)
+    start_ranks(experiments, console)
     for experiment in experiments:
         console.print(describe(experiment))
         run_experiment(experiment, args.results, console)

@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from expo_bench.config_model import ConfigModel
-from expo_bench.errors import RecipeError
+from expo_bench.errors import RecipeError, UserError
 from expo_bench.methods import MethodParams, PreferenceMethod, UnknownMethodError, default_label, method_class
-from expo_bench.tasks import TASK_KINDS, Task
-from expo_bench.training import TrainConfig
+from expo_bench.tasks import TASK_KINDS, LanguageModelTask, Task
+from expo_bench.training import Machine, TrainConfig
+
+WORLD_FIELDS = ("accelerator", "devices", "num_nodes")
+"""The fields of a training stage that say which processes it runs in: one world for every stage of a recipe."""
 
 
 class MethodEntry(ConfigModel):
@@ -57,6 +60,16 @@ class Recipe(ConfigModel):
     methods: list[MethodEntry] = Field(min_length=1)
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sft_in_the_recipes_world(cls, data: Any) -> Any:
+        """A task's SFT stage trains on the recipe's ``accelerator``, ``devices`` and ``num_nodes`` unless it names its own."""
+        if not isinstance(data, dict) or not isinstance(data.get("task"), dict) or not isinstance(data["task"].get("sft"), dict):
+            return data
+        train = data["train"] if isinstance(data.get("train"), dict) else {}
+        world = {field: train[field] for field in WORLD_FIELDS if field in train}
+        return {**data, "task": {**data["task"], "sft": {**world, **data["task"]["sft"]}}}
+
     @field_validator("seeds")
     @classmethod
     def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
@@ -82,10 +95,97 @@ class MethodRun:
 
 
 @dataclass(frozen=True)
+class World:
+    """The processes a recipe trains in: ``num_nodes`` × ``devices`` of ``accelerator``."""
+
+    accelerator: str
+    devices: int | str
+    num_nodes: int
+
+
+SINGLE_PROCESS = World("cpu", 1, 1)
+
+
+@dataclass(frozen=True)
 class Experiment:
     recipe: Recipe
     runs: list[MethodRun]
     source: Path
+
+    @property
+    def stages(self) -> list[tuple[str, TrainConfig]]:
+        """Every training stage that runs through Lightning's Trainer with the recipe's hardware, by field path: the
+        language-model stages (SFT, each method); tabular tasks train in one CPU process whatever ``train`` says."""
+        task = self.recipe.task
+        if not isinstance(task, LanguageModelTask):
+            return []
+        stages = [("train", self.recipe.train)]
+        if task.sft is not None:
+            stages.append(("task.sft", task.sft))
+        return stages + [(f"methods[{index}].train", run.train) for index, run in enumerate(self.runs)]
+
+    @property
+    def world(self) -> World:
+        train = self.recipe.train
+        return World(train.accelerator, train.devices, train.num_nodes) if self.stages else SINGLE_PROCESS
+
+    def check_machine(self, machine: Machine) -> None:
+        """Refuse, naming the fields, what cannot run on ``machine`` (devices, strategy, precision, attention), before
+        any work starts."""
+        problems, inherited = [], set(self.recipe.train.machine_problems(machine))
+        for path, train in self.stages:
+            found = train.machine_problems(machine)
+            # a method's budget inherits the recipe's: name a problem where it was set
+            problems += [
+                (f"{path}.{field}", message)
+                for field, message in found
+                if path == "train" or not path.startswith("methods") or (field, message) not in inherited
+            ]
+        task = self.recipe.task
+        if isinstance(task, LanguageModelTask):
+            problems += [
+                (f"task.model.{field}", message) for field, message in task.model.machine_problems(machine.gpus, machine.packages)
+            ]
+        if problems:
+            raise RecipeError(self.source, list(dict.fromkeys(problems)))
+
+
+def _hardware_problems(experiment: Experiment) -> list[tuple[str, str]]:
+    """One world for every stage, and fp32 master weights under mixed precision."""
+    problems = []
+    world = experiment.world
+    for path, train in experiment.stages:
+        for field in WORLD_FIELDS:
+            if getattr(train, field) != getattr(world, field):
+                problems.append(
+                    (
+                        f"{path}.{field}",
+                        f"{getattr(train, field)!r} differs from train.{field} {getattr(world, field)!r}: every stage trains "
+                        "in the one world of processes the run starts in",
+                    )
+                )
+        task = experiment.recipe.task
+        if isinstance(task, LanguageModelTask) and train.precision.endswith("-mixed") and task.model.dtype != "float32":
+            problems.append(
+                (
+                    "task.model.dtype",
+                    f"{task.model.dtype} master weights under {path}.precision {train.precision}: mixed precision keeps "
+                    "float32 master weights (set float32, or a -true precision to train in 16 bits throughout)",
+                )
+            )
+    return list(dict.fromkeys(problems))
+
+
+def common_world(experiments: Sequence[Experiment]) -> World:
+    """The world that every recipe of one command trains in; recipes that need different ones are refused."""
+    worlds = {experiment.world for experiment in experiments}
+    if len(worlds) > 1:
+        raise UserError(
+            "these recipes train in different worlds of processes ("
+            + "; ".join(f"{experiment.source}: {experiment.world}" for experiment in experiments)
+            + "): run them one command each"
+        )
+    return worlds.pop()
 
 
 def field_path(location: Sequence[int | str]) -> str:
@@ -209,9 +309,12 @@ def validate_recipe(data: Any, source: Path | str) -> Experiment:
                 (field_path(["methods", index, "label"]), f"label {run.label!r} is used twice; give each entry its own label")
             )
         seen.add(run.label)
+    experiment = Experiment(recipe, [run for _, run in resolved], Path(source))
+    if not problems:  # the hardware checks index methods by their resolved runs
+        problems += _hardware_problems(experiment)
     if problems:
         raise RecipeError(source, problems)
-    return Experiment(recipe, [run for _, run in resolved], Path(source))
+    return experiment
 
 
 def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Experiment:

@@ -2,6 +2,8 @@
 baseline response, and measure win rate, diversity, reward and KL(π‖π_ref) (the DPO paper's protocols).
 
 Samples and verdicts are written as jsonl next to the run, so judging can be redone without sampling again.
+Across ranks, sampling and scoring are sharded (every rank its slices of the prompts, gathered in order), while
+judging, metrics and files belong to rank zero, whose results every rank receives.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from transformers import PreTrainedModel
 from expo_bench import metric_keys
 from expo_bench.cache import cached, digest
 from expo_bench.config_model import ConfigModel
-from expo_bench.distributed import accelerator_device
+from expo_bench.distributed import accelerator_device, broadcast, is_global_zero, map_sharded, on_rank_zero
 from expo_bench.evaluation.judges import JudgeConfig
 from expo_bench.evaluation.metrics import Diversity, RewardKL, WinRate
-from expo_bench.evaluation.types import Comparison, Judge
+from expo_bench.evaluation.types import Comparison, Judge, Verdict
 from expo_bench.lm.data import fingerprint_module
-from expo_bench.lm.model import policy_model, response_logps
+from expo_bench.lm.model import response_logps
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.tokenize import pad_token_id, padded_sequences
 
@@ -150,7 +152,8 @@ class Evaluator:
         return digest({"evaluation": self.config.model_dump(mode="json"), "judge": self.judge.name})
 
     def has_result(self, run_dir: Path) -> bool:
-        return (self.results_dir(run_dir) / "metrics.json").exists()
+        """Whether the run's metrics under this evaluation are stored (rank zero's answer, on every rank)."""
+        return broadcast((self.results_dir(run_dir) / "metrics.json").exists())
 
     def evaluate_once(
         self, policy: PreTrainedModel | None, run_dir: Path, provenance: dict[str, Any]
@@ -158,13 +161,14 @@ class Evaluator:
         """The run's metrics under this evaluation, computed at most once (``policy`` may be None then)."""
         out_dir = self.results_dir(run_dir)
         done = out_dir / "metrics.json"
-        if done.exists():
-            return dict(json.loads(done.read_text())), True
+        if self.has_result(run_dir):
+            return on_rank_zero(lambda: dict(json.loads(done.read_text()))), True
         assert policy is not None, "a run without stored metrics needs its policy"
         metrics = self.evaluate(policy, out_dir, provenance)
-        partial = done.with_suffix(".json.partial")
-        partial.write_text(json.dumps(metrics, indent=2))
-        partial.replace(done)  # written last: its presence means the evaluation finished
+        if is_global_zero():
+            partial = done.with_suffix(".json.partial")
+            partial.write_text(json.dumps(metrics, indent=2))
+            partial.replace(done)  # written last: its presence means the evaluation finished
         return metrics, False
 
     def evaluate(
@@ -204,7 +208,7 @@ class Evaluator:
                 comparisons.append(Comparison(held_out.prompts[index], self._text(sample), self._text(baseline)))
                 # lengths in the same units: a policy sample keeps its EOS, a chosen response has none
                 lengths.append(len(strip_eos(sample, eos)) - len(strip_eos(baseline, eos)))
-        verdicts = self.judge.judge(comparisons)
+        verdicts = on_rank_zero(lambda: self.judge.judge(comparisons))  # one request per comparison, whatever the world
         win_rate = WinRate(resamples=self.config.bootstrap_resamples)
         win_rate.update(torch.tensor([verdict.outcome for verdict in verdicts]), torch.tensor(lengths, dtype=torch.float64))
         diversity = Diversity()
@@ -222,8 +226,23 @@ class Evaluator:
                 sequence_logps(self.reference, prompt_ids, flat, self.pad, self.config.batch_size),
             )
             results |= scalars(reward_kl.compute())
+        if is_global_zero():
+            self._write(
+                out_dir, {**provenance, "seed": self.seed, "temperature": temperature}, prompts, comparisons, verdicts, rewards
+            )
+        return results
+
+    def _write(
+        self,
+        out_dir: Path,
+        common: dict[str, Any],
+        prompts: list[int],
+        comparisons: list[Comparison],
+        verdicts: list[Verdict],
+        rewards: list[float] | None,
+    ) -> None:
+        """``samples.jsonl`` and ``judgments.jsonl`` of one temperature."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        common = {**provenance, "seed": self.seed, "temperature": temperature}
         write_jsonl(
             out_dir / "samples.jsonl",
             [
@@ -248,7 +267,6 @@ class Evaluator:
                 for index, comparison, verdict in zip(prompts, comparisons, verdicts, strict=True)
             ],
         )
-        return results
 
 
 def strip_eos(ids: list[int], eos_token_id: int) -> list[int]:
@@ -260,7 +278,6 @@ def scalars(computed: dict[str, Any]) -> dict[str, float]:
     return {metric_keys.stage_key(metric_keys.EVAL, name): float(value) for name, value in computed.items()}
 
 
-@torch.no_grad()
 def sequence_logps(
     model: PreTrainedModel,
     prompts: list[list[int]],
@@ -270,21 +287,25 @@ def sequence_logps(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """log π(y | x) of each response under ``model`` with its logits divided by ``temperature``: the
-    log-probability under the distribution the response was sampled from."""
+    log-probability under the distribution the response was sampled from. Batches are shared by the ranks."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    logps = []
-    for start in range(0, len(prompts), batch_size):
+
+    @torch.no_grad()
+    def score(k: int, start: int) -> torch.Tensor:
         chunk_prompts, chunk_responses = prompts[start : start + batch_size], responses[start : start + batch_size]
         length = max(len(p) + len(r) for p, r in zip(chunk_prompts, chunk_responses, strict=True))
         sequences = {
             key: value.to(device) for key, value in padded_sequences(chunk_prompts, chunk_responses, length, pad).items()
         }
         logits = model(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).logits / temperature
-        logps.append(response_logps(logits, sequences["input_ids"], sequences["loss_mask"]).double().cpu())
-    model.train(was_training)
-    return torch.cat(logps)
+        return response_logps(logits, sequences["input_ids"], sequences["loss_mask"]).double().cpu()
+
+    try:
+        return torch.cat(map_sharded(range(0, len(prompts), batch_size), score))
+    finally:
+        model.train(was_training)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -293,12 +314,18 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     partial.replace(path)
 
 
+PolicyOf = Callable[[L.Trainer, L.LightningModule], PreTrainedModel]
+"""The policy of a module in training as one unsharded model on every rank (a collective under sharded strategies)."""
+
+
 class PeriodicEvaluation(Callback):
     """Evaluates the policy every ``every`` optimizer steps at the leaderboard temperature and logs the
-    metrics at that step; the global-zero rank samples for everyone (sampling is not sharded)."""
+    metrics at that step. Every rank takes part: ``policy_of`` gathers the policy whole on each, they sample their
+    shares of the prompts, and rank zero judges and logs."""
 
-    def __init__(self, evaluator: Evaluator, every: int, out_dir: Path, provenance: dict[str, Any]) -> None:
+    def __init__(self, evaluator: Evaluator, every: int, out_dir: Path, provenance: dict[str, Any], policy_of: PolicyOf) -> None:
         self.evaluator, self.every, self.out_dir, self.provenance = evaluator, every, out_dir, provenance
+        self.policy_of = policy_of
         self.history: list[tuple[int, dict[str, float]]] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -311,10 +338,11 @@ class PeriodicEvaluation(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step % self.every or (self.history and self.history[-1][0] == step) or not trainer.is_global_zero:
+        if step % self.every or (self.history and self.history[-1][0] == step):
             return
         temperature = self.evaluator.config.headline_temperature
-        metrics = self.evaluator.evaluate(policy_model(pl_module), self.out_dir / f"step-{step}", self.provenance, [temperature])
+        policy = self.policy_of(trainer, pl_module)
+        metrics = self.evaluator.evaluate(policy, self.out_dir / f"step-{step}", self.provenance, [temperature])
         self.history.append((step, metrics))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

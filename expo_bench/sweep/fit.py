@@ -10,6 +10,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import lightning as L
 import torch
@@ -19,14 +20,22 @@ from transformers import PreTrainedModel
 
 from expo_bench import metric_keys
 from expo_bench.cache import digest
+from expo_bench.distributed import broadcast, is_global_zero
 from expo_bench.lm.data import PairData
 from expo_bench.lm.evaluation import Evaluator, PeriodicEvaluation
-from expo_bench.lm.model import REFERENCES, CausalLMScorer, LoraSettings, policy_model
+from expo_bench.lm.model import (
+    REFERENCES,
+    CausalLMScorer,
+    LoraSettings,
+    enable_gradient_checkpointing,
+    policy_model,
+    transformer_blocks,
+)
 from expo_bench.methods.base import MethodParams, PreferenceMethod
 from expo_bench.recipe import MethodRun
 from expo_bench.sweep.records import LanguageModelIdentity, TrainingResult, display_name
 from expo_bench.tracking import TrackedRun
-from expo_bench.training import LossHistory, build_trainer
+from expo_bench.training import LossHistory, build_trainer, gathered_state_dict
 
 RECORD = "record.json"
 """Written last into a run directory: its presence means the run finished training."""
@@ -70,14 +79,32 @@ class FitUnit:
 
     @property
     def finished(self) -> bool:
-        return (self.run_dir / RECORD).exists()
+        """Whether the run finished training (rank zero's answer, on every rank)."""
+        return broadcast((self.run_dir / RECORD).exists())
+
+    def policy(self, base: PreTrainedModel) -> PreTrainedModel:
+        """A fresh copy of the SFT weights, LoRA-wrapped if asked."""
+        return copy.deepcopy(base) if self.lora is None else self.lora.wrap(copy.deepcopy(base))
 
     def module(self, base: PreTrainedModel) -> PreferenceMethod:
-        """The method's module around a fresh copy of the SFT weights (LoRA-wrapped if asked)."""
+        """The method's module around a fresh policy."""
         L.seed_everything(self.seed, verbose=False)
-        policy = copy.deepcopy(base) if self.lora is None else self.lora.wrap(copy.deepcopy(base))
+        policy = self.policy(base)
+        if self.run.train.gradient_checkpointing:
+            enable_gradient_checkpointing(policy)
         reference = None if self.run.method.reference_free else REFERENCES[self.reference](base, policy)
         return self.run.method(CausalLMScorer(policy), reference, [self.params], self.run.train.optimizer)
+
+    def whole_module(self, trainer: L.Trainer, module: L.LightningModule, base: PreTrainedModel) -> PreferenceMethod:
+        """The module in training with its weights whole on this rank: itself, or where its strategy shards them a fresh
+        module (never set up by a Trainer) loaded with the weights gathered from every rank (a collective)."""
+        state = gathered_state_dict(trainer)
+        if state is None:
+            return cast(PreferenceMethod, module)
+        with torch.random.fork_rng():  # building a module seeds and draws (LoRA): leave training's RNG alone
+            whole = self.module(base)
+        whole.load_state_dict(state)
+        return whole
 
 
 def fit(
@@ -90,7 +117,7 @@ def fit(
     console: Console,
 ) -> tuple[TrainingResult, dict[str, float] | None]:
     """Train (or reuse, or resume) ``unit``, evaluate it, and record both in ``tracked``."""
-    module = None
+    policy = None
     if unit.finished:
         console.print(f"  {unit.name}: finished in an earlier run, reusing {unit.run_dir / RECORD}")
         training = TrainingResult.from_json(json.loads((unit.run_dir / RECORD).read_text()))
@@ -98,13 +125,19 @@ def fit(
         periodic = None
         if evaluator is not None and every_n_steps is not None:
             where = unit.run_dir / "evaluation-during-training"
-            periodic = PeriodicEvaluation(evaluator, every_n_steps, where, {"method": unit.name})
-        module, training = _train(unit, base, data, periodic, tracked, console)
+            periodic = PeriodicEvaluation(
+                evaluator,
+                every_n_steps,
+                where,
+                {"method": unit.name},
+                lambda trainer, module: policy_model(unit.whole_module(trainer, module, base)),
+            )
+        policy, training = _train(unit, base, data, periodic, tracked, console)
     evaluation = None
     if evaluator is not None:
-        if module is None and not evaluator.has_result(unit.run_dir):
-            module = _restore(unit, base)
-        evaluation = evaluate(evaluator, unit.name, None if module is None else policy_model(module), unit.run_dir, console)
+        if policy is None and not evaluator.has_result(unit.run_dir):
+            policy = policy_model(_restore(unit, base))
+        evaluation = evaluate(evaluator, unit.name, policy, unit.run_dir, console)
     if not tracked.complete:
         tracked.log_metrics(training.eval_after | (evaluation or {}))
         done = [unit.run_dir / RECORD] + ([] if evaluator is None else [evaluator.results_dir(unit.run_dir)])
@@ -120,9 +153,9 @@ def _train(
     periodic: PeriodicEvaluation | None,
     tracked: TrackedRun,
     console: Console,
-) -> tuple[PreferenceMethod, TrainingResult]:
+) -> tuple[PreTrainedModel, TrainingResult]:
+    """Train ``unit`` on every rank; its policy with whole weights, and what training measured."""
     train, run_dir = unit.run.train, unit.run_dir
-    module = unit.module(base)
     history = LossHistory()
     checkpoints = ModelCheckpoint(
         dirpath=run_dir, filename="last", enable_version_counter=False, every_n_train_steps=train.checkpoint_every_n_steps
@@ -130,15 +163,19 @@ def _train(
     callbacks: list[Callback] = [history, checkpoints, RichProgressBar(leave=False)]
     if periodic is not None:
         callbacks.append(periodic)
-    trainer = build_trainer(train, callbacks, logger=tracked.logger(), enable_checkpointing=True)
-    before = trainer.validate(module, datamodule=data, verbose=False)[0]
+    trainer = build_trainer(train, callbacks, logger=tracked.logger(), blocks=transformer_blocks(base), enable_checkpointing=True)
+    # each Trainer stage gets a module no stage has set up: FSDP leaves a module it wrapped unusable for the next
+    before = trainer.validate(unit.module(base), datamodule=data, verbose=False)[0]
+    module = unit.module(base)
     resume = run_dir / CHECKPOINT
-    if resume.exists():
+    resuming = broadcast(resume.exists())
+    if resuming:
         console.print(f"  {unit.name}: resuming from {resume}")
     started = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=resume if resume.exists() else None)
+    trainer.fit(module, datamodule=data, ckpt_path=resume if resuming else None)
     seconds = time.perf_counter() - started
-    after = trainer.validate(module, datamodule=data, verbose=False)[0]
+    trained = unit.whole_module(trainer, module, base)
+    after = trainer.validate(trained, datamodule=data, verbose=False)[0]
     accuracy = (
         metric_keys.VAL_REWARDS_ACCURACY if metric_keys.VAL_REWARDS_ACCURACY.key in after else metric_keys.VAL_PREFERENCE_ACCURACY
     )
@@ -156,11 +193,12 @@ def _train(
         eval_history=[] if periodic is None else periodic.history,
         checkpoint=str(resume),
     )
-    record = {"method": unit.run.label, "lam": unit.lam, **unit.identity.as_json(), **asdict(training)}
-    partial = run_dir / f"{RECORD}.partial"
-    partial.write_text(json.dumps(record, indent=2))
-    partial.replace(run_dir / RECORD)  # written last: its presence means the run finished
-    return module, training
+    if is_global_zero():
+        record = {"method": unit.run.label, "lam": unit.lam, **unit.identity.as_json(), **asdict(training)}
+        partial = run_dir / f"{RECORD}.partial"
+        partial.write_text(json.dumps(record, indent=2))
+        partial.replace(run_dir / RECORD)  # written last: its presence means the run finished
+    return policy_model(trained), training
 
 
 def _restore(unit: FitUnit, base: PreTrainedModel) -> PreferenceMethod:
