@@ -98,6 +98,15 @@ def map_sharded(units: Sequence[U], work: Callable[[int, U], T]) -> list[T]:
     return [merged[k] for k in range(len(units))]
 
 
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over the ranks (a collective, without gradient), or ``value`` itself without a world."""
+    if not dist.is_initialized():
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / world_size()
+
+
 def accelerator_device() -> torch.device:
     """Where this rank runs work outside the Trainer: its own GPU if there is one, else the CPU."""
     if not torch.cuda.is_available():

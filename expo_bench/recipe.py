@@ -164,16 +164,18 @@ def _hardware_problems(experiment: Experiment) -> list[tuple[str, str]]:
                         "in the one world of processes the run starts in",
                     )
                 )
-        task = experiment.recipe.task
-        if isinstance(task, LanguageModelTask) and train.precision.endswith("-mixed") and task.model.dtype != "float32":
-            problems.append(
-                (
-                    "task.model.dtype",
-                    f"{task.model.dtype} master weights under {path}.precision {train.precision}: mixed precision keeps "
-                    "float32 master weights (set float32, or a -true precision to train in 16 bits throughout)",
-                )
+    task = experiment.recipe.task
+    mixed = [(path, train.precision) for path, train in experiment.stages if train.precision.endswith("-mixed")]
+    if isinstance(task, LanguageModelTask) and mixed and task.model.dtype != "float32":
+        path, precision = mixed[0]
+        problems.append(
+            (
+                "task.model.dtype",
+                f"{task.model.dtype} master weights under {path}.precision {precision}: mixed precision keeps float32 "
+                "master weights (set float32, or a -true precision to train in 16 bits throughout)",
             )
-    return list(dict.fromkeys(problems))
+        )
+    return problems
 
 
 def common_world(experiments: Sequence[Experiment]) -> World:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import lightning as L
 import torch
@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from expo_bench import metric_keys as keys
 from expo_bench.cache import cached
 from expo_bench.contracts import PreferenceBatch
+from expo_bench.distributed import mean_over_ranks
 from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, fingerprint_pairs
 from expo_bench.lm.model import CausalLMScorer, enable_gradient_checkpointing, transformer_blocks
 from expo_bench.lm.tokenize import TokenizedPair
@@ -37,7 +38,7 @@ class SupervisedFineTuning(L.LightningModule):
     def nll(self, batch: PreferenceBatch) -> Tensor:
         """Divided by the mean token count of the ranks' batches, so that the ranks' mean is the NLL per token of
         the global batch (what one process would compute), not a mean of per-rank means."""
-        tokens = cast(Tensor, self.all_gather(batch.chosen_tokens.sum())).mean()
+        tokens = mean_over_ranks(batch.chosen_tokens.sum())
         return -self.scorer.sequence_logps(batch.chosen).sum() / tokens
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
