@@ -149,6 +149,10 @@ def outcome(results: Path) -> dict[str, Any]:
         "reference_samples": torch.load(samples_file, weights_only=True),
         "reference_logps": torch.load(logps_file, weights_only=True),
         "evaluations": evaluations,
+        "metrics": {
+            path.relative_to(experiment / "runs").parts[0].split("-")[0]: json.loads(path.read_text())
+            for path in experiment.glob("runs/*/evaluation-*/metrics.json")
+        },
         "slices": [json.loads(path.read_text()) for path in sorted(results.glob("slices-rank*.json"))],
         "summary": json.loads((experiment / "summary.json").read_text()),
     }
@@ -202,6 +206,10 @@ def test_fsdp_on_two_cpu_ranks_trains_and_evaluates_like_one_process(runs: dict[
     assert set(fsdp["evaluations"]) == {"sft/evaluation", "expo_compositional/evaluation", "expo_compositional/step"}
     assert fsdp["record"]["eval_history"][0][0] == 2  # the periodic evaluation ran mid-training on both ranks
     assert fsdp["record"]["eval_history"] == one["record"]["eval_history"]
+    assert set(fsdp["metrics"]) == {"sft", "expo_compositional"}
+    for run, metrics in one["metrics"].items():  # judged once, measured on all of it, not gathered twice
+        assert fsdp["metrics"][run] == pytest.approx(metrics), run
+        assert metrics["eval/n"] == 5
 
 
 def test_each_sample_judge_request_and_tracked_run_happens_once(runs: dict[str, Any]) -> None:

@@ -209,9 +209,10 @@ class Evaluator:
                 # lengths in the same units: a policy sample keeps its EOS, a chosen response has none
                 lengths.append(len(strip_eos(sample, eos)) - len(strip_eos(baseline, eos)))
         verdicts = on_rank_zero(lambda: self.judge.judge(comparisons))  # one request per comparison, whatever the world
-        win_rate = WinRate(resamples=self.config.bootstrap_resamples)
+        # every rank holds every verdict and sample here: the metrics must not gather them again across ranks
+        win_rate = WinRate(resamples=self.config.bootstrap_resamples, sync_on_compute=False)
         win_rate.update(torch.tensor([verdict.outcome for verdict in verdicts]), torch.tensor(lengths, dtype=torch.float64))
-        diversity = Diversity()
+        diversity = Diversity(sync_on_compute=False)
         diversity.update([[strip_eos(sample, eos) for sample in group] for group in samples])
         results = {**scalars(win_rate.compute()), **scalars(diversity.compute())}
         rewards: list[float] | None = None
@@ -219,7 +220,7 @@ class Evaluator:
             rewards = [math.nan if verdict.candidate_reward is None else verdict.candidate_reward for verdict in verdicts]
             flat = [sample for group in samples for sample in group]
             prompt_ids = [held_out.prompt_ids[index] for index in prompts]
-            reward_kl = RewardKL()
+            reward_kl = RewardKL(sync_on_compute=False)
             reward_kl.update(
                 torch.tensor(rewards, dtype=torch.float64),
                 sequence_logps(policy, prompt_ids, flat, self.pad, self.config.batch_size, temperature),

@@ -102,14 +102,14 @@ def fine_tune(
         started = time.perf_counter()
         trainer.fit(module, datamodule=data)
         state = gathered_state_dict(trainer)
+        weights = {name: tensor.detach().cpu().clone() for name, tensor in (state or module.state_dict()).items()}
         if state is not None:  # the trained module holds shards: validate a whole copy
             module = fresh()
             module.load_state_dict(state)
         after = trainer.validate(module, datamodule=data, verbose=False)[0][keys.SFT_VAL_NLL]
         prefix = "scorer.model."
-        weights = module.state_dict()
         return {
-            "weights": {name.removeprefix(prefix): tensor.detach().cpu().clone() for name, tensor in weights.items()},
+            "weights": {name.removeprefix(prefix): tensor for name, tensor in weights.items()},
             "metrics": {"sft_val_nll_before": before, "sft_val_nll_after": after, "sft_steps": trainer.global_step},
             "seconds": time.perf_counter() - started,
         }

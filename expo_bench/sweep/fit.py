@@ -175,7 +175,8 @@ def _train(
     trainer.fit(module, datamodule=data, ckpt_path=resume if resuming else None)
     seconds = time.perf_counter() - started
     trained = unit.whole_module(trainer, module, base)
-    after = trainer.validate(trained, datamodule=data, verbose=False)[0]
+    # a sharding strategy wraps what it validates: validate a copy, keep the whole module for evaluation
+    after = trainer.validate(trained if trained is module else copy.deepcopy(trained), datamodule=data, verbose=False)[0]
     accuracy = (
         metric_keys.VAL_REWARDS_ACCURACY if metric_keys.VAL_REWARDS_ACCURACY.key in after else metric_keys.VAL_PREFERENCE_ACCURACY
     )
