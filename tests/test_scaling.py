@@ -208,7 +208,7 @@ def test_fsdp_on_two_cpu_ranks_trains_and_evaluates_like_one_process(runs: dict[
     assert fsdp["record"]["eval_history"] == one["record"]["eval_history"]
     assert set(fsdp["metrics"]) == {"sft", "expo_compositional"}
     for run, metrics in one["metrics"].items():  # judged once, measured on all of it, not gathered twice
-        assert fsdp["metrics"][run] == pytest.approx(metrics), run
+        assert fsdp["metrics"][run] == pytest.approx(metrics, nan_ok=True), run  # self-BLEU of 1 sample: NaN
         assert metrics["eval/n"] == 5
 
 
