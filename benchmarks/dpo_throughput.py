@@ -157,7 +157,7 @@ def prepare_data(setup: Setup, tokenizer: Any) -> Data:
     # The harness's own training loader over indices instead of pairs: iterating the DataLoader (not just its sampler)
     # matters, as the loader draws its workers' base seed from the same generator before the shuffle.
     indices: Any = list(range(len(pairs)))
-    batches = [list(batch) for batch in PairData(indices, indices, setup.batch_size, setup.seed).train_dataloader()]
+    batches = [list(batch.contents) for batch in PairData(indices, indices, setup.batch_size, setup.seed).train_dataloader()]
     return Data(pairs, prompts, batches, pad)
 
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 from filelock import FileLock, Timeout
 
+from expo_bench.distributed import broadcast, is_global_zero
 from expo_bench.errors import UserError
 
 T = TypeVar("T")
@@ -86,15 +87,19 @@ def cached(directory: Path, name: str, key: dict[str, Any], compute: Callable[[]
     The key must name everything the value depends on (model, data and tokenization fingerprints, settings, seed).
     Entries load with ``weights_only=True`` (tensors and plain data: a planted file cannot run code) and are written
     atomically under a lock; two processes computing one entry both get the value, the first one written is kept.
-    The lock is not held while computing: under DDP every rank computes together (collectives inside ``compute``).
+
+    Across ranks: rank zero decides whether it is a hit, every rank computes a miss (``compute`` may be collective:
+    training, sharded sampling) and rank zero alone writes it; the lock is not held while computing.
     """
     path = directory / f"{name}-{digest(key, 16)}.pt"
-    if path.exists():
+    if broadcast(path.exists()):
         try:
             return torch.load(path, weights_only=True), True
         except pickle.UnpicklingError as error:
             raise unsafe_file(path, error) from None
     value = compute()
+    if not is_global_zero():
+        return value, False
     with locked(path.with_name(f".{path.name}.lock"), f"the cache entry {path.name}"):
         if not path.exists():
             buffer = io.BytesIO()

@@ -21,6 +21,7 @@ from expo_bench import __version__
 from expo_bench.errors import UserError
 from expo_bench.metric_keys import LEADERBOARD_COLUMNS
 from expo_bench.recipe import Experiment, load_recipe
+from expo_bench.training import Machine
 
 EXIT_USER_ERROR = 2
 ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "run":
             command.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results/)")
+        else:
+            command.add_argument(
+                "--any-machine",
+                action="store_true",
+                help="check the recipe alone, not whether this machine can run it (GPUs, DeepSpeed, precision): "
+                "for a recipe meant for another machine",
+            )
     board = commands.add_parser(
         "leaderboard",
         help="tables and plots of the best configuration per method, from the tracking store",
@@ -128,9 +136,13 @@ def describe(experiment: Experiment) -> Table:
 
 
 def validate(args: argparse.Namespace, console: Console) -> None:
+    machine = None if args.any_machine else Machine.this()
     for path in args.recipes:
-        console.print(describe(load_recipe(path, args.overrides)))
-        console.print(Text(f"{path}: valid", style="green"))
+        experiment = load_recipe(path, args.overrides)
+        if machine is not None:
+            experiment.check_machine(machine)
+        console.print(describe(experiment))
+        console.print(Text(f"{path}: valid" + ("" if machine is None else " on this machine"), style="green"))
 
 
 def writable(folder: Path) -> None:
@@ -146,13 +158,16 @@ def writable(folder: Path) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from expo_bench.runner import run_experiment  # imports Lightning: keep validate and --help fast
+    from expo_bench.runner import run_experiment, start_ranks  # imports Lightning: keep validate and --help fast
     from expo_bench.tracking import check_store, resolve_tracking_uri
 
     experiments = [load_recipe(path, args.overrides) for path in args.recipes]  # all valid before any work
-    for experiment in experiments:  # and the places they write, before anything is written
+    machine = Machine.this()
+    for experiment in experiments:  # runnable here, and the places they write writable, before anything is written
+        experiment.check_machine(machine)
         writable(args.results / experiment.recipe.experiment)
         check_store(resolve_tracking_uri(experiment.recipe.tracking.uri, args.results))
+    start_ranks(experiments, console)
     for experiment in experiments:
         console.print(describe(experiment))
         run_experiment(experiment, args.results, console)

@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from expo_bench.config_model import ConfigModel, closest
-from expo_bench.errors import RecipeError
+from expo_bench.errors import RecipeError, UserError
 from expo_bench.methods import MethodParams, PreferenceMethod, UnknownMethodError, default_label, method_class
-from expo_bench.tasks import TASK_KINDS, Task
-from expo_bench.training import TrainConfig
+from expo_bench.tasks import TASK_KINDS, LanguageModelTask, Task
+from expo_bench.training import Machine, TrainConfig
+
+WORLD_FIELDS = ("accelerator", "devices", "num_nodes")
+"""The fields of a training stage that say which processes it runs in: one world for every stage of a recipe."""
 
 
 class MethodEntry(ConfigModel):
@@ -62,6 +65,16 @@ class Recipe(ConfigModel):
     """The method label the leaderboard pairs every row with (per-seed differences); null for none."""
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sft_in_the_recipes_world(cls, data: Any) -> Any:
+        """A task's SFT stage trains on the recipe's ``accelerator``, ``devices`` and ``num_nodes`` unless it names its own."""
+        if not isinstance(data, dict) or not isinstance(data.get("task"), dict) or not isinstance(data["task"].get("sft"), dict):
+            return data
+        train = data["train"] if isinstance(data.get("train"), dict) else {}
+        world = {field: train[field] for field in WORLD_FIELDS if field in train}
+        return {**data, "task": {**data["task"], "sft": {**world, **data["task"]["sft"]}}}
+
     @field_validator("seeds")
     @classmethod
     def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
@@ -85,6 +98,8 @@ class MethodRun:
     method: type[PreferenceMethod]
     grid: list[MethodParams]
     train: TrainConfig
+    entry: int
+    """Its entry's index in the recipe's ``methods`` (an entry with a grid of training settings gives several runs)."""
 
     @property
     def lam(self) -> list[float] | None:
@@ -94,10 +109,99 @@ class MethodRun:
 
 
 @dataclass(frozen=True)
+class World:
+    """The processes a recipe trains in: ``num_nodes`` × ``devices`` of ``accelerator``."""
+
+    accelerator: str
+    devices: int | str
+    num_nodes: int
+
+
+SINGLE_PROCESS = World("cpu", 1, 1)
+
+
+@dataclass(frozen=True)
 class Experiment:
     recipe: Recipe
     runs: list[MethodRun]
     source: Path
+
+    @property
+    def stages(self) -> list[tuple[str, TrainConfig]]:
+        """Every training stage that runs through Lightning's Trainer with the recipe's hardware, by field path: the
+        language-model stages (SFT, each method); tabular tasks train in one CPU process whatever ``train`` says."""
+        task = self.recipe.task
+        if not isinstance(task, LanguageModelTask):
+            return []
+        stages = [("train", self.recipe.train)]
+        if task.sft is not None:
+            stages.append(("task.sft", task.sft))
+        return stages + [(f"methods[{run.entry}].train", run.train) for run in self.runs]
+
+    @property
+    def world(self) -> World:
+        train = self.recipe.train
+        return World(train.accelerator, train.devices, train.num_nodes) if self.stages else SINGLE_PROCESS
+
+    def check_machine(self, machine: Machine) -> None:
+        """Refuse, naming the fields, what cannot run on ``machine`` (devices, strategy, precision, attention), before
+        any work starts."""
+        problems, inherited = [], set(self.recipe.train.machine_problems(machine))
+        for path, train in self.stages:
+            found = train.machine_problems(machine)
+            # a method's budget inherits the recipe's: name a problem where it was set
+            problems += [
+                (f"{path}.{field}", message)
+                for field, message in found
+                if path == "train" or not path.startswith("methods") or (field, message) not in inherited
+            ]
+        task = self.recipe.task
+        if isinstance(task, LanguageModelTask):
+            problems += [
+                (f"task.model.{field}", message) for field, message in task.model.machine_problems(machine.gpus, machine.packages)
+            ]
+        if problems:
+            raise RecipeError(self.source, list(dict.fromkeys(problems)))
+
+
+def _hardware_problems(experiment: Experiment) -> list[tuple[str, str]]:
+    """One world for every stage, and fp32 master weights under mixed precision."""
+    problems = []
+    world = experiment.world
+    for path, train in experiment.stages:
+        for field in WORLD_FIELDS:
+            if getattr(train, field) != getattr(world, field):
+                problems.append(
+                    (
+                        f"{path}.{field}",
+                        f"{getattr(train, field)!r} differs from train.{field} {getattr(world, field)!r}: every stage trains "
+                        "in the one world of processes the run starts in",
+                    )
+                )
+    task = experiment.recipe.task
+    mixed = [(path, train.precision) for path, train in experiment.stages if train.precision.endswith("-mixed")]
+    if isinstance(task, LanguageModelTask) and mixed and task.model.dtype != "float32":
+        path, precision = mixed[0]
+        problems.append(
+            (
+                "task.model.dtype",
+                f"{task.model.dtype} master weights under {path}.precision {precision}: mixed precision keeps float32 "
+                "master weights (set float32, or a -true precision to train in 16 bits throughout)",
+            )
+        )
+    return problems
+
+
+def common_world(experiments: Sequence[Experiment]) -> World:
+    """The world that every recipe of one command trains in; recipes that need different ones are refused."""
+    worlds = {experiment.world for experiment in experiments}
+    if len(worlds) > 1:
+        raise UserError(
+            "these recipes train in different worlds of processes ("
+            + "; ".join(f"{experiment.source}: {experiment.world}" for experiment in experiments)
+            + "): run them one command each"
+        )
+    return worlds.pop()
 
 
 def field_path(location: Sequence[int | str]) -> str:
@@ -234,7 +338,9 @@ def _resolve(recipe: Recipe, index: int, entry: MethodEntry, problems: list[tupl
         fixed = {key: value for key, value in params.model_dump(mode="json").items() if not _numeric(value)}
         key = json.dumps({"train": train.model_dump(mode="json"), "fixed": fixed}, sort_keys=True)
         runs.setdefault(key, (train, []))[1].append(params)
-    resolved = [MethodRun(entry.label or default_label(method), method, replicas, train) for train, replicas in runs.values()]
+    resolved = [
+        MethodRun(entry.label or default_label(method), method, replicas, train, index) for train, replicas in runs.values()
+    ]
     missing = method.requires(resolved[0].grid[0]) - recipe.task.provides()
     if missing:
         problems.append(
@@ -275,9 +381,12 @@ def validate_recipe(data: Any, source: Path | str) -> Experiment:
                 (field_path(["methods", index, "label"]), f"label {runs[0].label!r} is used twice; give each entry its own label")
             )
         seen.add(runs[0].label)
+    experiment = Experiment(recipe, [run for _, runs in resolved for run in runs], Path(source))
+    if not problems:  # the hardware checks index methods by their resolved runs
+        problems += _hardware_problems(experiment)
     if problems:
         raise RecipeError(source, problems)
-    return Experiment(recipe, [run for _, runs in resolved for run in runs], Path(source))
+    return experiment
 
 
 def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Experiment:

@@ -9,6 +9,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -18,8 +19,9 @@ import yaml
 from rich.console import Console
 
 from expo_bench import tracking
+from expo_bench.distributed import is_global_zero, start_world
 from expo_bench.leaderboard import load_leaderboard, write_leaderboard
-from expo_bench.recipe import Experiment
+from expo_bench.recipe import Experiment, common_world
 from expo_bench.sweep import SweepContext, sweep_for
 from expo_bench.sweep.records import RunRecord
 
@@ -59,6 +61,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def start_ranks(experiments: Sequence[Experiment], console: Console) -> None:
+    """Start (or join) the processes the recipes train in, before any work; only rank zero prints."""
+    world = common_world(experiments)
+    start_world(world.accelerator, world.devices, world.num_nodes)
+    console.quiet = console.quiet or not is_global_zero()
+
+
 def run_experiment(experiment: Experiment, results_root: Path, console: Console) -> Path:
     """Train and evaluate every method of the recipe, recording each run in the tracking store; write
     results, the leaderboard among them, under ``results_root/<experiment>``."""
@@ -72,13 +81,16 @@ def run_experiment(experiment: Experiment, results_root: Path, console: Console)
     versions = package_versions()
     tags = {tracking.GIT_SHA: revision, tracking.RECIPE_HASH: recipe.fingerprint(), **tracking.version_tags(versions)}
     resolved = recipe.model_dump(mode="json")
-    with tracking.SweepTracker(uri, recipe.experiment, recipe.fingerprint(), resolved, tags) as sweep:
+    tracker = tracking.SweepTracker(uri, recipe.experiment, recipe.fingerprint(), resolved, tags)
+    with tracker if is_global_zero() else nullcontext(tracker) as sweep:  # rank zero records; see records.open_run
         with warnings.catch_warnings():
             for message in EXPECTED_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
             runs = tracking.RunLog(sweep, tags)
             family = sweep_for(SweepContext(experiment, console, out_dir / "cache", out_dir / "runs", runs))
             records = family.run()
+        if not is_global_zero():  # the reports, the summary and the leaderboard are rank zero's
+            return out_dir
         written = family.report(records, out_dir)
         summary_path = write_summary(experiment, records, out_dir, revision, started, started_at, versions)
         recipe_path = out_dir / "resolved_recipe.yaml"

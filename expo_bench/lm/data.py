@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from expo_bench.contracts import PreferenceBatch, SequenceScorer, concat_sequences, whole_batch
+from expo_bench.contracts import PreferenceBatch, SequenceScorer, concat_sequences
+from expo_bench.distributed import map_sharded, rank, world_size
 from expo_bench.lm.tokenize import TokenizedPair, collate_pairs, padded_sequences
 
 T = TypeVar("T")
@@ -75,25 +77,44 @@ class PairDataset(Dataset[PreferenceBatch]):
         return batch
 
 
-class EpochSeededSampler(Sampler[int]):
+class InOrderSampler(Sampler[int]):
+    """The data in order, dealt to the ranks in turn: rank r of W takes positions r, r + W, ... of :meth:`order`, so
+    that W ranks with batches of b see, step by step, the pairs one process sees with batches of W·b. Shards are made
+    equal by repeating the first positions, as torch's ``DistributedSampler`` does. (Lightning's own distributed
+    sampler would shuffle the order again, differently for every world size: the Trainer is told not to add one.)"""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.rank, self.world = size, rank(), world_size()
+
+    def order(self) -> list[int]:
+        return list(range(self.size))
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order()
+        order += order[: len(self) * self.world - len(order)]
+        return iter(order[self.rank :: self.world])
+
+
+class EpochSeededSampler(InOrderSampler):
     """A fresh permutation per epoch, a function of (seed, epoch) alone, so a run resumed from an
     end-of-epoch checkpoint sees the same order as one that never stopped (Lightning calls set_epoch, which
     the sampler passes on to its dataset: its reference samples may change with the epoch)."""
 
     def __init__(self, size: int, seed: int, on_epoch: Callable[[int], None] | None = None) -> None:
-        self.size, self.seed, self.epoch, self.on_epoch = size, seed, 0, on_epoch
+        super().__init__(size)
+        self.seed, self.epoch, self.on_epoch = seed, 0, on_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         if self.on_epoch is not None:
             self.on_epoch(epoch)
 
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return list(torch.randperm(self.size, generator=generator).tolist())
 
 
 class ResumableBatchSampler(BatchSampler):
@@ -140,55 +161,117 @@ class ResumableLoader(DataLoader[PreferenceBatch]):
         self.batch_sampler.resume = (int(state["epoch"]), int(state["batches"]))
 
 
-def loader(dataset: PairDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader[PreferenceBatch]:
+class LengthGroupedSampler(EpochSeededSampler):
+    """The epoch's permutation cut into groups of ``group`` global batches (``batch_size × world size`` positions),
+    each group sorted longest first, so that a batch holds pairs of similar lengths and pads less; the groups, and so
+    the batches, stay in random order. Like the order, the grouping does not depend on the number of ranks."""
+
+    def __init__(
+        self, lengths: Sequence[int], seed: int, batch_size: int, group: int, on_epoch: Callable[[int], None] | None = None
+    ) -> None:
+        super().__init__(len(lengths), seed, on_epoch)
+        self.lengths, self.span = lengths, batch_size * self.world * group
+
+    def order(self) -> list[int]:
+        order = super().order()
+        groups = [order[start : start + self.span] for start in range(0, len(order), self.span)]
+        return [index for group in groups for index in sorted(group, key=lambda i: -self.lengths[i])]
+
+
+class Sealed:
+    """A batch as the data loader hands it to Lightning. A precision plugin's ``convert_input`` casts every float
+    tensor of a batch to its compute dtype (and refuses frozen dataclasses): that would round the cached reference
+    log-probs, the KL weights and the labels to 16 bits under ``bf16-true``, or under FSDP. It leaves this wrapper
+    alone, and the modules' ``transfer_batch_to_device`` opens it with :meth:`to`."""
+
+    def __init__(self, contents: PreferenceBatch) -> None:
+        self.contents = contents
+
+    def to(self, device: torch.device) -> PreferenceBatch:
+        return self.contents.to(device)
+
+
+def seal(batch: Any) -> Sealed:
+    """``collate_fn`` for :class:`PairDataset`, whose ``__getitems__`` builds the whole batch."""
+    return Sealed(batch)
+
+
+def pair_length(pair: TokenizedPair) -> int:
+    """The padded width a pair needs in a batch: its prompt and its longer response."""
+    return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+
+
+def loader(
+    dataset: PairDataset, batch_size: int, shuffle: bool, seed: int, group_by_length: int | None = None
+) -> DataLoader[PreferenceBatch]:
     # Its own generator: a DataLoader draws a worker seed from the global stream at every iter(), and a resumed run
     # starts one more iterator than an uninterrupted one, which would shift every later dropout mask.
     generator = torch.Generator().manual_seed(seed)
     if not shuffle:
-        return DataLoader(dataset, batch_size=batch_size, collate_fn=whole_batch, generator=generator)
-    batches = ResumableBatchSampler(EpochSeededSampler(len(dataset), seed, dataset.set_epoch), batch_size, drop_last=False)
-    return ResumableLoader(dataset, batch_sampler=batches, collate_fn=whole_batch, generator=generator)
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=InOrderSampler(len(dataset)), collate_fn=seal, generator=generator
+        )
+    lengths = [pair_length(pair) for pair in dataset.pairs]
+    sampler = (
+        LengthGroupedSampler(lengths, seed, batch_size, group_by_length, dataset.set_epoch)
+        if group_by_length
+        else EpochSeededSampler(len(dataset), seed, dataset.set_epoch)
+    )
+    batches = ResumableBatchSampler(sampler, batch_size, drop_last=False)
+    return ResumableLoader(dataset, batch_sampler=batches, collate_fn=seal, generator=generator)
 
 
 class PairData(L.LightningDataModule):
-    """Training pairs (shuffled, seeded) and held-out pairs (in order)."""
+    """Training pairs (shuffled, seeded, optionally grouped by length) and held-out pairs (in order)."""
 
-    def __init__(self, train: PairDataset, val: PairDataset, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, train: PairDataset, val: PairDataset, batch_size: int, seed: int, group_by_length: int | None = None
+    ) -> None:
         super().__init__()
         self.train, self.val, self.batch_size, self.seed = train, val, batch_size, seed
+        self.group_by_length = group_by_length
 
     def train_dataloader(self) -> DataLoader[PreferenceBatch]:
-        return loader(self.train, self.batch_size, shuffle=True, seed=self.seed)
+        return loader(self.train, self.batch_size, shuffle=True, seed=self.seed, group_by_length=self.group_by_length)
 
     def val_dataloader(self) -> DataLoader[PreferenceBatch]:
         return loader(self.val, self.batch_size, shuffle=False, seed=self.seed)
 
 
-@torch.no_grad()
+def in_batches(dataset: PairDataset, batch_size: int) -> list[list[int]]:
+    """The dataset's indices in order, cut into batches: the work units that ranks share for one-off passes."""
+    return [list(range(start, min(start + batch_size, len(dataset)))) for start in range(0, len(dataset), batch_size)]
+
+
 def reference_logps(reference: SequenceScorer, dataset: PairDataset, batch_size: int, device: torch.device) -> Tensor:
-    """``(N, 2)`` summed log-probs of chosen and rejected under the reference, one pass over the data."""
-    rows = []
-    for batch in loader(dataset, batch_size, shuffle=False, seed=0):
-        batch = batch.to(device)
+    """``(N, 2)`` summed log-probs of chosen and rejected under the reference, one pass over the data shared by the ranks."""
+
+    @torch.no_grad()
+    def score(k: int, indices: list[int]) -> Tensor:
+        batch = dataset.__getitems__(indices).to(device)
         both = reference.sequence_logps(concat_sequences(batch.chosen, batch.rejected)).float().cpu()
-        rows.append(torch.stack(both.chunk(2), dim=1))
-    return torch.cat(rows)
+        return torch.stack(both.chunk(2), dim=1)
+
+    return torch.cat(map_sharded(in_batches(dataset, batch_size), score))
 
 
-@torch.no_grad()
 def reference_sample_logps(
     reference: SequenceScorer, dataset: PairDataset, batch_size: int, device: torch.device
 ) -> list[list[float]]:
-    """For each pair, the reference log-prob of each of its reference samples (every epoch's), one pass over the data."""
+    """For each pair, the reference log-prob of each of its reference samples (every epoch's), one pass shared by the
+    ranks."""
     assert dataset.reference_samples is not None
-    flat: list[float] = []
-    for start in range(0, len(dataset), batch_size):
-        pairs = range(start, min(start + batch_size, len(dataset)))
-        prompts = [dataset.pairs[index].prompt_ids for index in pairs for _ in dataset.reference_samples[index]]
-        samples = [sample for index in pairs for sample in dataset.reference_samples[index]]
+    samples_of = dataset.reference_samples
+
+    @torch.no_grad()
+    def score(k: int, indices: list[int]) -> list[float]:
+        prompts = [dataset.pairs[index].prompt_ids for index in indices for _ in samples_of[index]]
+        samples = [sample for index in indices for sample in samples_of[index]]
         length = max(len(prompt) + len(sample) for prompt, sample in zip(prompts, samples, strict=True))
         sequences = padded_sequences(prompts, samples, length, dataset.pad_token_id)
-        flat += reference.sequence_logps({key: value.to(device) for key, value in sequences.items()}).float().tolist()
+        return reference.sequence_logps({key: value.to(device) for key, value in sequences.items()}).float().tolist()
+
+    flat = [logp for part in map_sharded(in_batches(dataset, batch_size), score) for logp in part]
     per_pair, start = [], 0
     for samples in dataset.reference_samples:
         per_pair.append(flat[start : start + len(samples)])

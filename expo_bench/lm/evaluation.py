@@ -2,6 +2,8 @@
 baseline response, and measure win rate, diversity, reward and KL(π‖π_ref) (the DPO paper's protocols).
 
 Samples and verdicts are written as jsonl next to the run, so judging can be redone without sampling again.
+Across ranks, sampling and scoring are sharded (every rank its slices of the prompts, gathered in order), while
+judging, metrics and files belong to rank zero, whose results every rank receives.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from transformers import PreTrainedModel
 from expo_bench import metric_keys
 from expo_bench.cache import atomic_write, cached, digest
 from expo_bench.config_model import ConfigModel, closest
-from expo_bench.distributed import accelerator_device
+from expo_bench.distributed import accelerator_device, broadcast, is_global_zero, map_sharded, on_rank_zero
 from expo_bench.evaluation.judges import JudgeConfig
 from expo_bench.evaluation.metrics import Diversity, RewardKL, WinRate
-from expo_bench.evaluation.types import Comparison, Judge
+from expo_bench.evaluation.types import Comparison, Judge, Verdict
 from expo_bench.lm.data import fingerprint_module
-from expo_bench.lm.model import policy_model, response_logps
+from expo_bench.lm.model import response_logps
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.tokenize import pad_token_id, padded_sequences
 from expo_bench.methods.base import require_finite_weights
@@ -172,7 +174,8 @@ class Evaluator:
         return digest({"evaluation": self.config.model_dump(mode="json"), "judge": self.judge.name})
 
     def has_result(self, run_dir: Path) -> bool:
-        return (self.results_dir(run_dir) / "metrics.json").exists()
+        """Whether the run's metrics under this evaluation are stored (rank zero's answer, on every rank)."""
+        return broadcast((self.results_dir(run_dir) / "metrics.json").exists())
 
     def evaluate_once(
         self, policy: PreTrainedModel | None, run_dir: Path, provenance: dict[str, Any]
@@ -180,11 +183,12 @@ class Evaluator:
         """The run's metrics under this evaluation, computed at most once (``policy`` may be None then)."""
         out_dir = self.results_dir(run_dir)
         done = out_dir / "metrics.json"
-        if done.exists():
-            return dict(json.loads(done.read_text())), True
+        if self.has_result(run_dir):
+            return on_rank_zero(lambda: dict(json.loads(done.read_text()))), True
         assert policy is not None, "a run without stored metrics needs its policy"
         metrics = self.evaluate(policy, out_dir, provenance, with_selection=True)
-        atomic_write(done, json.dumps(metrics, indent=2))  # written last: its presence means the evaluation finished
+        if is_global_zero():
+            atomic_write(done, json.dumps(metrics, indent=2))  # written last: its presence means the evaluation finished
         return metrics, False
 
     def evaluate(
@@ -244,14 +248,15 @@ class Evaluator:
                 comparisons.append(Comparison(held_out.prompts[index], self._text(sample), self._text(baseline)))
                 # lengths in the same units: a policy sample keeps its EOS, a chosen response has none
                 lengths.append(len(strip_eos(sample, eos)) - len(strip_eos(baseline, eos)))
-        verdicts = self.judge.judge(comparisons)
-        win_rate = WinRate(resamples=self.config.bootstrap_resamples)
+        verdicts = on_rank_zero(lambda: self.judge.judge(comparisons))  # one request per comparison, whatever the world
+        # every rank holds every verdict and sample here: the metrics must not gather them again across ranks
+        win_rate = WinRate(resamples=self.config.bootstrap_resamples, sync_on_compute=False)
         win_rate.update(
             torch.tensor([verdict.outcome for verdict in verdicts]),
             torch.tensor(lengths, dtype=torch.float64),
             clusters=torch.tensor(prompts),  # a prompt's samples are resampled together
         )
-        diversity = Diversity()
+        diversity = Diversity(sync_on_compute=False)
         diversity.update([[strip_eos(sample, eos) for sample in group] for group in samples])
         results = {**scalars(win_rate.compute()), **scalars(diversity.compute())}
         rewards: list[float] | None = None
@@ -259,15 +264,30 @@ class Evaluator:
             rewards = [math.nan if verdict.candidate_reward is None else verdict.candidate_reward for verdict in verdicts]
             flat = [sample for group in samples for sample in group]
             prompt_ids = [held_out.prompt_ids[index] for index in prompts]
-            reward_kl = RewardKL()
+            reward_kl = RewardKL(sync_on_compute=False)
             reward_kl.update(
                 torch.tensor(rewards, dtype=torch.float64),
                 sequence_logps(policy, prompt_ids, flat, self.pad, self.config.batch_size, temperature),
                 sequence_logps(self.reference, prompt_ids, flat, self.pad, self.config.batch_size),
             )
             results |= scalars(reward_kl.compute())
+        if is_global_zero():
+            self._write(
+                out_dir, {**provenance, "seed": self.seed, "temperature": temperature}, prompts, comparisons, verdicts, rewards
+            )
+        return results
+
+    def _write(
+        self,
+        out_dir: Path,
+        common: dict[str, Any],
+        prompts: list[int],
+        comparisons: list[Comparison],
+        verdicts: list[Verdict],
+        rewards: list[float] | None,
+    ) -> None:
+        """``samples.jsonl`` and ``judgments.jsonl`` of one temperature."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        common = {**provenance, "seed": self.seed, "temperature": temperature}
         write_jsonl(
             out_dir / "samples.jsonl",
             [
@@ -292,7 +312,6 @@ class Evaluator:
                 for index, comparison, verdict in zip(prompts, comparisons, verdicts, strict=True)
             ],
         )
-        return results
 
 
 def strip_eos(ids: list[int], eos_token_id: int) -> list[int]:
@@ -304,7 +323,6 @@ def scalars(computed: dict[str, Any]) -> dict[str, float]:
     return {metric_keys.stage_key(metric_keys.EVAL, name): float(value) for name, value in computed.items()}
 
 
-@torch.no_grad()
 def sequence_logps(
     model: PreTrainedModel,
     prompts: list[list[int]],
@@ -314,33 +332,43 @@ def sequence_logps(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """log π(y | x) of each response under ``model`` with its logits divided by ``temperature``: the
-    log-probability under the distribution the response was sampled from."""
+    log-probability under the distribution the response was sampled from. Batches are shared by the ranks."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    logps = []
-    for start in range(0, len(prompts), batch_size):
+
+    @torch.no_grad()
+    def score(k: int, start: int) -> torch.Tensor:
         chunk_prompts, chunk_responses = prompts[start : start + batch_size], responses[start : start + batch_size]
         length = max(len(p) + len(r) for p, r in zip(chunk_prompts, chunk_responses, strict=True))
         sequences = {
             key: value.to(device) for key, value in padded_sequences(chunk_prompts, chunk_responses, length, pad).items()
         }
         logits = model(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).logits / temperature
-        logps.append(response_logps(logits, sequences["input_ids"], sequences["loss_mask"]).double().cpu())
-    model.train(was_training)
-    return torch.cat(logps)
+        return response_logps(logits, sequences["input_ids"], sequences["loss_mask"]).double().cpu()
+
+    try:
+        return torch.cat(map_sharded(range(0, len(prompts), batch_size), score))
+    finally:
+        model.train(was_training)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+PolicyOf = Callable[[L.Trainer, L.LightningModule], PreTrainedModel]
+"""The policy of a module in training as one unsharded model on every rank (a collective under sharded strategies)."""
+
+
 class PeriodicEvaluation(Callback):
     """Evaluates the policy every ``every`` optimizer steps at the leaderboard temperature and logs the
-    metrics at that step; the global-zero rank samples for everyone (sampling is not sharded)."""
+    metrics at that step. Every rank takes part: ``policy_of`` gathers the policy whole on each, they sample their
+    shares of the prompts, and rank zero judges and logs."""
 
-    def __init__(self, evaluator: Evaluator, every: int, out_dir: Path, provenance: dict[str, Any]) -> None:
+    def __init__(self, evaluator: Evaluator, every: int, out_dir: Path, provenance: dict[str, Any], policy_of: PolicyOf) -> None:
         self.evaluator, self.every, self.out_dir, self.provenance = evaluator, every, out_dir, provenance
+        self.policy_of = policy_of
         self.history: list[tuple[int, dict[str, float]]] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -353,11 +381,12 @@ class PeriodicEvaluation(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step % self.every or (self.history and self.history[-1][0] == step) or not trainer.is_global_zero:
+        if step % self.every or (self.history and self.history[-1][0] == step):
             return
         require_finite_weights(pl_module)  # type: ignore[arg-type]  # sampling from NaN weights fails obscurely
         temperature = self.evaluator.config.headline_temperature
-        metrics = self.evaluator.evaluate(policy_model(pl_module), self.out_dir / f"step-{step}", self.provenance, [temperature])
+        policy = self.policy_of(trainer, pl_module)
+        metrics = self.evaluator.evaluate(policy, self.out_dir / f"step-{step}", self.provenance, [temperature])
         self.history.append((step, metrics))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

@@ -30,6 +30,11 @@ class ModelConfig(ConfigModel):
     name_or_path: LocalOrHub | None = None
     tiny: dict[str, Any] | None = None
     revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The weights' dtype: the master weights the optimizer updates (mixed precision computes in 16 bits from fp32
+    masters). A checkpoint saved in another dtype is cast to it; transformers would otherwise keep the checkpoint's own."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """PyTorch's scaled-dot-product attention, the plain one, or FlashAttention-2 (CUDA, ``pip install flash-attn``)."""
 
     @field_validator("tiny")
     @classmethod
@@ -56,14 +61,73 @@ class ModelConfig(ConfigModel):
         return self
 
     def build(self, vocab_size: int | None = None) -> PreTrainedModel:
+        loading = {"dtype": getattr(torch, self.dtype), "attn_implementation": self.attn_implementation}
         if self.name_or_path is not None:
-            return AutoModelForCausalLM.from_pretrained(self.name_or_path, revision=self.revision)
+            return AutoModelForCausalLM.from_pretrained(self.name_or_path, revision=self.revision, **loading)
         assert self.tiny is not None
         settings = dict(self.tiny)
         if vocab_size is not None:
             settings.setdefault("vocab_size", vocab_size)
         config = AutoConfig.for_model(settings.pop("model_type"), **settings)
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, **loading)
+
+    def machine_problems(self, gpus: int, packages: frozenset[str]) -> list[tuple[str, str]]:
+        """Why this model cannot load here, as (field, message)."""
+        if self.attn_implementation != "flash_attention_2" or ("flash_attn" in packages and gpus):
+            return []
+        return [("attn_implementation", "flash_attention_2 needs a CUDA GPU and the flash-attn package (pip install flash-attn)")]
+
+
+def transformer_blocks(model: nn.Module) -> set[type[nn.Module]]:
+    """The classes of the model's transformer blocks (Hugging Face's ``_no_split_modules``): FSDP's wrapping units."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return {type(module) for module in model.modules() if type(module).__name__ in names}
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations block by block in the backward pass (non-reentrant: works under FSDP and with frozen inputs)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+CHUNK_ELEMENTS = 1 << 24
+"""Logits upcast to fp32 at a time by :func:`token_logps` (64 MiB): sequence positions per chunk = this / (rows × vocab)."""
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log softmax(logits)[target] at every position, computed over chunks of positions (at least float32): neither
+    pass materialises a float32 copy of the whole ``(N, T, V)`` logits, and only the logits themselves (in their own
+    dtype) and one log-normaliser per position are kept for the backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        picked = torch.empty(targets.shape, dtype=compute, device=logits.device)
+        normalizer = torch.empty_like(picked)
+        for start in range(0, targets.shape[1], chunk):
+            piece = logits[:, start : start + chunk].to(compute)
+            normalizer[:, start : start + chunk] = torch.logsumexp(piece, dim=-1)
+            picked[:, start : start + chunk] = piece.gather(-1, targets[:, start : start + chunk, None]).squeeze(-1)
+        ctx.save_for_backward(logits, targets, normalizer)
+        ctx.chunk = chunk
+        return picked - normalizer
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        logits, targets, normalizer = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, targets.shape[1], ctx.chunk):
+            window = slice(start, start + ctx.chunk)
+            upstream = grad_output[:, window, None]
+            # d/dz_j (z_t - logsumexp z) = [j = t] - softmax(z)_j
+            piece = -torch.exp(logits[:, window].to(normalizer.dtype) - normalizer[:, window, None]) * upstream
+            grad[:, window] = piece.scatter_add_(-1, targets[:, window, None], upstream).to(grad.dtype)
+        return grad, None, None
+
+
+def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
+    """``log_softmax(logits)`` at ``targets`` for every position, ``(N, T)`` in (at least) float32, memory-lean."""
+    chunk = max(1, CHUNK_ELEMENTS // max(1, logits.shape[0] * logits.shape[-1]))
+    return cast(Tensor, _TokenLogps.apply(logits, targets, chunk))
 
 
 def response_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
@@ -71,9 +135,7 @@ def response_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tens
 
     Position t is predicted by the logits at t - 1, so the first token is never scored (it is a prompt token).
     """
-    targets = input_ids[:, 1:]
-    token_logps = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
-    return (token_logps * loss_mask[:, 1:]).sum(-1)
+    return (token_logps(logits[:, :-1], input_ids[:, 1:]) * loss_mask[:, 1:]).sum(-1)
 
 
 class CausalLMScorer(nn.Module):
@@ -89,9 +151,12 @@ class CausalLMScorer(nn.Module):
 
     @torch.no_grad()
     def response_entropy(self, sequences: Sequences) -> Tensor:
-        logits = self.model(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).logits
-        logps = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        entropy = -(logps.exp() * logps).sum(-1)  # at t - 1: the distribution that predicts token t
+        logits = self.model(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).logits[:, :-1]
+        entropy = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
+        chunk = max(1, CHUNK_ELEMENTS // max(1, logits.shape[0] * logits.shape[-1]))
+        for start in range(0, logits.shape[1], chunk):  # fp32 a chunk at a time, as in token_logps
+            logps = F.log_softmax(logits[:, start : start + chunk].float(), dim=-1)
+            entropy[:, start : start + chunk] = -(logps.exp() * logps).sum(-1)  # at t - 1: the distribution predicting t
         mask = sequences["loss_mask"][:, 1:].float()
         return (entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 

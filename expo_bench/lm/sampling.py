@@ -7,6 +7,7 @@ from a hub model's ``generation_config`` (repetition penalties, bad words, force
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,7 @@ from pydantic import Field
 from transformers import GenerationConfig, PreTrainedModel
 
 from expo_bench.config_model import ConfigModel
+from expo_bench.distributed import map_sharded
 
 
 class SamplingConfig(ConfigModel):
@@ -60,7 +62,6 @@ class SamplingConfig(ConfigModel):
         )
 
 
-@torch.no_grad()
 def sample_responses(
     model: PreTrainedModel,
     prompts: Sequence[list[int]],
@@ -71,38 +72,55 @@ def sample_responses(
 ) -> list[list[list[int]]]:
     """``samples_per_prompt`` responses for each prompt, each up to and including its EOS.
 
-    Prompts are left-padded so generation continues every row from its last real token.
+    The prompts are cut in order into slices of ``config.batch_size``, and slice k is sampled from the RNG seeded by
+    ``(seed, k)`` alone: under several ranks each samples its share of the slices (from its own full copy of the
+    model) and all are gathered in order, so the result does not depend on how many ranks there are.
     """
+    slices = [list(prompts[start : start + config.batch_size]) for start in range(0, len(prompts), config.batch_size)]
+    generation = config.generation_config(pad_token_id, eos_token_id)
+
+    def sample(k: int, chunk: list[list[int]]) -> list[list[list[int]]]:
+        return _sample_slice(model, chunk, generation, slice_seed(seed, k), eos_token_id)
+
+    return [responses for part in map_sharded(slices, sample) for responses in part]
+
+
+def slice_seed(seed: int, index: int) -> int:
+    """The RNG seed of slice ``index`` of a sampling call seeded ``seed``: distinct for distinct pairs."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "little") >> 1
+
+
+@torch.no_grad()
+def _sample_slice(
+    model: PreTrainedModel, prompts: list[list[int]], generation: GenerationConfig, seed: int, eos_token_id: int
+) -> list[list[list[int]]]:
+    """One ``generate`` call; prompts are left-padded so generation continues every row from its last real token."""
     device = next(model.parameters()).device
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    pad = generation.pad_token_id
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
     was_training = model.training
     model.eval()
-    generation = config.generation_config(pad_token_id, eos_token_id)
     # generate() fills every setting left unset from the model's own generation_config: blank it while sampling
     inherited, model.generation_config = model.generation_config, GenerationConfig()
-    responses: list[list[list[int]]] = []
     try:
-        for start in range(0, len(prompts), config.batch_size):
-            chunk = prompts[start : start + config.batch_size]
-            width = max(len(prompt) for prompt in chunk)
-            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, prompt in enumerate(chunk):
-                input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-                attention_mask[row, width - len(prompt) :] = 1
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
             output = model.generate(  # type: ignore[operator]
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=generation
             )
-            generated = output[:, width:].tolist()
-            for index in range(len(chunk)):
-                rows = generated[index * config.samples_per_prompt : (index + 1) * config.samples_per_prompt]
-                responses.append([until_eos(row, eos_token_id) for row in rows])
     finally:
         model.generation_config = inherited
         model.train(was_training)
-        torch.random.set_rng_state(generator_state)
-    return responses
+    generated = output[:, width:].tolist()
+    per_prompt = generation.num_return_sequences
+    return [
+        [until_eos(row, eos_token_id) for row in generated[i * per_prompt : (i + 1) * per_prompt]] for i in range(len(prompts))
+    ]
 
 
 def until_eos(ids: list[int], eos_token_id: int) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,11 +20,12 @@ from transformers import PreTrainedModel
 from expo_bench import metric_keys as keys
 from expo_bench.cache import cached
 from expo_bench.contracts import PreferenceBatch
+from expo_bench.distributed import mean_over_ranks
 from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, fingerprint_pairs
-from expo_bench.lm.model import CausalLMScorer
+from expo_bench.lm.model import CausalLMScorer, enable_gradient_checkpointing, transformer_blocks
 from expo_bench.lm.tokenize import TokenizedPair
 from expo_bench.optim import OptimizerConfig
-from expo_bench.training import TrainConfig, build_trainer
+from expo_bench.training import TrainConfig, build_trainer, gathered_state_dict
 
 
 class SupervisedFineTuning(L.LightningModule):
@@ -34,7 +36,10 @@ class SupervisedFineTuning(L.LightningModule):
         self.scorer, self.optimizer_config = scorer.train(), optimizer  # Hugging Face models load in eval mode
 
     def nll(self, batch: PreferenceBatch) -> Tensor:
-        return -self.scorer.sequence_logps(batch.chosen).sum() / batch.chosen_tokens.sum()
+        """Divided by the mean token count of the ranks' batches, so that the ranks' mean is the NLL per token of
+        the global batch (what one process would compute), not a mean of per-rank means."""
+        tokens = mean_over_ranks(batch.chosen_tokens.sum())
+        return -self.scorer.sequence_logps(batch.chosen).sum() / tokens
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         loss = self.nll(batch)
@@ -82,24 +87,35 @@ def fine_tune(
         "seed": seed,
     }
 
+    def fresh() -> SupervisedFineTuning:
+        """A module around a copy of ``base``: each Trainer stage gets one no stage has set up (FSDP shards it)."""
+        model = copy.deepcopy(base)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        return SupervisedFineTuning(CausalLMScorer(model), config.optimizer)
+
     def compute() -> dict[str, Any]:
-        module = SupervisedFineTuning(CausalLMScorer(base), config.optimizer)
-        data = PairData(PairDataset(train, pad), PairDataset(held_out, pad), config.batch_size, seed)
-        trainer = build_trainer(config, [RichProgressBar(leave=False)])
-        before = trainer.validate(module, datamodule=data, verbose=False)[0][keys.SFT_VAL_NLL]
+        data = PairData(PairDataset(train, pad), PairDataset(held_out, pad), config.batch_size, seed, config.group_by_length)
+        trainer = build_trainer(config, [RichProgressBar(leave=False)], blocks=transformer_blocks(base))
+        before = trainer.validate(fresh(), datamodule=data, verbose=False)[0][keys.SFT_VAL_NLL]
+        module = fresh()
         started = time.perf_counter()
         trainer.fit(module, datamodule=data)
+        state = gathered_state_dict(trainer)
+        weights = {name: tensor.detach().cpu().clone() for name, tensor in (state or module.state_dict()).items()}
+        if state is not None:  # the trained module holds shards: validate a whole copy
+            module = fresh()
+            module.load_state_dict(state)
         after = trainer.validate(module, datamodule=data, verbose=False)[0][keys.SFT_VAL_NLL]
-        base.cpu()
+        prefix = "scorer.model."
         return {
-            "weights": {name: tensor.detach().clone() for name, tensor in base.state_dict().items()},
+            "weights": {name.removeprefix(prefix): tensor for name, tensor in weights.items()},
             "metrics": {"sft_val_nll_before": before, "sft_val_nll_after": after, "sft_steps": trainer.global_step},
             "seconds": time.perf_counter() - started,
         }
 
     stored, hit = cached(cache_dir, "sft", key, compute)
-    if hit:
-        base.load_state_dict(stored["weights"])
+    base.load_state_dict(stored["weights"])
     metrics = stored["metrics"]
     result = SFTResult(float(metrics["sft_val_nll_before"]), float(metrics["sft_val_nll_after"]), int(metrics["sft_steps"]))
     console.print(

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -28,15 +28,23 @@ from transformers import PreTrainedModel
 
 from expo_bench import metric_keys
 from expo_bench.cache import atomic_write, digest, locked, unsafe_file
+from expo_bench.distributed import broadcast, is_global_zero
 from expo_bench.errors import UserError
 from expo_bench.lm.data import PairData
 from expo_bench.lm.evaluation import Evaluator, PeriodicEvaluation
-from expo_bench.lm.model import REFERENCES, CausalLMScorer, LoraSettings, policy_model
+from expo_bench.lm.model import (
+    REFERENCES,
+    CausalLMScorer,
+    LoraSettings,
+    enable_gradient_checkpointing,
+    policy_model,
+    transformer_blocks,
+)
 from expo_bench.methods.base import DivergedError, MethodParams, PreferenceMethod, require_finite_weights
 from expo_bench.recipe import MethodRun
 from expo_bench.sweep.records import LanguageModelIdentity, TrainingResult, display_name
 from expo_bench.tracking import TrackedRun
-from expo_bench.training import LAST, LastCheckpoint, LossHistory, RandomState, build_trainer
+from expo_bench.training import LAST, LastCheckpoint, LossHistory, RandomState, build_trainer, gathered_state_dict
 
 RECORD = "record.json"
 """Written last into a run directory: its presence means the run finished training."""
@@ -85,14 +93,32 @@ class FitUnit:
 
     @property
     def finished(self) -> bool:
-        return (self.run_dir / RECORD).exists()
+        """Whether the run finished training (rank zero's answer, on every rank)."""
+        return broadcast((self.run_dir / RECORD).exists())
+
+    def policy(self, base: PreTrainedModel) -> PreTrainedModel:
+        """A fresh copy of the SFT weights, LoRA-wrapped if asked."""
+        return copy.deepcopy(base) if self.lora is None else self.lora.wrap(copy.deepcopy(base))
 
     def module(self, base: PreTrainedModel) -> PreferenceMethod:
-        """The method's module around a fresh copy of the SFT weights (LoRA-wrapped if asked)."""
+        """The method's module around a fresh policy."""
         L.seed_everything(self.seed, verbose=False)
-        policy = copy.deepcopy(base) if self.lora is None else self.lora.wrap(copy.deepcopy(base))
+        policy = self.policy(base)
+        if self.run.train.gradient_checkpointing:
+            enable_gradient_checkpointing(policy)
         reference = None if self.run.method.reference_free else REFERENCES[self.reference](base, policy)
         return self.run.method(CausalLMScorer(policy), reference, [self.params], self.run.train.optimizer)
+
+    def whole_module(self, trainer: L.Trainer, module: L.LightningModule, base: PreTrainedModel) -> PreferenceMethod:
+        """The module in training with its weights whole on this rank: itself, or where its strategy shards them a fresh
+        module (never set up by a Trainer) loaded with the weights gathered from every rank (a collective)."""
+        state = gathered_state_dict(trainer)
+        if state is None:
+            return cast(PreferenceMethod, module)
+        with torch.random.fork_rng():  # building a module seeds and draws (LoRA): leave training's RNG alone
+            whole = self.module(base)
+        whole.load_state_dict(state)
+        return whole
 
 
 def fit(
@@ -107,7 +133,7 @@ def fit(
     """Train (or reuse, or resume) ``unit``, evaluate it, and record both in ``tracked``; None when it diverged (then
     recorded as failed, with the reason)."""
     with _owned(unit, tracked), _failure_recorded(unit, tracked, console):
-        module = None
+        policy = None
         if unit.finished:
             console.print(f"  {unit.name}: finished in an earlier run, reusing {unit.run_dir / RECORD}")
             training = TrainingResult.from_json(json.loads((unit.run_dir / RECORD).read_text()))
@@ -115,20 +141,25 @@ def fit(
             periodic = None
             if evaluator is not None and every_n_steps is not None:
                 where = unit.run_dir / "evaluation-during-training"
-                periodic = PeriodicEvaluation(evaluator, every_n_steps, where, {"method": unit.name})
-            module, training = _train(unit, base, data, periodic, tracked, console)
+                periodic = PeriodicEvaluation(
+                    evaluator,
+                    every_n_steps,
+                    where,
+                    {"method": unit.name},
+                    lambda trainer, module: policy_model(unit.whole_module(trainer, module, base)),
+                )
+            policy, training = _train(unit, base, data, periodic, tracked, console)
         evaluation = None
         if evaluator is not None:
-            if module is None and not evaluator.has_result(unit.run_dir):
-                module = _restore(unit, base, training)
-            policy = None if module is None else policy_model(module)
+            if policy is None and not evaluator.has_result(unit.run_dir):
+                policy = policy_model(_restore(unit, base, training))
             evaluation = evaluate(evaluator, unit.name, policy, unit.run_dir, console)
         if not tracked.complete:
             tracked.log_metrics(training.eval_after | (evaluation or {}))
             done = [unit.run_dir / RECORD] + ([] if evaluator is None else [evaluator.results_dir(unit.run_dir)])
             tracked.log_artifacts(done)
             tracked.mark_complete()
-        if unit.run.train.keep == "none":
+        if unit.run.train.keep == "none" and is_global_zero():
             for name in (WEIGHTS, CHECKPOINT):
                 (unit.run_dir / name).unlink(missing_ok=True)
         return training, evaluation
@@ -163,29 +194,36 @@ def _train(
     periodic: PeriodicEvaluation | None,
     tracked: TrackedRun,
     console: Console,
-) -> tuple[PreferenceMethod, TrainingResult]:
+) -> tuple[PreTrainedModel, TrainingResult]:
+    """Train ``unit`` on every rank; its policy with whole weights, and what training measured."""
     train, run_dir = unit.run.train, unit.run_dir
-    module = unit.module(base)
     history = LossHistory()
     checkpoints = LastCheckpoint(run_dir, train.checkpoint_every_n_steps)
     callbacks: list[Callback] = [history, RandomState(), checkpoints, RichProgressBar(leave=False)]
     if periodic is not None:
         callbacks.append(periodic)
-    trainer = build_trainer(train, callbacks, logger=tracked.logger(), enable_checkpointing=True)
-    before = trainer.validate(module, datamodule=data, verbose=False)[0]
+    trainer = build_trainer(train, callbacks, logger=tracked.logger(), blocks=transformer_blocks(base), enable_checkpointing=True)
+    # each Trainer stage gets a module no stage has set up: FSDP leaves a module it wrapped unusable for the next
+    before = trainer.validate(unit.module(base), datamodule=data, verbose=False)[0]
+    module = unit.module(base)
     resume = run_dir / CHECKPOINT
-    if resume.exists():
+    resuming = broadcast(resume.exists())
+    if resuming:
         console.print(f"  {unit.name}: resuming from {resume}")
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=resume if resume.exists() else None, weights_only=True)
+        trainer.fit(module, datamodule=data, ckpt_path=resume if resuming else None, weights_only=True)
     except pickle.UnpicklingError as error:
         raise unsafe_file(resume, error) from None
     seconds = time.perf_counter() - started
-    require_finite_weights(module)
-    after = trainer.validate(module, datamodule=data, verbose=False)[0]
+    trained = unit.whole_module(trainer, module, base)
+    require_finite_weights(trained)
+    # a sharding strategy wraps what it validates: validate a copy, keep the whole module for evaluation
+    after = trainer.validate(trained if trained is module else copy.deepcopy(trained), datamodule=data, verbose=False)[0]
     if not_finite := [key for key, value in after.items() if not math.isfinite(value)]:
-        raise DivergedError(f"{module.method_name}: non-finite held-out {', '.join(not_finite)} after step {trainer.global_step}")
+        raise DivergedError(
+            f"{trained.method_name}: non-finite held-out {', '.join(not_finite)} after step {trainer.global_step}"
+        )
     accuracy = (
         metric_keys.VAL_REWARDS_ACCURACY if metric_keys.VAL_REWARDS_ACCURACY.key in after else metric_keys.VAL_PREFERENCE_ACCURACY
     )
@@ -194,7 +232,8 @@ def _train(
         f"{before[metric_keys.VAL_LOSS.key]:.4f} -> {after[metric_keys.VAL_LOSS.key]:.4f}, "
         f"{accuracy.name} {after[accuracy.key]:.3f}"
     )
-    atomic_write(run_dir / WEIGHTS, lambda path: save_model(policy_model(module), str(path)))
+    if is_global_zero():
+        atomic_write(run_dir / WEIGHTS, lambda path: save_model(policy_model(trained), str(path)))
     if train.keep == "full":
         trainer.save_checkpoint(resume)  # the final state, not the last periodic save
     training = TrainingResult(
@@ -207,11 +246,12 @@ def _train(
         weights=WEIGHTS,
         weights_step=trainer.global_step,
     )
-    record = {"method": unit.run.label, "lam": unit.lam, **unit.identity.as_json(), **asdict(training)}
-    atomic_write(run_dir / RECORD, json.dumps(record, indent=2))  # written last: its presence means the run finished
-    if train.keep != "full":
-        resume.unlink(missing_ok=True)  # optimizer state is for resuming only
-    return module, training
+    if is_global_zero():
+        record = {"method": unit.run.label, "lam": unit.lam, **unit.identity.as_json(), **asdict(training)}
+        atomic_write(run_dir / RECORD, json.dumps(record, indent=2))  # written last: its presence means the run finished
+        if train.keep != "full":
+            resume.unlink(missing_ok=True)  # optimizer state is for resuming only
+    return policy_model(trained), training
 
 
 def _restore(unit: FitUnit, base: PreTrainedModel, training: TrainingResult) -> PreferenceMethod:

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from expo_bench import metric_keys
 from expo_bench.cache import digest
-from expo_bench.distributed import accelerator_device
+from expo_bench.distributed import accelerator_device, rank_zero_first
 from expo_bench.errors import UserError
 from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, fingerprint_pairs
 from expo_bench.lm.evaluation import Evaluator, HeldOutPrompts, strip_eos
@@ -45,7 +45,8 @@ class LanguageModelSweep:
         self.context, self.task = context, task
 
     def run(self) -> list[LanguageModelRecord]:
-        tokenizer = self.task.load_tokenizer()
+        with rank_zero_first():
+            tokenizer = self.task.load_tokenizer()
         return [record for seed in self.context.experiment.recipe.seeds for record in self._seed(tokenizer, seed)]
 
     def report(self, records: list[LanguageModelRecord], out_dir: Path) -> list[Path]:
@@ -55,8 +56,9 @@ class LanguageModelSweep:
         task, console, cache_dir = self.task, self.context.console, self.context.cache_dir
         pad = pad_token_id(tokenizer)
         L.seed_everything(seed, verbose=False)
-        base = task.model.build(vocab_size=len(tokenizer))
-        examples = task.sft_examples(seed, tokenizer, console)
+        with rank_zero_first():  # one rank downloads the weights and the data, the others then read its copies
+            base = task.model.build(vocab_size=len(tokenizer))
+            examples = task.sft_examples(seed, tokenizer, console)
         sft = {}
         if task.sft is not None:
             sft = fine_tune(base, examples.train, examples.held_out, pad, seed, task.sft, cache_dir, console).provenance()
@@ -110,7 +112,7 @@ class LanguageModelSweep:
         every = None if evaluation is None else evaluation.every_n_steps
         for unit in units:
             tracked = self._open(unit.run.label, unit.lam, unit.identity, unit.run_dir, evaluator)
-            pair_data = PairData(*datasets, batch_size=unit.run.train.batch_size, seed=seed)
+            pair_data = PairData(*datasets, unit.run.train.batch_size, seed, unit.run.train.group_by_length)
             result = fit(unit, base, pair_data, evaluator, every, tracked, console)
             if result is not None:  # a diverged run is recorded as failed in the store, and left out here
                 records.append(LanguageModelRecord(unit.run.label, unit.lam, unit.identity, provenance, *result))

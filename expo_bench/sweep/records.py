@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from expo_bench import tracking
+from expo_bench.distributed import broadcast, is_global_zero
 from expo_bench.metric_keys import Metric
 from expo_bench.tracking import RunLog, TrackedRun
 
@@ -37,7 +39,9 @@ class RunIdentity:
 
 
 def open_run(runs: RunLog, identity: RunIdentity) -> TrackedRun:
-    """The tracked run of ``identity`` (the one recorded under its key, or a new one), tagged for the leaderboard."""
+    """The tracked run of ``identity`` (the one recorded under its key, or a new one), tagged for the leaderboard.
+
+    Rank zero alone opens and records it; the other ranks hold a :class:`RankMirror` of it."""
     tags = {
         tracking.METHOD: identity.method,
         tracking.METHOD_CLASS: identity.method_class,
@@ -55,7 +59,29 @@ def open_run(runs: RunLog, identity: RunIdentity) -> TrackedRun:
         tracking.SELECTION_METRIC: identity.selection_by,
     }
     tags |= {tag: value for tag, value in optional.items() if value is not None}
-    return runs.child(identity.key, identity.name, identity.params, tags)
+    run = runs.child(identity.key, identity.name, identity.params, tags) if is_global_zero() else None
+    uri, run_id, complete = broadcast((run.uri, run.run_id, run.complete) if run else ("", "", False))
+    return run or RankMirror(uri, run_id, identity.key, complete)
+
+
+class RankMirror(TrackedRun):
+    """A tracked run as the ranks other than zero see it: rank zero records everything, these calls record nothing
+    (the Lightning logger it hands out logs on rank zero only, as Lightning's loggers do)."""
+
+    def __init__(self, uri: str, run_id: str, key: str, complete: bool) -> None:
+        super().__init__(None, uri, run_id, key, complete)  # type: ignore[arg-type]
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_artifacts(self, paths: Iterable[Path | str], artifact_path: str | None = None) -> None:
+        pass
+
+    def mark_complete(self) -> None:
+        self._complete = True
 
 
 def display_name(method: str, lam: float | None) -> str:

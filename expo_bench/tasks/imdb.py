@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from expo_bench import metric_keys
 from expo_bench.cache import cached
 from expo_bench.config_model import ConfigModel, LocalOrHub
-from expo_bench.distributed import accelerator_device
+from expo_bench.distributed import accelerator_device, rank_zero_first
 from expo_bench.errors import DataError
 from expo_bench.evaluation.judges import RewardModelJudge
 from expo_bench.evaluation.reward_models import HFSentimentClassifier, RewardModel, TfidfSentiment
@@ -49,12 +49,13 @@ def _tfidf(config: RewardModelConfig, reviews: list[Review], seed: int, cache_di
     subset = reviews[: config.train_reviews]
     digest = hashlib.sha256(("|".join(review.id for review in subset) + f"|{seed}").encode()).hexdigest()[:16]
     path = cache_dir / f"sentiment-tfidf-{digest}.skops"
-    if path.exists():
-        return TfidfSentiment.load(path)
-    model = TfidfSentiment.train(subset, seed)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    model.save(path)
-    return model
+    with rank_zero_first():  # rank zero trains and saves it, the other ranks load its file
+        if path.exists():
+            return TfidfSentiment.load(path)
+        model = TfidfSentiment.train(subset, seed)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        model.save(path)
+        return model
 
 
 def _huggingface(config: RewardModelConfig, reviews: list[Review], seed: int, cache_dir: Path) -> RewardModel:
