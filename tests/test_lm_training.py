@@ -326,7 +326,7 @@ def test_redrawn_reference_samples_change_with_the_epoch(tokenizer: Any, pairs: 
     for epoch, token in [(0, 11), (1, 12), (2, 13), (3, 11)]:  # epoch e uses draw e, cycling
         batches = loader(dataset, 4, shuffle=True, seed=0)
         batches.batch_sampler.sampler.set_epoch(epoch)  # type: ignore[union-attr]  # what Lightning calls at every epoch start
-        batch = next(iter(batches))
+        batch = next(iter(batches)).contents  # sealed against precision casts
         assert batch.kl_samples is not None and batch.kl_reference_logps is not None
         first_tokens = batch.kl_samples["input_ids"][batch.kl_samples["loss_mask"]].view(4, 2)[:, 0]
         assert first_tokens.tolist() == [token] * 4
