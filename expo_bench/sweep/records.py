@@ -80,6 +80,12 @@ class RankMirror(TrackedRun):
     def log_artifacts(self, paths: Iterable[Path | str], artifact_path: str | None = None) -> None:
         pass
 
+    def refresh(self) -> None:
+        pass
+
+    def mark_failed(self, reason: str) -> None:
+        pass
+
     def mark_complete(self) -> None:
         self._complete = True
 
