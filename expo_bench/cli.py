@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -18,9 +19,19 @@ from rich.text import Text
 from expo_bench import __version__
 from expo_bench.errors import UserError
 from expo_bench.metric_keys import LEADERBOARD_COLUMNS
-from expo_bench.recipe import Experiment, load_recipe
+
+if TYPE_CHECKING:
+    from expo_bench.recipe import Experiment
 
 EXIT_USER_ERROR = 2
+
+QUIET_LIBRARIES = {
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # "Creating initial MLflow database tables..." on every new store
+    "TRANSFORMERS_VERBOSITY": "error",  # tokenizer notices on every load
+    "DATASETS_VERBOSITY": "error",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # the long phases show their own progress
+}
+"""Library chatter kept off the terminal (read by each library when it is imported; a value already set wins)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +59,34 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a recipe field by dotted path, value parsed as YAML (repeatable), e.g. methods.0.params.beta=0.5",
         )
+        command.add_argument(
+            "--only",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="keep only these method entries (method=LABEL or method name) or seeds (seed=N); repeatable, "
+            "comma-separated alternatives, e.g. --only method=dpo,ipo --only seed=0",
+        )
+        command.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the resolved recipe (every default filled in) as YAML and exit",
+        )
         if name == "run":
             command.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results/)")
+    for name, handler, summary in (
+        ("methods", methods, "list the built-in methods: what λ sets, hyperparameters and their defaults"),
+        ("recipes", recipes, "list the shipped recipes (recipes/), one line each"),
+    ):
+        commands.add_parser(name, help=summary, description=summary).set_defaults(handler=handler)
+    schema = commands.add_parser(
+        "schema",
+        help="every recipe field with its default, type and meaning, as commented YAML",
+        description="Print the recipe's fields as commented YAML (defaults, types, bounds, documentation). SECTION is a "
+        "dotted path: train, task (lists the task kinds), task.hh, task.preference.evaluation.judge.llm, ...",
+    )
+    schema.set_defaults(handler=show_schema)
+    schema.add_argument("section", nargs="?", default="", metavar="SECTION", help="e.g. train, task.hh.evaluation")
     board = commands.add_parser(
         "leaderboard",
         help="tables and plots of the best configuration per method, from the tracking store",
@@ -111,19 +148,61 @@ def describe(experiment: Experiment) -> Table:
     return table
 
 
+def load(args: argparse.Namespace) -> list[Experiment]:
+    """Every recipe on the command line, overridden, validated and selected, before any work starts."""
+    from expo_bench.recipe import load_recipe, select
+
+    return [select(load_recipe(path, args.overrides), args.only) for path in args.recipes]
+
+
+def print_config(experiments: list[Experiment], console: Console) -> None:
+    from expo_bench.explain import resolved_yaml
+
+    for experiment in experiments:
+        console.print(f"# {experiment.source}, resolved", style="dim", highlight=False)
+        console.print(resolved_yaml(experiment), end="", highlight=False, markup=False, soft_wrap=True)
+
+
 def validate(args: argparse.Namespace, console: Console) -> None:
-    for path in args.recipes:
-        console.print(describe(load_recipe(path, args.overrides)))
-        console.print(Text(f"{path}: valid", style="green"))
+    experiments = load(args)
+    if args.print_config:
+        print_config(experiments, console)
+        return
+    for experiment in experiments:
+        console.print(describe(experiment))
+        console.print(Text(f"{experiment.source}: valid", style="green"))
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from expo_bench.runner import run_experiment  # imports Lightning: keep validate and --help fast
+    experiments = load(args)
+    if args.print_config:
+        print_config(experiments, console)
+        return
+    from expo_bench.runner import preflight, run_experiment  # imports Lightning: keep validate and --help fast
 
-    experiments = [load_recipe(path, args.overrides) for path in args.recipes]  # all valid before any work
+    for experiment in experiments:  # every recipe's judge answers before the first one trains
+        preflight(experiment, args.results)
     for experiment in experiments:
         console.print(describe(experiment))
         run_experiment(experiment, args.results, console)
+
+
+def methods(args: argparse.Namespace, console: Console) -> None:
+    from expo_bench.explain import methods_text
+
+    console.print(methods_text(), highlight=False, markup=False, soft_wrap=True)
+
+
+def recipes(args: argparse.Namespace, console: Console) -> None:
+    from expo_bench.explain import recipes_text
+
+    console.print(recipes_text(), highlight=False, markup=False, soft_wrap=True)
+
+
+def show_schema(args: argparse.Namespace, console: Console) -> None:
+    from expo_bench.explain import schema_text
+
+    console.print(schema_text(args.section), highlight=False, markup=False, soft_wrap=True)
 
 
 def leaderboard(args: argparse.Namespace, console: Console) -> None:
@@ -184,6 +263,8 @@ def ui(args: argparse.Namespace, console: Console) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
     try:
         args.handler(args, Console())

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from pydantic import Field, field_validator
 
 from expo_bench.config_model import ConfigModel, closest
+
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import OptimizerLRScheduler
 
 OPTIMIZERS = sorted(
     name

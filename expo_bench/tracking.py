@@ -58,6 +58,8 @@ RANK_METRIC = "expo_bench.rank_metric"
 """A key of :mod:`expo_bench.metric_keys` that picks a method's best configuration."""
 RANK_GOAL = "expo_bench.rank_goal"
 """``max`` or ``min``: the direction of the rank metric."""
+REGULARIZATION = "expo_bench.regularization"
+"""The method's hyperparameter that plays the paper's λ (``beta`` for DPO): the leaderboard shows λ for every method."""
 
 # Tags the tracker itself sets.
 SWEEP_KEY = "expo_bench.sweep_key"

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import lightning as L
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 from pydantic import Field
 
-from expo_bench import metric_keys
 from expo_bench.config_model import ConfigModel
 from expo_bench.optim import OptimizerConfig
+
+if TYPE_CHECKING:  # Lightning is imported where a Trainer is built: a recipe validates without it (about 6 s)
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import Logger
 
 
 class TrainConfig(ConfigModel):
@@ -39,6 +40,8 @@ class TrainConfig(ConfigModel):
 
 def build_trainer(train: TrainConfig, callbacks: list[Callback], logger: Logger | bool = False, **overrides: Any) -> L.Trainer:
     """A Trainer from the recipe's budget, without checkpoints or start-up chatter unless asked for."""
+    import lightning as L
+
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     settings: dict[str, Any] = {
         "accelerator": train.accelerator,
@@ -57,23 +60,3 @@ def build_trainer(train: TrainConfig, callbacks: list[Callback], logger: Logger 
         "deterministic": True,
     }
     return L.Trainer(**{**settings, **overrides})
-
-
-class LossHistory(Callback):
-    """``(step, train/loss)`` whenever the module logged its training loss; kept in checkpoints."""
-
-    def __init__(self) -> None:
-        self.losses: list[tuple[int, float]] = []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"losses": self.losses}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.losses = [(int(step), float(loss)) for step, loss in state_dict["losses"]]
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loss = trainer.callback_metrics.get(metric_keys.TRAIN_LOSS)
-        if loss is not None and trainer.global_step % trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
-            self.losses.append((trainer.global_step, float(loss)))

@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"tasks"},
     {"recipe"},
     {"sweep"},
-    {"runner"},
+    {"runner", "explain"},
     {"cli"},
     {"__main__"},
 ]

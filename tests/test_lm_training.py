@@ -268,7 +268,7 @@ class Interrupted(Exception):
 
 
 def test_an_interrupted_run_resumes_and_a_finished_one_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from expo_bench.training import LossHistory
+    from expo_bench.sweep.callbacks import LossHistory
 
     data = local_twin(methods=[{"method": "dpo", "params": {"beta": 0.1}}])
     data["task"] |= {"max_train_pairs": 16, "max_eval_pairs": 8, "sft": None}

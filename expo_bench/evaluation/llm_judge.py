@@ -258,6 +258,38 @@ class LLMJudge:
             raise
         return None
 
+    def check_endpoint(self) -> None:
+        """Fail now, before anything trains, unless ``{base_url}/models`` answers and lists the model (a server without
+        that route is taken at its word: the first judgment will tell)."""
+        url = f"{self.config.base_url}/models"
+        request = urllib.request.Request(url, headers=self._headers(), method="GET")
+        try:
+            with urllib.request.urlopen(request, timeout=min(self.config.timeout, 10.0)) as response:
+                listing = json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            if error.code in (404, 405):
+                return
+            raise JudgeError(
+                f"the LLM judge at {url} answered HTTP {error.code} {error.reason}: {self._excerpt(error)}"
+            ) from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
+            reason = error.reason if isinstance(error, urllib.error.URLError) else error
+            raise JudgeError(
+                f"the LLM judge at {self.config.base_url} is not reachable ({reason}). Start an OpenAI-compatible server "
+                "there (e.g. `vllm serve <model> --port 8000`; in a checkout, `python tests/chat_server.py` is a stand-in "
+                "that prefers the longer response), set task.evaluation.judge.base_url to one, or train without "
+                "judging: --set task.evaluation=null"
+            ) from None
+        except ValueError:
+            raise JudgeError(f"{url} did not answer with JSON: is {self.config.base_url} an OpenAI-compatible API?") from None
+        models = listing.get("data") if isinstance(listing, dict) else None
+        served = [str(model.get("id")) for model in models or [] if isinstance(model, dict)]
+        if served and self.config.model not in served:
+            raise JudgeError(
+                f"the LLM judge at {self.config.base_url} serves {', '.join(served[:10])}, not {self.config.model!r}: "
+                "set task.evaluation.judge.model to one of them"
+            )
+
     def _send(self, body: bytes) -> str:
         request = urllib.request.Request(self.url, data=body, headers=self._headers(), method="POST")
         try:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from expo_bench.contracts import PreferenceBatch, SequenceScorer, concat_sequences, whole_batch
 from expo_bench.lm.tokenize import TokenizedPair, collate_pairs, padded_sequences
+from expo_bench.reporting import Done
 
 
 class PairDataset(Dataset[PreferenceBatch]):
@@ -93,13 +94,18 @@ class PairData(L.LightningDataModule):
 
 
 @torch.no_grad()
-def reference_logps(reference: SequenceScorer, dataset: PairDataset, batch_size: int, device: torch.device) -> Tensor:
-    """``(N, 2)`` summed log-probs of chosen and rejected under the reference, one pass over the data."""
-    rows = []
+def reference_logps(
+    reference: SequenceScorer, dataset: PairDataset, batch_size: int, device: torch.device, done: Done | None = None
+) -> Tensor:
+    """``(N, 2)`` summed log-probs of chosen and rejected under the reference, one pass over the data (``done`` is told
+    how many pairs are scored after each batch)."""
+    rows: list[Tensor] = []
     for batch in loader(dataset, batch_size, shuffle=False, seed=0):
         batch = batch.to(device)
         both = reference.sequence_logps(concat_sequences(batch.chosen, batch.rejected)).float().cpu()
         rows.append(torch.stack(both.chunk(2), dim=1))
+        if done is not None:
+            done(sum(len(row) for row in rows))
     return torch.cat(rows)
 
 

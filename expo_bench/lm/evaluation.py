@@ -11,28 +11,29 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from pydantic import Field, model_validator
 from torch import nn
-from transformers import PreTrainedModel
 
 from expo_bench import metric_keys
 from expo_bench.cache import cached, digest
 from expo_bench.config_model import ConfigModel
 from expo_bench.distributed import accelerator_device
 from expo_bench.evaluation.judges import JudgeConfig
-from expo_bench.evaluation.metrics import Diversity, RewardKL, WinRate
-from expo_bench.evaluation.types import Comparison, Judge
-from expo_bench.lm.data import fingerprint_module
-from expo_bench.lm.model import policy_model, response_logps
+from expo_bench.evaluation.llm_judge import LLMJudge
+from expo_bench.evaluation.types import Comparison, Judge, Verdict
+from expo_bench.lm.model import response_logps
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.tokenize import pad_token_id, padded_sequences
+from expo_bench.reporting import progress
 
-ExactMetrics = Callable[[PreTrainedModel], dict[str, float]]
+if TYPE_CHECKING:
+    from rich.console import Console
+    from transformers import PreTrainedModel
+
+ExactMetrics = Callable[["PreTrainedModel"], dict[str, float]]
 """Metrics a task can compute exactly from a policy's weights (the synthetic tasks' distance to π*)."""
 
 
@@ -115,13 +116,15 @@ class Evaluator:
         self.pad = pad_token_id(tokenizer)
         self._baselines: dict[float, list[list[list[int]]]] = {}
 
-    def _sample(self, model: PreTrainedModel, temperature: float) -> list[list[list[int]]]:
-        return sample_responses(
-            model, self.held_out.prompt_ids, self.config.sampling(temperature), self.pad, self.tokenizer.eos_token_id, self.seed
-        )
+    def _sample(self, model: PreTrainedModel, temperature: float, what: str, console: Console | None) -> list[list[list[int]]]:
+        prompts, eos = self.held_out.prompt_ids, self.tokenizer.eos_token_id
+        with progress(console, f"sampling {what} at T={temperature:g} (prompts)", len(prompts)) as done:
+            return sample_responses(model, prompts, self.config.sampling(temperature), self.pad, eos, self.seed, done)
 
-    def _baseline_samples(self, temperature: float) -> list[list[list[int]]]:
+    def _baseline_samples(self, temperature: float, console: Console | None) -> list[list[list[int]]]:
         if temperature not in self._baselines:
+            from expo_bench.lm.data import fingerprint_module  # Lightning: not needed to validate a recipe
+
             key = {
                 "reference": fingerprint_module(self.reference),
                 "prompts": self.held_out.prompt_ids,
@@ -129,17 +132,20 @@ class Evaluator:
                 "seed": self.seed,
             }
             self._baselines[temperature], _ = cached(
-                self.cache_dir, "baseline-samples", key, lambda: self._sample(self.reference, temperature)
+                self.cache_dir,
+                "baseline-samples",
+                key,
+                lambda: self._sample(self.reference, temperature, "the reference", console),
             )
         return self._baselines[temperature]
 
     def _text(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def _baselines_for(self, temperature: float) -> list[list[list[int]]]:
+    def _baselines_for(self, temperature: float, console: Console | None) -> list[list[list[int]]]:
         if self.config.baseline == "chosen":
             return [[ids] * self.config.samples_per_prompt for ids in self.held_out.chosen_ids]
-        return self._baseline_samples(temperature)
+        return self._baseline_samples(temperature, console)
 
     def results_dir(self, run_dir: Path) -> Path:
         """Where this evaluation (config and judge) of a run keeps its samples, verdicts and metrics."""
@@ -153,22 +159,28 @@ class Evaluator:
         return (self.results_dir(run_dir) / "metrics.json").exists()
 
     def evaluate_once(
-        self, policy: PreTrainedModel | None, run_dir: Path, provenance: dict[str, Any]
+        self, policy: PreTrainedModel | None, run_dir: Path, provenance: dict[str, Any], console: Console | None = None
     ) -> tuple[dict[str, float], bool]:
-        """The run's metrics under this evaluation, computed at most once (``policy`` may be None then)."""
+        """The run's metrics under this evaluation, computed at most once (``policy`` may be None then); with a
+        ``console``, sampling and judging show their progress."""
         out_dir = self.results_dir(run_dir)
         done = out_dir / "metrics.json"
         if done.exists():
             return dict(json.loads(done.read_text())), True
         assert policy is not None, "a run without stored metrics needs its policy"
-        metrics = self.evaluate(policy, out_dir, provenance)
+        metrics = self.evaluate(policy, out_dir, provenance, console=console)
         partial = done.with_suffix(".json.partial")
         partial.write_text(json.dumps(metrics, indent=2))
         partial.replace(done)  # written last: its presence means the evaluation finished
         return metrics, False
 
     def evaluate(
-        self, policy: PreTrainedModel, out_dir: Path, provenance: dict[str, Any], temperatures: Sequence[float] | None = None
+        self,
+        policy: PreTrainedModel,
+        out_dir: Path,
+        provenance: dict[str, Any],
+        temperatures: Sequence[float] | None = None,
+        console: Console | None = None,
     ) -> dict[str, float]:
         """Metrics of ``policy`` at every temperature (keys ``eval/T<t>/...``) and, unprefixed, at the
         leaderboard temperature; samples and verdicts go to ``out_dir/T<t>/{samples,judgments}.jsonl``."""
@@ -179,7 +191,7 @@ class Evaluator:
         metrics: dict[str, float] = {}
         try:
             for temperature in temperatures or self.config.temperatures:
-                results = self._evaluate_at(policy, temperature, out_dir / f"T{temperature:g}", provenance)
+                results = self._evaluate_at(policy, temperature, out_dir / f"T{temperature:g}", provenance, console)
                 metrics |= {metric_keys.at_temperature(key, temperature): value for key, value in results.items()}
                 if temperature == self.config.headline_temperature:
                     metrics |= results
@@ -191,10 +203,12 @@ class Evaluator:
         return metrics
 
     def _evaluate_at(
-        self, policy: PreTrainedModel, temperature: float, out_dir: Path, provenance: dict[str, Any]
+        self, policy: PreTrainedModel, temperature: float, out_dir: Path, provenance: dict[str, Any], console: Console | None
     ) -> dict[str, float]:
-        samples = self._sample(policy, temperature)
-        baselines = self._baselines_for(temperature)
+        from expo_bench.evaluation.metrics import Diversity, RewardKL, WinRate  # torchmetrics: not needed to validate
+
+        samples = self._sample(policy, temperature, str(provenance.get("method", "the policy")), console)
+        baselines = self._baselines_for(temperature, console)
         prompts, held_out = [], self.held_out
         comparisons, lengths = [], []
         eos = self.tokenizer.eos_token_id
@@ -204,7 +218,7 @@ class Evaluator:
                 comparisons.append(Comparison(held_out.prompts[index], self._text(sample), self._text(baseline)))
                 # lengths in the same units: a policy sample keeps its EOS, a chosen response has none
                 lengths.append(len(strip_eos(sample, eos)) - len(strip_eos(baseline, eos)))
-        verdicts = self.judge.judge(comparisons)
+        verdicts = self._judge(comparisons, console)
         win_rate = WinRate(resamples=self.config.bootstrap_resamples)
         win_rate.update(torch.tensor([verdict.outcome for verdict in verdicts]), torch.tensor(lengths, dtype=torch.float64))
         diversity = Diversity()
@@ -250,6 +264,17 @@ class Evaluator:
         )
         return results
 
+    def _judge(self, comparisons: list[Comparison], console: Console | None) -> list[Verdict]:
+        """The judge's verdicts; an LLM judge shows its answers arriving (the ones not already cached)."""
+        if not isinstance(self.judge, LLMJudge):
+            return self.judge.judge(comparisons)
+        with progress(console, f"judging with {self.judge.name} (answers)", len(comparisons)) as done:
+            self.judge.progress = None if done is None else lambda answered, asked: done(answered)
+            try:
+                return self.judge.judge(comparisons)
+            finally:
+                self.judge.progress = None
+
 
 def strip_eos(ids: list[int], eos_token_id: int) -> list[int]:
     return ids[:-1] if ids and ids[-1] == eos_token_id else ids
@@ -291,30 +316,3 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     partial = path.with_suffix(".jsonl.partial")
     partial.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     partial.replace(path)
-
-
-class PeriodicEvaluation(Callback):
-    """Evaluates the policy every ``every`` optimizer steps at the leaderboard temperature and logs the
-    metrics at that step; the global-zero rank samples for everyone (sampling is not sharded)."""
-
-    def __init__(self, evaluator: Evaluator, every: int, out_dir: Path, provenance: dict[str, Any]) -> None:
-        self.evaluator, self.every, self.out_dir, self.provenance = evaluator, every, out_dir, provenance
-        self.history: list[tuple[int, dict[str, float]]] = []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = [(int(step), dict(metrics)) for step, metrics in state_dict["history"]]
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        if step % self.every or (self.history and self.history[-1][0] == step) or not trainer.is_global_zero:
-            return
-        temperature = self.evaluator.config.headline_temperature
-        metrics = self.evaluator.evaluate(policy_model(pl_module), self.out_dir / f"step-{step}", self.provenance, [temperature])
-        self.history.append((step, metrics))
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)

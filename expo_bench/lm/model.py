@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
-from peft import LoraConfig, get_peft_model
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from expo_bench.config_model import ConfigModel
 from expo_bench.contracts import Sequences
+
+if TYPE_CHECKING:  # transformers' models and peft are imported where they are used: a recipe validates without them
+    from transformers import PreTrainedModel
 
 
 class ModelConfig(ConfigModel):
@@ -37,6 +38,8 @@ class ModelConfig(ConfigModel):
         return self
 
     def build(self, vocab_size: int | None = None) -> PreTrainedModel:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
         if self.name_or_path is not None:
             return AutoModelForCausalLM.from_pretrained(self.name_or_path, revision=self.revision)
         assert self.tiny is not None
@@ -79,7 +82,7 @@ class CausalLMScorer(nn.Module):
 
 def policy_model(module: nn.Module) -> PreTrainedModel:
     """The causal LM inside a method module's :class:`CausalLMScorer` policy."""
-    return cast(PreTrainedModel, cast(CausalLMScorer, module.policy).model)
+    return cast("PreTrainedModel", cast(CausalLMScorer, module.policy).model)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -95,8 +98,10 @@ class LoraSettings(ConfigModel):
     target_modules: list[str] | None = None
 
     def wrap(self, model: PreTrainedModel) -> PreTrainedModel:
+        from peft import LoraConfig, get_peft_model
+
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules)
-        return cast(PreTrainedModel, get_peft_model(model, config))  # PeftModel forwards the model's interface
+        return cast("PreTrainedModel", get_peft_model(model, config))  # PeftModel forwards the model's interface
 
 
 class AdapterDisabledScorer(nn.Module):

@@ -8,12 +8,16 @@ from a hub model's ``generation_config`` (repetition penalties, bad words, force
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import Field
-from transformers import GenerationConfig, PreTrainedModel
 
 from expo_bench.config_model import ConfigModel
+from expo_bench.reporting import Done
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedModel
 
 
 class SamplingConfig(ConfigModel):
@@ -35,6 +39,8 @@ class SamplingConfig(ConfigModel):
 
     def generation_config(self, pad_token_id: int, eos_token_id: int) -> GenerationConfig:
         """Every setting ``generate`` reads, explicit."""
+        from transformers import GenerationConfig
+
         return GenerationConfig(
             do_sample=True,
             temperature=self.temperature,
@@ -68,11 +74,15 @@ def sample_responses(
     pad_token_id: int,
     eos_token_id: int,
     seed: int,
+    done: Done | None = None,
 ) -> list[list[list[int]]]:
-    """``samples_per_prompt`` responses for each prompt, each up to and including its EOS.
+    """``samples_per_prompt`` responses for each prompt, each up to and including its EOS; ``done`` is told how many
+    prompts are sampled after each batch.
 
     Prompts are left-padded so generation continues every row from its last real token.
     """
+    from transformers import GenerationConfig
+
     device = next(model.parameters()).device
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -98,6 +108,8 @@ def sample_responses(
             for index in range(len(chunk)):
                 rows = generated[index * config.samples_per_prompt : (index + 1) * config.samples_per_prompt]
                 responses.append([until_eos(row, eos_token_id) for row in rows])
+            if done is not None:
+                done(len(responses))
     finally:
         model.generation_config = inherited
         model.train(was_training)

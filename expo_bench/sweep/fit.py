@@ -20,13 +20,14 @@ from transformers import PreTrainedModel
 from expo_bench import metric_keys
 from expo_bench.cache import digest
 from expo_bench.lm.data import PairData
-from expo_bench.lm.evaluation import Evaluator, PeriodicEvaluation
+from expo_bench.lm.evaluation import Evaluator
 from expo_bench.lm.model import REFERENCES, CausalLMScorer, LoraSettings, policy_model
 from expo_bench.methods.base import MethodParams, PreferenceMethod
 from expo_bench.recipe import MethodRun
+from expo_bench.sweep.callbacks import LossHistory, PeriodicEvaluation
 from expo_bench.sweep.records import LanguageModelIdentity, TrainingResult, display_name
 from expo_bench.tracking import TrackedRun
-from expo_bench.training import LossHistory, build_trainer
+from expo_bench.training import build_trainer
 
 RECORD = "record.json"
 """Written last into a run directory: its presence means the run finished training."""
@@ -175,7 +176,7 @@ def evaluate(
     evaluator: Evaluator, name: str, policy: PreTrainedModel | None, run_dir: Path, console: Console
 ) -> dict[str, float]:
     """A run's metrics under ``evaluator`` (computed at most once), with its headline printed."""
-    metrics, hit = evaluator.evaluate_once(policy, run_dir, {"method": name, "run": run_dir.name})
+    metrics, hit = evaluator.evaluate_once(policy, run_dir, {"method": name, "run": run_dir.name}, console)
     headline = ", ".join(f"{metric.name} {metrics[metric.key]:.3f}" for metric in metric_keys.HEADLINE if metric.key in metrics)
     console.print(f"  {name}: {'evaluated in an earlier run' if hit else 'evaluated'}: {headline}")
     return metrics

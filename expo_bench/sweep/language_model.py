@@ -38,6 +38,17 @@ REFERENCE_LABEL = "sft-reference"
 """How the SFT reference appears among the methods when it is evaluated."""
 
 
+def seed_line(seed: int, provenance: SeedProvenance) -> str:
+    """One readable line on a seed's data and reference (``summary.json`` keeps every field)."""
+    facts = [f"{key} {value}" for key, value in provenance.facts.items() if not key.startswith("sft_")]  # SFT has its line
+    return (
+        f"seed {seed}: {provenance.train_pairs} training and {provenance.eval_pairs} held-out pairs "
+        f"({provenance.truncated_prompts} prompts and {provenance.truncated_responses} responses truncated); "
+        f"reference {provenance.parameters / 1e6:.2f}M parameters; fingerprints: data {provenance.data_fingerprint}, "
+        f"reference {provenance.reference_fingerprint}" + "".join(f"; {fact}" for fact in facts)
+    )
+
+
 class LanguageModelSweep:
     """Every (seed, method, λ) of a recipe whose task is a :class:`LanguageModelTask`."""
 
@@ -73,7 +84,7 @@ class LanguageModelSweep:
             parameters=count_parameters(base),
             facts={**sft, **data.provenance},
         )
-        console.print(f"seed {seed}: {provenance.as_json()}")
+        console.print(seed_line(seed, provenance), highlight=False)
         datasets = PairDataset(data.train, pad), PairDataset(data.evaluation, pad)
         self._attach_reference_work(base, datasets, tokenizer.eos_token_id, seed, provenance)
         units = [
@@ -106,7 +117,7 @@ class LanguageModelSweep:
             records.append(self._evaluate_reference(evaluator, seed, provenance))
         every = None if evaluation is None else evaluation.every_n_steps
         for unit in units:
-            tracked = self._open(unit.run.label, unit.lam, unit.identity, unit.run_dir, evaluator)
+            tracked = self._open(unit.run.label, unit.lam, unit.identity, unit.run_dir, evaluator, unit.run.method.regularization)
             pair_data = PairData(*datasets, batch_size=unit.run.train.batch_size, seed=seed)
             training, metrics = fit(unit, base, pair_data, evaluator, every, tracked, console)
             records.append(LanguageModelRecord(unit.run.label, unit.lam, unit.identity, provenance, training, metrics))
@@ -128,20 +139,26 @@ class LanguageModelSweep:
         base.cpu()
 
     def _evaluator(self, data: TaskData, tokenizer: Any, base: PreTrainedModel, seed: int) -> Evaluator:
-        """Judge and held-out prompts (each distinct prompt once, with its first chosen response)."""
+        """The judge, and the task's test prompts or else the held-out prompts, the first ``evaluation.prompts``."""
         config = self.task.evaluation
         assert config is not None
         judge = data.judge if config.judge is None else config.judge.build(self.context.cache_dir / "judgments", seed)
         assert judge is not None, "the recipe validator requires a judge for tasks without their own"
-        first_pairs = list({tuple(pair.prompt_ids): pair for pair in reversed(data.evaluation)}.values())[::-1]
-        pairs = first_pairs[: config.prompts]
+        found = data.test or self._held_out_prompts(data, tokenizer)
+        n = config.prompts
+        held_out = HeldOutPrompts(found.prompt_ids[:n], found.prompts[:n], found.chosen_ids[:n])
+        return Evaluator(config, tokenizer, base, held_out, judge, seed, self.context.cache_dir, data.exact)
+
+    @staticmethod
+    def _held_out_prompts(data: TaskData, tokenizer: Any) -> HeldOutPrompts:
+        """Each distinct held-out prompt once, with its first chosen response."""
+        pairs = list({tuple(pair.prompt_ids): pair for pair in reversed(data.evaluation)}.values())[::-1]
         eos = tokenizer.eos_token_id
-        held_out = HeldOutPrompts(
+        return HeldOutPrompts(
             [pair.prompt_ids for pair in pairs],
             [tokenizer.decode(pair.prompt_ids) for pair in pairs],
             [strip_eos(pair.chosen_ids, eos) for pair in pairs],
         )
-        return Evaluator(config, tokenizer, base, held_out, judge, seed, self.context.cache_dir, data.exact)
 
     def _evaluate_reference(self, evaluator: Evaluator, seed: int, provenance: SeedProvenance) -> LanguageModelRecord:
         """The SFT reference evaluated like a method: the frontier's origin and the win rate of "no optimization"."""
@@ -156,7 +173,13 @@ class LanguageModelSweep:
         return LanguageModelRecord(REFERENCE_LABEL, None, identity, provenance, None, metrics)
 
     def _open(
-        self, label: str, lam: float | None, identity: LanguageModelIdentity, run_dir: Path, evaluator: Evaluator | None
+        self,
+        label: str,
+        lam: float | None,
+        identity: LanguageModelIdentity,
+        run_dir: Path,
+        evaluator: Evaluator | None,
+        regularization: str | None = None,
     ) -> TrackedRun:
         """The tracking-store run of one trained (or reference) policy under one evaluation."""
         evaluation = None if evaluator is None else evaluator.identity()
@@ -181,5 +204,6 @@ class LanguageModelSweep:
                 judge=None if evaluator is None else evaluator.judge.name,
                 data_fingerprint=identity.data_fingerprint,
                 model_fingerprint=identity.reference_fingerprint,
+                regularization=regularization,
             ),
         )

@@ -32,6 +32,8 @@ class RunIdentity:
     judge: str | None = None
     data_fingerprint: str | None = None
     model_fingerprint: str | None = None
+    regularization: str | None = None
+    """The name of the hyperparameter that is the method's λ (``beta``), if it has one."""
 
 
 def open_run(runs: RunLog, identity: RunIdentity) -> TrackedRun:
@@ -50,6 +52,7 @@ def open_run(runs: RunLog, identity: RunIdentity) -> TrackedRun:
         tracking.JUDGE: identity.judge,
         tracking.DATA_FINGERPRINT: identity.data_fingerprint,
         tracking.MODEL_FINGERPRINT: identity.model_fingerprint,
+        tracking.REGULARIZATION: identity.regularization,
     }
     tags |= {tag: value for tag, value in optional.items() if value is not None}
     return runs.child(identity.key, identity.name, identity.params, tags)

@@ -81,6 +81,7 @@ class TabularSweep:
     def _tracked(self, records: list[TabularRecord]) -> list[TabularRecord]:
         """Record each replica as its own run, ranked by KL(π*‖π) summed over prompts."""
         best = {prompt.name: max(range(len(prompt.pi_star)), key=prompt.pi_star.__getitem__) for prompt in self.task.prompts}
+        regularization = {run.label: run.method.regularization for run in self.context.experiment.runs}
         for record in records:
             identity = {
                 "method_class": record.method_class,
@@ -103,6 +104,7 @@ class TabularSweep:
                     model=MODEL,
                     rank_by=self.task.rank_by,
                     params={"method": record.method, "lam": record.lam, **identity},
+                    regularization=regularization[record.method],
                 ),
             )
             if not tracked.complete:
