@@ -24,8 +24,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import numpy as np
+from matplotlib import transforms
 from matplotlib.axes import Axes
+from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -408,6 +409,7 @@ def _write_csv(tables: Sequence[LeaderboardTable], path: Path) -> None:
 
 
 MARKERS = "osD^vPX*<>"
+DODGE_POINTS = 4.0
 LINES = ("-", "--", "-.", ":")
 
 
@@ -427,6 +429,14 @@ def _axis_label(key: str) -> str:
     if metric is None:
         return key
     return f"{metric.title} ({'higher' if metric.goal == 'max' else 'lower'} is better)"
+
+
+def _dodge(series: ErrorbarContainer, fig: Figure, ax: Axes, index: int, count: int) -> None:
+    """Draw series ``index`` of ``count`` a few points left or right of its data, once the axes have fitted the
+    data: series on the same values sit side by side instead of on top of one another (the data are unchanged)."""
+    shift = transforms.offset_copy(ax.transData, fig=fig, x=(index - (count - 1) / 2) * DODGE_POINTS, units="points")
+    for artist in series.get_children():
+        artist.set_transform(shift)
 
 
 def _spans_decades(values: Sequence[float]) -> bool:
@@ -485,17 +495,17 @@ def _plot_lam_sweep(table: LeaderboardTable, path: Path) -> Path | None:
         return None
     styles = _styles(table)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    dodge = 1.04 ** (np.arange(len(curves)) - (len(curves) - 1) / 2)  # methods sharing a λ side by side, not on top
-    for shift, (method, points) in zip(dodge, sorted(curves.items()), strict=True):
+    for index, (method, points) in enumerate(sorted(curves.items())):
         points.sort(key=lambda point: point[0])
-        ax.errorbar(
-            [lam * shift for lam, _ in points],
+        series = ax.errorbar(
+            [lam for lam, _ in points],
             [found.mean for _, found in points],
             yerr=[_half_width(found) for _, found in points],
             capsize=3,
             label=method,
             **styles[method],
         )
+        _dodge(series, fig, ax, index, len(curves))
     ax.set_xscale("log")
     if _spans_decades([found.mean for points in curves.values() for _, found in points]):
         ax.set_yscale("log")
@@ -513,10 +523,11 @@ def _scatter(table: LeaderboardTable, path: Path, points: dict[str, list[Point]]
         return None
     styles = _styles(table)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for method, found in sorted(points.items()):
+    for index, (method, found) in enumerate(sorted(points.items())):
         xs, ys, x_errors, y_errors = zip(*found, strict=True)
         style = {**styles[method], "linestyle": "none"}
-        ax.errorbar(xs, ys, xerr=x_errors, yerr=y_errors, capsize=2, markersize=5, alpha=0.85, label=method, **style)
+        series = ax.errorbar(xs, ys, xerr=x_errors, yerr=y_errors, capsize=2, markersize=5, alpha=0.85, label=method, **style)
+        _dodge(series, fig, ax, index, len(points))
     ax.set_xlabel(_axis_label(x))
     ax.set_ylabel(_axis_label(y))
     return _save(fig, ax, path, f"{_title(table)}: {title}")
@@ -580,9 +591,9 @@ def _plot_temperature(table: LeaderboardTable, path: Path) -> Path | None:
         return None
     styles = _styles(table)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for method, (row, curve) in curves.items():
+    for index, (method, (row, curve)) in enumerate(curves.items()):
         found = [_spread(row, key, at_temperature(WIN_RATE_STDERR.key, t)) for t, key in curve.items()]
-        ax.errorbar(
+        series = ax.errorbar(
             list(curve),
             [estimate.mean for estimate in found if estimate is not None],
             yerr=[_half_width(estimate) for estimate in found],
@@ -590,6 +601,7 @@ def _plot_temperature(table: LeaderboardTable, path: Path) -> Path | None:
             label=method,
             **styles[method],
         )
+        _dodge(series, fig, ax, index, len(curves))
     ax.set_xlabel("sampling temperature")
     ax.set_ylabel(_axis_label(WIN_RATE.key))
     return _save(fig, ax, path, f"{_title(table)}: win rate vs temperature (best configuration, 95% CI)")

@@ -80,7 +80,7 @@ def test_conversational_fixture_renders_prompts_with_the_chat_template(gpt2: Any
     assert gpt2.decode(pairs[0].prompt_ids) == f"<|user|>\n{user['content']}<|endoftext|>\n<|assistant|>\n"
     assert gpt2.decode(pairs[0].chosen_ids) == answer["content"] + gpt2.eos_token
     # soft labels reach the batch contract that every method's loss reads
-    assert collate_pairs(pairs[:4], gpt2.eos_token_id).label.tolist() == [1.0, 1.0, 0.9, 0.75]
+    assert collate_pairs(pairs[:4], gpt2.eos_token_id).label.tolist() == pytest.approx([1.0, 1.0, 0.9, 0.75])
 
 
 def test_a_multi_turn_prompt_is_every_turn_before_the_last_answer(tmp_path: Path, gpt2: Any) -> None:

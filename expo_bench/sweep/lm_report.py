@@ -79,11 +79,15 @@ def evaluation_table(records: Sequence[LanguageModelRecord]) -> tuple[list[str],
 
 def smoothed(values: Sequence[float]) -> np.ndarray:
     """A centred moving average over about a tenth of the curve (at the ends, over the points there are)."""
-    window = max(1, len(values) // 10) | 1
+    window = max(1, len(values) // 8) | 1
     kernel = np.ones(window)
     padded = np.convolve(np.asarray(values, dtype=float), kernel, mode="same")
     counts = np.convolve(np.ones(len(values)), kernel, mode="same")
     return padded / counts
+
+
+def held_out_accuracy(metrics: dict[str, float], keys: Sequence[str]) -> float:
+    return next((metrics[key] for key in keys if key in metrics), math.nan)
 
 
 def plot_training(records: Sequence[LanguageModelRecord], path: Path) -> None:
@@ -95,13 +99,13 @@ def plot_training(records: Sequence[LanguageModelRecord], path: Path) -> None:
     columns = min(FACETS_PER_ROW, max(1, len(by_method)))
     rows = math.ceil(len(by_method) / columns) or 1
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), sharey=True, squeeze=False)
-    accuracy_key = metric_keys.VAL_REWARDS_ACCURACY.key
+    accuracies = (metric_keys.VAL_REWARDS_ACCURACY.key, metric_keys.VAL_PREFERENCE_ACCURACY.key)  # the second without a reference
     for ax, (method, runs) in zip(axes.flat, by_method.items(), strict=False):
         lams = sorted({record.lam for record in runs}, key=lambda lam: -1.0 if lam is None else lam)
         colours = plt.colormaps["viridis"](np.linspace(0.0, 0.85, len(lams)))
         for lam, colour in zip(lams, colours, strict=True):
             at_lam = [record for record in runs if record.lam == lam]
-            accuracy = [r.training.eval_after.get(accuracy_key, math.nan) for r in at_lam if r.training is not None]
+            accuracy = [held_out_accuracy(r.training.eval_after, accuracies) for r in at_lam if r.training is not None]
             label = ("" if lam is None else f"λ={lam:g}, ") + f"held-out acc. {np.nanmean(accuracy):.2f}"
             for index, record in enumerate(at_lam):
                 history = [] if record.training is None else record.training.loss_history
@@ -120,7 +124,10 @@ def plot_training(records: Sequence[LanguageModelRecord], path: Path) -> None:
         ax.set_ylabel("training loss / first logged\n(smoothed)")
     for ax in list(axes.flat)[len(by_method) :]:
         ax.set_visible(False)
-    fig.suptitle("Training loss per method (each line a seed; held-out reward accuracy after training: h > 0, ties ½)")
+    fig.suptitle(
+        "Training loss per method; each line a seed. Held-out accuracy after training: h > 0 (ties ½), or the\n"
+        "policy's own preference for a reference-free method"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
