@@ -19,6 +19,7 @@ from rich.text import Text
 from expo_bench import __version__
 from expo_bench.errors import UserError
 from expo_bench.metric_keys import LEADERBOARD_COLUMNS
+from expo_bench.reporting import rich_table
 
 if TYPE_CHECKING:
     from expo_bench.recipe import Experiment
@@ -126,26 +127,28 @@ def lam_summary(lams: list[float] | None) -> str:
     return ", ".join(f"{lam:g}" for lam in lams) if len(lams) <= 3 else f"{len(lams)}: {min(lams):g}…{max(lams):g}"
 
 
-def describe(experiment: Experiment) -> Table:
+def describe(experiment: Experiment, width: int | None = None) -> Table:
     """One row per method: what will be trained, with which λ grid, non-default hyperparameters and budget."""
     recipe = experiment.recipe
-    table = Table(title=f"{recipe.experiment} · recipe {recipe.fingerprint()} · seeds {recipe.seeds}")
-    for column in ("method", "λ", "other params", "epochs", "batch", "optimizer"):
-        table.add_column(column, overflow="fold")
+    rows = []
     for run in experiment.runs:
         params = run.grid[0].model_dump(exclude_defaults=True, exclude={run.method.regularization or ""})
-        table.add_row(
-            run.label,
-            lam_summary(run.lam)
-            if run.lam or run.method.regularization is None
-            else f"{run.method.regularization}={getattr(run.grid[0], run.method.regularization):g}",
-            ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items())
-            or "—",
-            str(run.train.max_epochs),
-            str(run.train.batch_size),
-            f"{run.train.optimizer.name} {run.train.optimizer.lr:g}",
+        rows.append(
+            [
+                run.label,
+                lam_summary(run.lam)
+                if run.lam or run.method.regularization is None
+                else f"{run.method.regularization}={getattr(run.grid[0], run.method.regularization):g}",
+                ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items())
+                or "—",
+                str(run.train.max_epochs),
+                str(run.train.batch_size),
+                f"{run.train.optimizer.name} {run.train.optimizer.lr:g}",
+            ]
         )
-    return table
+    header = ["method", "λ", "other params", "epochs", "batch", "optimizer"]
+    title = f"{recipe.experiment} · recipe {recipe.fingerprint()} · seeds {recipe.seeds}"
+    return rich_table(title, header, rows, width, "--print-config")
 
 
 def load(args: argparse.Namespace) -> list[Experiment]:
@@ -169,7 +172,7 @@ def validate(args: argparse.Namespace, console: Console) -> None:
         print_config(experiments, console)
         return
     for experiment in experiments:
-        console.print(describe(experiment))
+        console.print(describe(experiment, console.width))
         console.print(Text(f"{experiment.source}: valid", style="green"))
 
 
@@ -183,7 +186,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     for experiment in experiments:  # every recipe's judge answers before the first one trains
         preflight(experiment, args.results)
     for experiment in experiments:
-        console.print(describe(experiment))
+        console.print(describe(experiment, console.width))
         run_experiment(experiment, args.results, console)
 
 

@@ -57,8 +57,8 @@ def rich_table(
 @contextmanager
 def progress(console: Console | None, description: str, total: int) -> Iterator[Done | None]:
     """While a long phase runs on a terminal: a bar with the time elapsed and an estimate of the time left, gone when
-    the phase ends (a log gets the phase's one-line summary instead). None without a console or work to show."""
-    if console is None or total <= 0:
+    the phase ends (a log gets the phase's one-line summary instead). None without a terminal or work to show."""
+    if console is None or not console.is_terminal or total <= 0:
         yield None
         return
     columns = (
