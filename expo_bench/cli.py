@@ -35,11 +35,21 @@ QUIET_LIBRARIES = {
 """Library chatter kept off the terminal (read by each library when it is imported; a value already set wins)."""
 
 
+EXAMPLES = """examples:
+  expo-bench recipes                      shipped recipes, one line each
+  expo-bench methods                      methods, what λ sets, hyperparameters
+  expo-bench schema task.preference       a section's fields, defaults, meaning
+  expo-bench validate RECIPE --print-config
+  expo-bench run RECIPE --only method=dpo --only seed=0 --set train.max_epochs=2
+  expo-bench leaderboard EXPERIMENT       the leaderboard again, from the store"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expo-bench",
         description="Reproducible benchmark for offline preference optimization (EXPO, DPO, IPO, SimPO, ...).",
-        epilog="Example: expo-bench run recipes/synthetic_interpolation.yaml --set train.max_epochs=100",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"expo-bench {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -36,8 +36,9 @@ def column_width(title: str, cells: Sequence[str]) -> int:
 def rich_table(
     title: str, header: Sequence[str], rows: Sequence[Sequence[str]], width: int | None = None, elsewhere: str = "the file"
 ) -> Table:
-    """A terminal table whose cells never wrap or fold: within ``width`` terminal columns it keeps the first column
-    and then, in order, each column that still fits; the caption names the others, which ``elsewhere`` holds."""
+    """A terminal table whose cells never wrap or fold: within ``width`` terminal columns (every column without a
+    width) it keeps the first column and then, in order, each column that still fits; the caption names the others,
+    which ``elsewhere`` holds."""
     widths = [column_width(name, [row[index] for row in rows]) for index, name in enumerate(header)]
     kept, used = [], -1  # the last column has no divider after it
     for index, needed in enumerate(widths):

@@ -69,7 +69,7 @@ class TabularSweep:
         experiment, console = self.context.experiment, self.context.console
         name = experiment.recipe.experiment
         rows = report.final_policy_rows(records, [prompt.name for prompt in self.task.prompts])
-        console.print(rich_table(f"{name}: final policies", report.HEADER, rows))
+        console.print(rich_table(f"{name}: final policies", report.HEADER, rows, console.width, "final_policies.md"))
         table = out_dir / "final_policies.md"
         table.write_text(f"# {name}: final policies\n\n" + markdown_table(report.HEADER, rows))
         trajectories, sweep = out_dir / "trajectories.png", out_dir / "lambda_sweep.png"
