@@ -47,7 +47,7 @@ EXAMPLES = """examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expo-bench",
-        description="Reproducible benchmark for offline preference optimization (EXPO, DPO, IPO, SimPO, ...).",
+        description="Reproducible benchmark for offline preference optimization (EXPO, DPO, IPO,\nSimPO, ...): every method of a recipe trained, evaluated and recorded alike.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
