@@ -47,7 +47,8 @@ EXAMPLES = """examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expo-bench",
-        description="Reproducible benchmark for offline preference optimization (EXPO, DPO, IPO,\nSimPO, ...): every method of a recipe trained, evaluated and recorded alike.",
+        description="Reproducible benchmark for offline preference optimization (EXPO, DPO, IPO,\n"
+        "SimPO, ...): every method of a recipe trained, evaluated and recorded alike.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

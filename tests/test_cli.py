@@ -77,6 +77,23 @@ def test_help_and_validate_import_no_heavy_package() -> None:
     assert fresh_modules("validate", "recipes/hh_tiny_local.yaml", "recipes/imdb_tiny_local.yaml") & heavy == set()
 
 
+def test_a_method_instance_is_a_lightning_module_that_pickles() -> None:
+    """Method classes are declared without Lightning; an instance is a LightningModule of its class all the same."""
+    import pickle
+
+    import lightning as L
+    import torch
+
+    from expo_bench.methods.dpo import DPO
+    from expo_bench.optim import OptimizerConfig
+    from expo_bench.tabular.policy import TabularPolicy
+
+    pi_ref = torch.tensor([[0.5, 0.3, 0.2]])
+    module = DPO(TabularPolicy(pi_ref), TabularPolicy(pi_ref), [DPO.Params()], OptimizerConfig())
+    assert isinstance(module, DPO) and isinstance(module, L.LightningModule) and not issubclass(DPO, L.LightningModule)
+    assert type(module) is DPO.Trainable and type(pickle.loads(pickle.dumps(module))) is DPO.Trainable
+
+
 def test_methods_lists_every_builtin_with_its_lambda_and_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["methods"]) == 0
     out = capsys.readouterr().out

@@ -70,6 +70,10 @@ def preference_nll(logit: Tensor, label: Tensor | float, gamma: float | Tensor =
     return pairwise_loss(bradley_terry, logit, label, gamma)
 
 
+TRAINABLE = "Trainable"
+_TRAINABLE_CLASSES: dict[type, type[PreferenceMethod]] = {}
+
+
 def trainable(cls: type[PreferenceMethod]) -> type[PreferenceMethod]:
     """``cls`` as a Lightning ``LightningModule``: ``cls`` with Lightning's base class after its own bases, made once."""
     from lightning import LightningModule
@@ -80,10 +84,6 @@ def trainable(cls: type[PreferenceMethod]) -> type[PreferenceMethod]:
         namespace = {"__module__": cls.__module__, "__qualname__": f"{cls.__qualname__}.{TRAINABLE}", "__doc__": cls.__doc__}
         _TRAINABLE_CLASSES[cls] = type(cls.__name__, (cls, LightningModule), namespace)
     return _TRAINABLE_CLASSES[cls]
-
-
-_TRAINABLE_CLASSES: dict[type, type[PreferenceMethod]] = {}
-TRAINABLE = "Trainable"
 
 
 class _Trainable:
