@@ -54,7 +54,7 @@ from expo_bench.metric_keys import (
     Metric,
     at_temperature,
 )
-from expo_bench.reporting import markdown_table, rich_table
+from expo_bench.reporting import Z_95, markdown_table, rich_table, with_interval
 from expo_bench.tracking import (
     COMPLETE,
     CONFIG_KEY,
@@ -226,10 +226,6 @@ def load_leaderboard(uri: str, experiment: str | None) -> list[LeaderboardTable]
     return tables
 
 
-Z_95 = 1.959963984540054
-"""The standard normal's 97.5% quantile: a 95% interval over the prompts of one run is ± Z_95 standard errors."""
-
-
 def _spread(row: Configuration, key: str, stderr_key: str | None = None) -> Estimate | None:
     """A metric's mean ± half-width over seeds (Student t), or with one seed ± Z_95 × the run's own standard error
     over prompts where it logged one (win rate, reward, KL: ``stderr_key`` or the metric's in
@@ -246,14 +242,7 @@ def _spread(row: Configuration, key: str, stderr_key: str | None = None) -> Esti
 
 
 def _cell(found: Estimate | None, spread: bool = True) -> str:
-    if found is None:
-        return "—"
-    if not math.isfinite(found.mean):
-        return "n/a"
-    if not spread or not found.half_width or not math.isfinite(found.half_width):
-        return f"{found.mean:.4g}"
-    decimals = min(6, max(0, 1 - math.floor(math.log10(found.half_width))))  # two significant digits of the CI
-    return f"{found.mean:.{decimals}f} ± {found.half_width:.{decimals}f}"
+    return "—" if found is None else with_interval(found.mean, found.half_width if spread else None)
 
 
 def _lam(row: Configuration) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +18,21 @@ Done = Callable[[int], None]
 
 SEPARATION = 3
 """Terminal columns each table column takes besides its text: a space either side, and the divider before the next."""
+
+
+Z_95 = 1.959963984540054
+"""The standard normal's 97.5% quantile: a 95% interval over the prompts of one run is ± Z_95 standard errors."""
+
+
+def with_interval(mean: float, half_width: float | None = None) -> str:
+    """``0.740 ± 0.090``: the mean to the interval's two significant digits; the mean alone (4 significant digits)
+    without an interval, ``n/a`` where the value is undefined."""
+    if not math.isfinite(mean):
+        return "n/a"
+    if not half_width or not math.isfinite(half_width):
+        return f"{mean:.4g}"
+    decimals = min(6, max(0, 1 - math.floor(math.log10(half_width))))
+    return f"{mean:.{decimals}f} ± {half_width:.{decimals}f}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

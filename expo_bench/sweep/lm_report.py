@@ -15,16 +15,21 @@ import numpy as np
 from rich.console import Console
 
 from expo_bench import metric_keys, reporting
+from expo_bench.methods import method_class
 from expo_bench.metric_keys import Metric
 from expo_bench.sweep.records import LanguageModelRecord
 
 HEADER = ["method", "λ", "seed", "steps", *(metric.title for metric in metric_keys.HELD_OUT_COLUMNS)]
-Z_95 = 1.959963984540054
 FACETS_PER_ROW = 3
 
 
 def _lam(record: LanguageModelRecord) -> str:
-    return "—" if record.lam is None else f"{record.lam:g}"
+    """The run's λ, whichever hyperparameter plays it (DPO's β, EXPO's λ), as the leaderboard shows it."""
+    if record.lam is not None:
+        return f"{record.lam:g}"
+    params, identity = record.identity.params, record.identity
+    field = None if params is None else method_class(identity.method_class).regularization
+    return "—" if params is None or field is None or field not in params else f"{params[field]:g}"
 
 
 def metric_rows(records: Sequence[LanguageModelRecord]) -> list[list[str]]:
@@ -51,14 +56,11 @@ def metric_rows(records: Sequence[LanguageModelRecord]) -> list[list[str]]:
 
 def _with_stderr(metrics: dict[str, float], metric: Metric) -> str:
     """A run's value, ± 1.96 standard errors over its prompts where the metric has one (the KL estimate's included)."""
-    value = metrics.get(metric.key)
-    if value is None:
+    if metric.key not in metrics:
         return "—"
     stderr = metric_keys.STANDARD_ERRORS.get(metric.key)
     within = None if stderr is None else metrics.get(stderr.key)
-    if within is None or not math.isfinite(within) or within <= 0:
-        return f"{value:.4f}"
-    return f"{value:.4f} ± {Z_95 * within:.4f}"
+    return reporting.with_interval(metrics[metric.key], None if within is None else reporting.Z_95 * within)
 
 
 def evaluation_table(records: Sequence[LanguageModelRecord]) -> tuple[list[str], list[list[str]]]:
