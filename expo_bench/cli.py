@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -20,19 +21,40 @@ from rich.text import Text
 from expo_bench import __version__
 from expo_bench.errors import UserError
 from expo_bench.metric_keys import LEADERBOARD_COLUMNS
-from expo_bench.recipe import Experiment, load_recipe
-from expo_bench.training import Machine
+from expo_bench.reporting import rich_table
+
+if TYPE_CHECKING:
+    from expo_bench.recipe import Experiment
 
 EXIT_USER_ERROR = 2
 ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 """Write failures that are the machine's, not a bug: reported in one line, like a user error."""
 
+QUIET_LIBRARIES = {
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # "Creating initial MLflow database tables..." on every new store
+    "TRANSFORMERS_VERBOSITY": "error",  # tokenizer notices on every load
+    "DATASETS_VERBOSITY": "error",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # the long phases show their own progress
+}
+"""Library chatter kept off the terminal (read by each library when it is imported; a value already set wins)."""
+
+
+EXAMPLES = """examples:
+  expo-bench recipes                      shipped recipes, one line each
+  expo-bench methods                      methods, what λ sets, hyperparameters
+  expo-bench schema task.preference       a section's fields, defaults, meaning
+  expo-bench validate RECIPE --print-config
+  expo-bench run RECIPE --only method=dpo --only seed=0 --set train.max_epochs=2
+  expo-bench leaderboard EXPERIMENT       the leaderboard again, from the store"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expo-bench",
-        description="Reproducible benchmark for offline preference optimization (EXPO, DPO, IPO, SimPO, ...).",
-        epilog="Example: expo-bench run recipes/synthetic_interpolation.yaml --set train.max_epochs=100",
+        description="Reproducible benchmark for offline preference optimization (EXPO, DPO, IPO,\n"
+        "SimPO, ...): every method of a recipe trained, evaluated and recorded alike.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"expo-bench {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -53,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a recipe field by dotted path, value parsed as YAML (repeatable), e.g. methods.0.params.beta=0.5",
         )
+        command.add_argument(
+            "--only",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="keep only these method entries (method=LABEL or method name) or seeds (seed=N); repeatable, "
+            "comma-separated alternatives, e.g. --only method=dpo,ipo --only seed=0",
+        )
+        command.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the resolved recipe (every default filled in) as YAML and exit",
+        )
         if name == "run":
             command.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results/)")
         else:
@@ -62,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
                 help="check the recipe alone, not whether this machine can run it (GPUs, DeepSpeed, precision): "
                 "for a recipe meant for another machine",
             )
+    for name, handler, summary in (
+        ("methods", methods, "list the built-in methods: what λ sets, hyperparameters and their defaults"),
+        ("recipes", recipes, "list the shipped recipes (recipes/), one line each"),
+    ):
+        commands.add_parser(name, help=summary, description=summary).set_defaults(handler=handler)
+    schema = commands.add_parser(
+        "schema",
+        help="every recipe field with its default, type and meaning, as commented YAML",
+        description="Print the recipe's fields as commented YAML (defaults, types, bounds, documentation). SECTION is a "
+        "dotted path: train, task (lists the task kinds), task.hh, task.preference.evaluation.judge.llm, ...",
+    )
+    schema.set_defaults(handler=show_schema)
+    schema.add_argument("section", nargs="?", default="", metavar="SECTION", help="e.g. train, task.hh.evaluation")
     board = commands.add_parser(
         "leaderboard",
         help="tables and plots of the best configuration per method, from the tracking store",
@@ -110,13 +158,11 @@ def _values(values: list[object]) -> str:
     return text[0] if len(text) == 1 else "{" + ", ".join(text) + "}"
 
 
-def describe(experiment: Experiment) -> Table:
+def describe(experiment: Experiment, width: int | None = None) -> Table:
     """One row per method run: what will be trained, with which λ grid, the other hyperparameters that are not
     defaults (a set where the grid varies them) and the budget."""
     recipe = experiment.recipe
-    table = Table(title=f"{recipe.experiment} · recipe {recipe.fingerprint()} · seeds {recipe.seeds}")
-    for column in ("method", "λ", "other params", "epochs", "batch", "optimizer"):
-        table.add_column(column, overflow="fold")
+    rows = []
     for run in experiment.runs:
         dumps = [params.model_dump(exclude={run.method.regularization or ""}) for params in run.grid]
         defaults = run.method.Params().model_dump()
@@ -124,25 +170,49 @@ def describe(experiment: Experiment) -> Table:
         shown = {
             key: values for key, values in varying.items() if len(set(map(str, values))) > 1 or values[0] != defaults.get(key)
         }
-        table.add_row(
-            run.label,
-            lam_summary(run.lam),
-            ", ".join(f"{key}={_values(values)}" for key, values in shown.items()) or "—",
-            str(run.train.max_epochs),
-            str(run.train.batch_size),
-            f"{run.train.optimizer.name} {run.train.optimizer.lr:g}",
+        rows.append(
+            [
+                run.label,
+                lam_summary(run.lam),
+                ", ".join(f"{key}={_values(values)}" for key, values in shown.items()) or "—",
+                str(run.train.max_epochs),
+                str(run.train.batch_size),
+                f"{run.train.optimizer.name} {run.train.optimizer.lr:g}",
+            ]
         )
-    return table
+    header = ["method", "λ", "other params", "epochs", "batch", "optimizer"]
+    title = f"{recipe.experiment} · recipe {recipe.fingerprint()} · seeds {recipe.seeds}"
+    return rich_table(title, header, rows, width, "--print-config")
+
+
+def load(args: argparse.Namespace) -> list[Experiment]:
+    """Every recipe on the command line, overridden, validated and selected, before any work starts."""
+    from expo_bench.recipe import load_recipe, select
+
+    return [select(load_recipe(path, args.overrides), args.only) for path in args.recipes]
+
+
+def print_config(experiments: list[Experiment], console: Console) -> None:
+    from expo_bench.explain import resolved_yaml
+
+    for experiment in experiments:
+        console.print(f"# {experiment.source}, resolved", style="dim", highlight=False)
+        console.print(resolved_yaml(experiment), end="", highlight=False, markup=False, soft_wrap=True)
 
 
 def validate(args: argparse.Namespace, console: Console) -> None:
+    experiments = load(args)
+    if args.print_config:
+        print_config(experiments, console)
+        return
+    from expo_bench.training import Machine
+
     machine = None if args.any_machine else Machine.this()
-    for path in args.recipes:
-        experiment = load_recipe(path, args.overrides)
+    for experiment in experiments:
         if machine is not None:
             experiment.check_machine(machine)
-        console.print(describe(experiment))
-        console.print(Text(f"{path}: valid" + ("" if machine is None else " on this machine"), style="green"))
+        console.print(describe(experiment, console.width))
+        console.print(Text(f"{experiment.source}: valid" + ("" if machine is None else " on this machine"), style="green"))
 
 
 def writable(folder: Path) -> None:
@@ -158,19 +228,42 @@ def writable(folder: Path) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from expo_bench.runner import run_experiment, start_ranks  # imports Lightning: keep validate and --help fast
+    experiments = load(args)  # all valid before any work
+    if args.print_config:
+        print_config(experiments, console)
+        return
+    from expo_bench.runner import preflight, run_experiment, start_ranks  # imports Lightning: keep validate and --help fast
     from expo_bench.tracking import check_store, resolve_tracking_uri
+    from expo_bench.training import Machine
 
-    experiments = [load_recipe(path, args.overrides) for path in args.recipes]  # all valid before any work
     machine = Machine.this()
     for experiment in experiments:  # runnable here, and the places they write writable, before anything is written
         experiment.check_machine(machine)
         writable(args.results / experiment.recipe.experiment)
         check_store(resolve_tracking_uri(experiment.recipe.tracking.uri, args.results))
+        preflight(experiment, args.results)  # every recipe's judge answers before the first one trains
     start_ranks(experiments, console)
     for experiment in experiments:
-        console.print(describe(experiment))
+        console.print(describe(experiment, console.width))
         run_experiment(experiment, args.results, console)
+
+
+def methods(args: argparse.Namespace, console: Console) -> None:
+    from expo_bench.explain import methods_text
+
+    console.print(methods_text(), highlight=False, markup=False, soft_wrap=True)
+
+
+def recipes(args: argparse.Namespace, console: Console) -> None:
+    from expo_bench.explain import recipes_text
+
+    console.print(recipes_text(), highlight=False, markup=False, soft_wrap=True)
+
+
+def show_schema(args: argparse.Namespace, console: Console) -> None:
+    from expo_bench.explain import schema_text
+
+    console.print(schema_text(args.section), highlight=False, markup=False, soft_wrap=True)
 
 
 def leaderboard(args: argparse.Namespace, console: Console) -> None:
@@ -231,6 +324,8 @@ def ui(args: argparse.Namespace, console: Console) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
     try:
         args.handler(args, Console())

@@ -15,17 +15,21 @@ import json
 import math
 import re
 import statistics
+import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib import transforms
 from matplotlib.axes import Axes
+from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -41,17 +45,20 @@ from expo_bench.metric_keys import (
     DISTINCT_2,
     JUDGED,
     KL,
+    KL_STDERR,
     LC_WIN_RATE,
     LEADERBOARD_COLUMNS,
     MEAN_LENGTH,
     REWARD,
+    REWARD_STDERR,
+    STANDARD_ERRORS,
     WIN_RATE,
     WIN_RATE_STDERR,
     Goal,
     Metric,
     at_temperature,
 )
-from expo_bench.reporting import markdown_table, rich_table
+from expo_bench.reporting import Z_95, markdown_table, rich_table, with_interval
 from expo_bench.tracking import (
     COMPLETE,
     CONFIG_KEY,
@@ -61,6 +68,7 @@ from expo_bench.tracking import (
     RANK_GOAL,
     RANK_METRIC,
     RECIPE_HASH,
+    REGULARIZATION,
     SEED,
     SELECTION_METRIC,
     open_client,
@@ -309,18 +317,39 @@ def load_leaderboard(uri: str, experiment: str | None, baseline: str | None = "d
     return tables
 
 
+def _spread(row: Configuration, key: str, stderr_key: str | None = None) -> Estimate | None:
+    """A metric's mean ± half-width over seeds (Student t), or with one seed ± Z_95 × the run's own standard error
+    over prompts where it logged one (win rate, reward, KL: ``stderr_key`` or the metric's in
+    :data:`~expo_bench.metric_keys.STANDARD_ERRORS`), so that a single seed still shows its uncertainty."""
+    found = row.estimates.get(key)
+    if found is None or found.half_width is not None:
+        return found
+    if stderr_key is None and key in STANDARD_ERRORS:
+        stderr_key = STANDARD_ERRORS[key].key
+    within = None if stderr_key is None else row.estimates.get(stderr_key)
+    if within is None or not math.isfinite(within.mean):
+        return found
+    return Estimate(found.mean, Z_95 * within.mean, found.n)
+
+
 def _cell(found: Estimate | None, spread: bool = True) -> str:
-    if found is None:
-        return "—"
-    if not spread or not found.half_width:
-        return f"{found.mean:.4g}"
-    decimals = min(6, max(0, 1 - math.floor(math.log10(found.half_width))))  # two significant digits of the CI
-    return f"{found.mean:.{decimals}f} ± {found.half_width:.{decimals}f}"
+    return "—" if found is None else with_interval(found.mean, found.half_width if spread else None)
+
+
+def _lam(row: Configuration) -> str:
+    """The method's λ, whichever hyperparameter plays it (DPO's β, IPO's τ, EXPO's λ); — for a method without one."""
+    regularization = next((run.tags[REGULARIZATION] for run in row.runs if REGULARIZATION in run.tags), None)
+    for key in (LAM, f"params.{regularization}"):
+        try:
+            return f"{float(row.params[key]):g}"
+        except (KeyError, ValueError):
+            continue
+    return "—"
 
 
 def _params_text(params: dict[str, str]) -> str:
-    """The method's hyperparameters (λ and ``params.*``); the full configuration is in the CSV and the store."""
-    shown = {key.removeprefix("params."): value for key, value in params.items() if key == LAM or key.startswith("params.")}
+    """The method's hyperparameters (``params.*``); the full configuration is in the CSV and the store."""
+    shown = {key.removeprefix("params."): value for key, value in params.items() if key.startswith("params.")}
     return ", ".join(f"{key}={value}" for key, value in shown.items()) or "—"
 
 
@@ -339,28 +368,64 @@ def _notes(verdict: RowVerdict) -> str:
     return "; ".join(notes)
 
 
-def _display(table: LeaderboardTable) -> tuple[list[str], list[list[str]]]:
-    versus = [] if table.baseline is None else [f"Δ vs {table.baseline} (paired)"]
-    header = ["method", *(column.title for column in table.columns), *versus, "notes", "seeds", "config", "runs", "git", "recipe"]
+def _defined(table: LeaderboardTable) -> list[Metric]:
+    """The table's metrics that some row has a finite value of: one undefined in the setting (self-BLEU of one
+    sample per prompt) is left out rather than shown as a column of n/a."""
+    return [
+        column
+        for column in table.columns
+        if any(math.isfinite(found.mean) for row in table.rows if (found := row.estimates.get(column.key)) is not None)
+    ]
+
+
+def _display(table: LeaderboardTable, terminal: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows, most wanted first: method, λ, the rank metric, the paired difference from the baseline and the
+    verdict notes, seeds, the other metrics, then the configuration and provenance. A terminal gets neither of the last
+    two, nor a seeds column when every row has as many seeds (its title says how many)."""
+    metrics = _defined(table)
+    rank = [metric for metric in metrics if metric.key == table.rank_metric]
+    others = [metric for metric in metrics if metric.key != table.rank_metric]
+    versus = [] if table.baseline is None else [f"Δ vs {table.baseline}" + ("" if terminal else " (paired)")]
+    seeds = ["seeds"] if not terminal or len(_seed_counts(table)) > 1 else []
+    provenance = [] if terminal else ["params", "runs", "git", "recipe"]
+    header = ["method", "λ", *(m.title for m in rank), *versus, "notes", *seeds, *(m.title for m in others), *provenance]
     rows = [
         [
             row.method,
-            *(_cell(row.estimates.get(column.key), column.spread) for column in table.columns),
+            _lam(row),
+            *(_cell(_spread(row, metric.key), metric.spread) for metric in rank),
             *([] if table.baseline is None else [_difference(table.verdicts[row.method].versus_baseline)]),
             _notes(table.verdicts[row.method]),
-            str(len(row.runs)),
-            _params_text(row.params),
-            " ".join(run.run_id[:8] for run in row.runs),
-            " ".join(sha[:12] + ("-dirty" if sha.endswith("-dirty") else "") for sha in row.provenance(GIT_SHA)) or "—",
-            " ".join(row.provenance(RECIPE_HASH)) or "—",
+            *([str(len(row.runs))] if seeds else []),
+            *(_cell(_spread(row, metric.key), metric.spread) for metric in others),
+            *(_provenance(row) if provenance else []),
         ]
         for row in table.rows
     ]
     return header, rows
 
 
+def _provenance(row: Configuration) -> list[str]:
+    return [
+        _params_text(row.params),
+        " ".join(run.run_id[:8] for run in row.runs),
+        " ".join(sha[:12] + ("-dirty" if sha.endswith("-dirty") else "") for sha in row.provenance(GIT_SHA)) or "—",
+        " ".join(row.provenance(RECIPE_HASH)) or "—",
+    ]
+
+
+def _seed_counts(table: LeaderboardTable) -> set[int]:
+    return {len(row.runs) for row in table.rows}
+
+
 def _title(table: LeaderboardTable) -> str:
     return f"{table.experiment} · {table.dataset}"
+
+
+def _terminal_title(table: LeaderboardTable) -> str:
+    counts = _seed_counts(table)
+    seeds = f" · {next(iter(counts))} seed{'s' if counts != {1} else ''} each" if len(counts) == 1 else ""
+    return _title(table) + seeds
 
 
 def _shown(uri: str) -> str:
@@ -390,7 +455,8 @@ def _caption(table: LeaderboardTable) -> str:
         else f"; Δ: the paired per-seed difference from `{table.baseline}` (mean ± 95% CI, paired t-test p)"
     )
     return (
-        f"Rows ranked by `{table.rank_metric}` ({direction} is better); mean ± 95% CI over seeds (Student t){versus}. "
+        f"Rows ranked by `{table.rank_metric}` ({direction} is better); mean ± 95% CI over seeds (Student t), or with one "
+        f"seed over the run's prompts (1.96 standard errors){versus}. "
         f'{picked}. "≈ best": a paired t-test against the best row (Holm-corrected over the rows, 5%) cannot tell them '
         f'apart. "grid edge": the picked value is the lowest or highest its grid tried. Source: {_shown(table.store)}.'
     )
@@ -473,40 +539,76 @@ def _write_csv(tables: Sequence[LeaderboardTable], path: Path) -> None:
         writer.writerows([cell(table, row) for _, cell in columns] for table in tables for row in table.rows)
 
 
-def _colours(table: LeaderboardTable) -> dict[str, str]:
-    """One colour per method, the same in every plot of a table."""
+MARKERS = "osD^vPX*<>"
+DODGE_POINTS = 4.0
+LINES = ("-", "--", "-.", ":")
+
+
+def _styles(table: LeaderboardTable) -> dict[str, dict[str, Any]]:
+    """One colour, marker and line style per method, the same in every plot of a table: series that lie on top of
+    each other stay tellable apart."""
     methods = sorted({configuration.method for configuration in table.configurations})
-    return {method: f"C{index % 10}" for index, method in enumerate(methods)}
+    return {
+        method: {"color": f"C{index % 10}", "marker": MARKERS[index % len(MARKERS)], "linestyle": LINES[index % len(LINES)]}
+        for index, method in enumerate(methods)
+    }
 
 
-def _save(fig: Figure, ax: Axes, path: Path, legend: bool = True) -> Path:
-    if legend:
-        ax.legend(fontsize="small")
+def _axis_label(key: str) -> str:
+    """A metric's name for an axis, with its direction: ``KL(π*‖π) (lower is better)``."""
+    metric = CATALOG.get(key)
+    if metric is None:
+        return key
+    return f"{metric.title} ({'higher' if metric.goal == 'max' else 'lower'} is better)"
+
+
+def _dodge(series: ErrorbarContainer, fig: Figure, ax: Axes, index: int, count: int) -> None:
+    """Draw series ``index`` of ``count`` a few points left or right of its data, once the axes have fitted the
+    data: series on the same values sit side by side instead of on top of one another (the data are unchanged)."""
+    shift = transforms.offset_copy(ax.transData, fig=fig, x=(index - (count - 1) / 2) * DODGE_POINTS, units="points")
+    for artist in series.get_children():
+        artist.set_transform(shift)
+
+
+def _spans_decades(values: Sequence[float]) -> bool:
+    """Positive values a hundredfold apart or more: a linear axis would flatten all but the largest."""
+    finite = [value for value in values if math.isfinite(value)]
+    return bool(finite) and min(finite) > 0 and max(finite) / min(finite) >= 100
+
+
+def _save(fig: Figure, ax: Axes, path: Path, title: str, legend: bool = True) -> Path:
+    """Title wrapped to the figure, legend outside the data, nothing clipped (the saved box fits every artist)."""
+    ax.set_title(textwrap.fill(title, 55), fontsize="medium")
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
+def _half_width(found: Estimate | None) -> float:
+    return 0.0 if found is None or found.half_width is None or not math.isfinite(found.half_width) else found.half_width
+
+
 def _plot_ranking(table: LeaderboardTable, path: Path) -> Path | None:
-    rows = [row for row in table.rows if table.rank_metric in row.estimates]
-    if not rows:
+    found = [(row.method, estimate) for row in table.rows if (estimate := _spread(row, table.rank_metric)) is not None]
+    if not found:
         return None
-    colours = _colours(table)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.6))
-    found = [row.estimates[table.rank_metric] for row in rows]
+    styles = _styles(table)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(found) + 2), 3.6))
     ax.bar(
-        [row.method for row in rows],
-        [estimate.mean for estimate in found],
-        yerr=[estimate.half_width or 0.0 for estimate in found],
+        range(len(found)),
+        [estimate.mean for _, estimate in found],
+        yerr=[_half_width(estimate) for _, estimate in found],
         capsize=4,
-        color=[colours[row.method] for row in rows],
+        color=[styles[method]["color"] for method, _ in found],
     )
-    ax.set_ylabel(table.rank_metric)
-    ax.set_title(f"{_title(table)}: best configuration, mean ± 95% CI", fontsize="medium")
-    ax.tick_params(axis="x", labelrotation=30)
-    return _save(fig, ax, path, legend=False)
+    ax.set_xticks(range(len(found)), [method for method, _ in found], rotation=30, ha="right")
+    ax.set_ylabel(_axis_label(table.rank_metric))
+    if _spans_decades([estimate.mean for _, estimate in found]):
+        ax.set_yscale("log")
+    return _save(fig, ax, path, f"{_title(table)}: each method's best configuration, mean ± 95% CI", legend=False)
 
 
 def _plot_lam_sweep(table: LeaderboardTable, path: Path) -> Path | None:
@@ -517,64 +619,80 @@ def _plot_lam_sweep(table: LeaderboardTable, path: Path) -> Path | None:
             lam = float(configuration.params[LAM])
         except (KeyError, ValueError):
             continue
-        if lam > 0 and table.rank_metric in configuration.estimates:
-            curves[configuration.method].append((lam, configuration.estimates[table.rank_metric]))
+        found = _spread(configuration, table.rank_metric)
+        if lam > 0 and found is not None:
+            curves[configuration.method].append((lam, found))
     if not curves:
         return None
-    colours = _colours(table)
+    styles = _styles(table)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for method, points in sorted(curves.items()):
+    for index, (method, points) in enumerate(sorted(curves.items())):
         points.sort(key=lambda point: point[0])
-        ax.errorbar(
+        series = ax.errorbar(
             [lam for lam, _ in points],
             [found.mean for _, found in points],
-            yerr=[found.half_width or 0.0 for _, found in points],
-            marker="o",
+            yerr=[_half_width(found) for _, found in points],
             capsize=3,
-            color=colours[method],
             label=method,
+            **styles[method],
         )
+        _dodge(series, fig, ax, index, len(curves))
     ax.set_xscale("log")
-    ax.set_xlabel("λ")
-    ax.set_ylabel(table.rank_metric)
-    ax.set_title(f"{_title(table)}: λ sweep, mean ± 95% CI", fontsize="medium")
-    return _save(fig, ax, path)
+    if _spans_decades([found.mean for points in curves.values() for _, found in points]):
+        ax.set_yscale("log")
+    ax.set_xlabel("λ (each method's regularization weight)")
+    ax.set_ylabel(_axis_label(table.rank_metric))
+    return _save(fig, ax, path, f"{_title(table)}: λ sweep, mean ± 95% CI")
 
 
-def _scatter(
-    table: LeaderboardTable, path: Path, points: dict[str, list[tuple[float, float]]], x: str, y: str, title: str
-) -> Path | None:
+Point = tuple[float, float, float, float]
+"""x, y and the half-widths of their 95% intervals over the run's prompts (0 where a metric has no standard error)."""
+
+
+def _scatter(table: LeaderboardTable, path: Path, points: dict[str, list[Point]], x: str, y: str, title: str) -> Path | None:
     if not points:
         return None
-    colours = _colours(table)
+    styles = _styles(table)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for method, xy in sorted(points.items()):
-        ax.scatter([a for a, _ in xy], [b for _, b in xy], s=18, color=colours[method], label=method)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title(f"{_title(table)}: {title}", fontsize="medium")
-    return _save(fig, ax, path)
+    for index, (method, found) in enumerate(sorted(points.items())):
+        xs, ys, x_errors, y_errors = zip(*found, strict=True)
+        style = {**styles[method], "linestyle": "none"}
+        series = ax.errorbar(xs, ys, xerr=x_errors, yerr=y_errors, capsize=2, markersize=5, alpha=0.85, label=method, **style)
+        _dodge(series, fig, ax, index, len(points))
+    ax.set_xlabel(_axis_label(x))
+    ax.set_ylabel(_axis_label(y))
+    return _save(fig, ax, path, f"{_title(table)}: {title}")
+
+
+def _run_point(run: RunRecord, x: str, y: str, stderrs: tuple[str | None, str | None]) -> Point | None:
+    if x not in run.metrics or y not in run.metrics:
+        return None
+    errors = [Z_95 * run.metrics.get(key, 0.0) if key else 0.0 for key in stderrs]
+    return run.metrics[x], run.metrics[y], *(error if math.isfinite(error) else 0.0 for error in errors)  # type: ignore[return-value]
 
 
 def _plot_frontier(table: LeaderboardTable, path: Path) -> Path | None:
-    """Reward against KL(π‖π_ref), one point per run of every configuration."""
-    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    """Reward against KL(π‖π_ref), one point per run of every configuration, with 95% intervals over prompts."""
+    points: dict[str, list[Point]] = defaultdict(list)
     for configuration in table.configurations:
         for run in configuration.runs:
-            if REWARD.key in run.metrics and KL.key in run.metrics:
-                points[configuration.method].append((run.metrics[KL.key], run.metrics[REWARD.key]))
-    return _scatter(table, path, points, KL.key, REWARD.key, "reward–KL frontier (one point per run)")
+            if (point := _run_point(run, KL.key, REWARD.key, (KL_STDERR.key, REWARD_STDERR.key))) is not None:
+                points[configuration.method].append(point)
+    return _scatter(table, path, points, KL.key, REWARD.key, "reward–KL frontier (one point per run, 95% CI over prompts)")
 
 
 def _plot_diversity(table: LeaderboardTable, path: Path) -> Path | None:
     """Win rate against diversity (distinct-2 within prompts), one point per run and sampling temperature."""
-    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    points: dict[str, list[Point]] = defaultdict(list)
     for configuration in table.configurations:
         for run in configuration.runs:
-            pairs = [[at_temperature(key, t) for key in (DISTINCT_2.key, WIN_RATE.key)] for t in _temperatures(list(run.metrics))]
-            for keys in pairs or [[DISTINCT_2.key, WIN_RATE.key]]:
-                if all(key in run.metrics for key in keys):
-                    points[configuration.method].append((run.metrics[keys[0]], run.metrics[keys[1]]))
+            temperatures: list[float | None] = [*_temperatures(list(run.metrics))] or [None]
+            for t in temperatures:
+                x, y, stderr = (
+                    key if t is None else at_temperature(key, t) for key in (DISTINCT_2.key, WIN_RATE.key, WIN_RATE_STDERR.key)
+                )
+                if (point := _run_point(run, x, y, (None, stderr))) is not None:
+                    points[configuration.method].append(point)
     return _scatter(
         table, path, points, DISTINCT_2.key, WIN_RATE.key, "win rate vs diversity (one point per run and temperature)"
     )
@@ -598,31 +716,26 @@ def _temperatures(keys: Sequence[str]) -> dict[float, str]:
 
 
 def _plot_temperature(table: LeaderboardTable, path: Path) -> Path | None:
-    colours = _colours(table)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    plotted = False
-    for row in table.rows:
-        curve = _temperatures(list(row.estimates))
-        if not curve:
-            continue
-        found = [row.estimates[key] for key in curve.values()]
-        ax.errorbar(
-            list(curve),
-            [estimate.mean for estimate in found],
-            yerr=[estimate.half_width or 0.0 for estimate in found],
-            marker="o",
-            capsize=3,
-            color=colours[row.method],
-            label=row.method,
-        )
-        plotted = True
-    if not plotted:
-        plt.close(fig)
+    """Win rate against sampling temperature for each method's best configuration; none from a single temperature."""
+    curves = {row.method: (row, curve) for row in table.rows if len(curve := _temperatures(list(row.estimates))) >= 2}
+    if not curves:
         return None
+    styles = _styles(table)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for index, (method, (row, curve)) in enumerate(curves.items()):
+        found = [_spread(row, key, at_temperature(WIN_RATE_STDERR.key, t)) for t, key in curve.items()]
+        series = ax.errorbar(
+            list(curve),
+            [estimate.mean for estimate in found if estimate is not None],
+            yerr=[_half_width(estimate) for estimate in found],
+            capsize=3,
+            label=method,
+            **styles[method],
+        )
+        _dodge(series, fig, ax, index, len(curves))
     ax.set_xlabel("sampling temperature")
-    ax.set_ylabel(WIN_RATE.key)
-    ax.set_title(f"{_title(table)}: win rate vs temperature (best configuration)", fontsize="medium")
-    return _save(fig, ax, path)
+    ax.set_ylabel(_axis_label(WIN_RATE.key))
+    return _save(fig, ax, path, f"{_title(table)}: win rate vs temperature (best configuration, 95% CI)")
 
 
 PLOTS = {
@@ -646,10 +759,9 @@ def write_leaderboard(tables: Sequence[LeaderboardTable], out_dir: Path, console
     sections = ["# Leaderboard\n\nGenerated by `expo-bench leaderboard` from the tracking store: do not edit.\n"]
     written = []
     for table in tables:
+        console.print(rich_table(_terminal_title(table), *_display(table, terminal=True), console.width, "leaderboard.md"))
+        console.print(_caption(table), style="dim", highlight=False)
         header, rows = _display(table)
-        terminal = header.index("runs")  # provenance columns go to the files only: they would not fit a terminal
-        console.print(rich_table(_title(table), header[:terminal], [row[:terminal] for row in rows]))
-        console.print(_caption(table), style="dim")
         slug = _slug(f"{table.experiment}-{table.dataset}" if several else table.dataset)
         images = [path for name, plot in PLOTS.items() if (path := plot(table, out_dir / f"leaderboard-{slug}-{name}.png"))]
         figures = "".join(f"\n![{path.stem}]({path.name})\n" for path in images)

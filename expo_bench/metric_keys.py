@@ -89,7 +89,9 @@ LC_WIN_RATE = Metric("eval/lc_win_rate", "LC win rate", "max")
 JUDGED = Metric("eval/n", "judged", "max", spread=False)
 INVALID_VERDICTS = Metric("eval/invalid", "invalid verdicts", "min", spread=False)
 REWARD = Metric("eval/reward", "reward", "max")
+REWARD_STDERR = Metric("eval/reward_stderr", "reward s.e.", "min")
 KL = Metric("eval/kl", "KL(π‖π_ref)", "min")
+KL_STDERR = Metric("eval/kl_stderr", "KL s.e.", "min")
 DISTINCT_2 = Metric("eval/distinct_2_within_prompt", "distinct-2", "max")
 SELF_BLEU = Metric("eval/self_bleu_within_prompt", "self-BLEU", "min")
 ENTROPY_2 = Metric("eval/entropy_2_across_prompts", "2-gram entropy", "max")
@@ -124,6 +126,9 @@ LEADERBOARD_COLUMNS: tuple[Metric, ...] = (
 )
 """The columns a leaderboard shows, in order; a table keeps those its runs logged."""
 
+STANDARD_ERRORS = {WIN_RATE.key: WIN_RATE_STDERR, REWARD.key: REWARD_STDERR, KL.key: KL_STDERR}
+"""A metric → its standard error within one run (over prompts and samples): the uncertainty of a single seed."""
+
 HEADLINE = (WIN_RATE, REWARD, KL, KL_TO_TARGET)
 """What a run prints when its evaluation finishes."""
 
@@ -135,7 +140,7 @@ CATALOG: dict[str, Metric] = {
     for metric in (
         *LEADERBOARD_COLUMNS,
         *HELD_OUT_COLUMNS,
-        WIN_RATE_STDERR,
+        *STANDARD_ERRORS.values(),
         WIN_RATE_CI_LOW,
         WIN_RATE_CI_HIGH,
         JUDGED,

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from pydantic import Field, ValidationInfo, field_validator
 
 from expo_bench.config_model import ConfigModel, closest, reject_non_finite, reject_unknown_keys
+
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import OptimizerLRScheduler
 
 OPTIMIZERS = sorted(
     name

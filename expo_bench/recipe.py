@@ -389,6 +389,43 @@ def validate_recipe(data: Any, source: Path | str) -> Experiment:
     return experiment
 
 
+SELECTORS = ("method", "seed")
+"""What ``--only KEY=VALUE`` selects by: a method entry (its label or method name) and a seed."""
+
+
+def select(experiment: Experiment, only: Sequence[str]) -> Experiment:
+    """The experiment restricted to the method entries and seeds named by ``KEY=VALUE[,VALUE...]`` items
+    (repeatable; values of one key are alternatives). Run directories do not depend on the selection, so a
+    later full run reuses what a selected run trained."""
+    wanted: dict[str, set[str]] = {}
+    for item in only:
+        key, sep, values = item.partition("=")
+        if not sep or key not in SELECTORS or not values:
+            raise RecipeError("--only", [(item, f"expected KEY=VALUE with KEY one of {', '.join(SELECTORS)}")])
+        wanted.setdefault(key, set()).update(value.strip() for value in values.split(","))
+    recipe, runs = experiment.recipe, experiment.runs
+    kept = [
+        index
+        for index, (entry, run) in enumerate(zip(recipe.methods, runs, strict=True))
+        if "method" not in wanted or wanted["method"] & {run.label, entry.method}
+    ]
+    seeds = [seed for seed in recipe.seeds if "seed" not in wanted or str(seed) in wanted["seed"]]
+    problems = []
+    if not kept:
+        names = ", ".join(
+            dict.fromkeys(name for entry, run in zip(recipe.methods, runs, strict=True) for name in (run.label, entry.method))
+        )
+        problems.append(
+            ("method", f"no method entry is labelled or named {', '.join(sorted(wanted['method']))}; the recipe has {names}")
+        )
+    if not seeds:
+        problems.append(("seed", f"no seed {', '.join(sorted(wanted['seed']))} in the recipe's seeds {recipe.seeds}"))
+    if problems:
+        raise RecipeError(f"{experiment.source} --only", problems)
+    selected = recipe.model_copy(update={"seeds": seeds, "methods": [recipe.methods[index] for index in kept]})
+    return Experiment(selected, [runs[index] for index in kept], experiment.source)
+
+
 def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Experiment:
     """Read, override and validate a recipe file."""
     path = Path(path)

@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import textwrap
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
+from rich import box
+from rich.cells import cell_len
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+Done = Callable[[int], None]
+"""Told how many of a long phase's items are done so far."""
+
+SEPARATION = 3
+"""Terminal columns each table column takes besides its text: a space either side, and the divider before the next."""
+
+
+Z_95 = 1.959963984540054
+"""The standard normal's 97.5% quantile: a 95% interval over the prompts of one run is ± Z_95 standard errors."""
+
+
+def with_interval(mean: float, half_width: float | None = None) -> str:
+    """``0.740 ± 0.090``: the mean to the interval's two significant digits; the mean alone (4 significant digits)
+    without an interval, ``n/a`` where the value is undefined."""
+    if not math.isfinite(mean):
+        return "n/a"
+    if not half_width or not math.isfinite(half_width):
+        return f"{mean:.4g}"
+    decimals = min(6, max(0, 1 - math.floor(math.log10(half_width))))
+    return f"{mean:.{decimals}f} ± {half_width:.{decimals}f}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -13,10 +41,56 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rich_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
-    table = Table(title=title)
-    for column in header:
-        table.add_column(column, overflow="fold")
+def column_width(title: str, cells: Sequence[str]) -> int:
+    """Wide enough for every cell on one line and the title on at most two (it wraps between its words)."""
+    width = max([cell_len(cell) for cell in cells] + [cell_len(word) for word in title.split()] + [1])
+    while len(textwrap.wrap(title, width)) > 2:
+        width += 1
+    return width
+
+
+def rich_table(
+    title: str, header: Sequence[str], rows: Sequence[Sequence[str]], width: int | None = None, elsewhere: str = "the file"
+) -> Table:
+    """A terminal table whose cells never wrap or fold: within ``width`` terminal columns (every column without a
+    width) it keeps the first column and then, in order, each column that still fits; the caption names the others,
+    which ``elsewhere`` holds."""
+    widths = [column_width(name, [row[index] for row in rows]) for index, name in enumerate(header)]
+    kept, used = [], -1  # the last column has no divider after it
+    for index, needed in enumerate(widths):
+        if width is None or index == 0 or used + needed + SEPARATION <= width:
+            kept.append(index)
+            used += needed + SEPARATION
+    left_out = [name for index, name in enumerate(header) if index not in kept]
+    caption = f"Also in {elsewhere}: {', '.join(left_out)}." if left_out else None
+    table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1))
+    for index in kept:
+        table.add_column(header[index], min_width=widths[index], max_width=widths[index], overflow="ellipsis")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(row[index] for index in kept))
     return table
+
+
+@contextmanager
+def progress(console: Console | None, description: str, total: int) -> Iterator[Done | None]:
+    """While a long phase runs on a terminal: a bar with the time elapsed and an estimate of the time left, gone when
+    the phase ends (a log gets the phase's one-line summary instead). None without a terminal or work to show."""
+    if console is None or not console.is_terminal or total <= 0:
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda completed: bar.update(task, completed=completed)
+
+
+def after(done: Done | None, offset: int) -> Done | None:
+    """``done`` for a part of a phase that starts ``offset`` items in."""
+    return None if done is None else lambda completed: done(offset + completed)

@@ -20,10 +20,12 @@ from rich.console import Console
 
 from expo_bench import tracking
 from expo_bench.distributed import is_global_zero, start_world
+from expo_bench.evaluation.llm_judge import LLMJudgeConfig
 from expo_bench.leaderboard import load_leaderboard, write_leaderboard
 from expo_bench.recipe import Experiment, common_world
 from expo_bench.sweep import SweepContext, sweep_for
 from expo_bench.sweep.records import RunRecord
+from expo_bench.tasks import LanguageModelTask
 
 EXPECTED_WARNINGS = (
     ".*does not have many workers.*",  # tabular data is built in the main process on purpose
@@ -68,9 +70,19 @@ def start_ranks(experiments: Sequence[Experiment], console: Console) -> None:
     console.quiet = console.quiet or not is_global_zero()
 
 
+def preflight(experiment: Experiment, results_root: Path) -> None:
+    """Check what a run will need from outside before anything trains: an LLM judge's endpoint and model."""
+    task = experiment.recipe.task
+    evaluation = task.evaluation if isinstance(task, LanguageModelTask) else None
+    judge = None if evaluation is None else evaluation.judge
+    if isinstance(judge, LLMJudgeConfig):
+        judge.build(results_root / experiment.recipe.experiment / "cache" / "judgments", seed=0).check_endpoint()
+
+
 def run_experiment(experiment: Experiment, results_root: Path, console: Console) -> Path:
     """Train and evaluate every method of the recipe, recording each run in the tracking store; write
     results, the leaderboard among them, under ``results_root/<experiment>``."""
+    preflight(experiment, results_root)
     recipe = experiment.recipe
     out_dir = results_root / recipe.experiment
     out_dir.mkdir(parents=True, exist_ok=True)

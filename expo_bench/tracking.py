@@ -61,6 +61,8 @@ RANK_GOAL = "expo_bench.rank_goal"
 """``max`` or ``min``: the direction of the rank metric."""
 SELECTION_METRIC = "expo_bench.selection_metric"
 """The metric, computed on prompts set aside for it, that picks a method's best configuration (``selection/...``)."""
+REGULARIZATION = "expo_bench.regularization"
+"""The method's hyperparameter that plays the paper's λ (``beta`` for DPO): the leaderboard shows λ for every method."""
 
 # Tags the tracker itself sets.
 SWEEP_KEY = "expo_bench.sweep_key"

@@ -1,7 +1,10 @@
-"""A scripted OpenAI-compatible chat-completions server on 127.0.0.1, for the LLM judge's tests."""
+"""A scripted OpenAI-compatible chat-completions server on 127.0.0.1, for the LLM judge's tests, and a stand-in judge
+for trying a recipe without a real one: ``python tests/chat_server.py [--port 8000] [--model local-judge]`` answers
+every comparison with the longer response (a fixed rule, not a judgment: for plumbing, never for results)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import threading
@@ -36,7 +39,9 @@ class ChatServer:
     """Answers chat completions like a judge preferring the longer response (prompts with GARBAGE get an
     unparseable answer); ``script`` responses come first, and after ``fail_after`` answers it fails with 500."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0, models: tuple[str, ...] = ("local-judge",)) -> None:
+        self.models = models
+        """What GET /v1/models lists."""
         self.lock = threading.Lock()
         self.requests: list[dict[str, Any]] = []
         self.script: list[Scripted] = []
@@ -44,21 +49,32 @@ class ChatServer:
         self.answered = 0
         self.delay = 0.0
         self.active = self.max_active = 0
-        self.httpd = QuietServer(("127.0.0.1", 0), self._handler())
+        self.httpd = QuietServer(("127.0.0.1", port), self._handler())
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def answer(self, content: str) -> str:
+        """The longer response, on the line the prompt asks for (``<label>: <"A" or "B">``)."""
         match = re.search(r"Response A:\n(.*)\nResponse B:\n(.*)\nFIRST provide", content, re.DOTALL)
-        assert match is not None, content
+        label = re.search(r"^(.+): <\"A\" or \"B\">$", content, re.MULTILINE)
+        assert match is not None and label is not None, content
         if "GARBAGE" in content:
             return "Both responses are fine, I cannot pick one."
         a, b = match.groups()
-        return f"Comparison: one response is longer.\nMore helpful: {'A' if len(a) > len(b) else 'B'}"
+        return f"Comparison: one response is longer.\n{label.group(1)}: {'A' if len(a) > len(b) else 'B'}"
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         chat = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                found = self.path.rstrip("/") == "/v1/models"
+                body = json.dumps({"data": [{"id": model, "object": "model"} for model in chat.models]} if found else {})
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
             def do_POST(self) -> None:
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with chat.lock:
@@ -110,3 +126,16 @@ def serving() -> Iterator[ChatServer]:
     finally:
         chat.httpd.shutdown()
         chat.httpd.server_close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model", default="local-judge", help="the model name it serves (recipes' judge.model)")
+    options = parser.parse_args()
+    server = ChatServer(options.port, (options.model,))
+    print(f"stand-in judge {options.model!r} on {server.base_url} (prefers the longer response); Ctrl-C stops it")
+    try:
+        server.httpd.serve_forever()
+    except KeyboardInterrupt:
+        server.httpd.server_close()

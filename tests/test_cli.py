@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from expo_bench.cli import EXIT_USER_ERROR, main
+from expo_bench.methods import available_methods
+from expo_bench.recipe import load_recipe, validate_recipe
 
 ROOT = Path(__file__).parent.parent
 
@@ -185,3 +187,123 @@ def test_a_read_only_results_folder_exits_2_and_writes_nothing(
     err = " ".join(capsys.readouterr().err.split())
     assert f"cannot write results under {results / 'quickstart'}: {results}: Permission denied" in err
     assert "Traceback" not in err and not list(results.iterdir())
+
+
+def fresh_modules(*args: str) -> set[str]:
+    """The top-level packages a fresh ``expo-bench ARGS`` process has imported when it exits."""
+    code = "\n".join(
+        [
+            "import sys, runpy",
+            "sys.argv = ['expo-bench', *sys.argv[1:]]",
+            "try:\n    runpy.run_module('expo_bench', run_name='__main__')",
+            "except SystemExit:\n    pass",
+            "print(' '.join(sorted({name.split('.')[0] for name in sys.modules})), file=sys.stderr)",
+        ]
+    )
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
+    return set(result.stderr.strip().splitlines()[-1].split())
+
+
+def test_help_and_validate_import_no_heavy_package() -> None:
+    """``--help`` needs none of the training stack, ``validate`` only torch: Lightning alone takes ~6 s to import."""
+    heavy = {"lightning", "torchmetrics", "mlflow", "sklearn", "matplotlib", "datasets", "peft", "scipy"}
+    assert fresh_modules("--help") & (heavy | {"torch", "transformers"}) == set()
+    assert fresh_modules("validate", "recipes/hh_tiny_local.yaml", "recipes/imdb_tiny_local.yaml") & heavy == set()
+
+
+def test_a_method_instance_is_a_lightning_module_that_pickles() -> None:
+    """Method classes are declared without Lightning; an instance is a LightningModule of its class all the same."""
+    import pickle
+
+    import lightning as L
+    import torch
+
+    from expo_bench.methods.dpo import DPO
+    from expo_bench.optim import OptimizerConfig
+    from expo_bench.tabular.policy import TabularPolicy
+
+    pi_ref = torch.tensor([[0.5, 0.3, 0.2]])
+    module = DPO(TabularPolicy(pi_ref), TabularPolicy(pi_ref), [DPO.Params()], OptimizerConfig())
+    assert isinstance(module, DPO) and isinstance(module, L.LightningModule) and not issubclass(DPO, L.LightningModule)
+    assert type(module) is DPO.Trainable and type(pickle.loads(pickle.dumps(module))) is DPO.Trainable
+
+
+def test_methods_lists_every_builtin_with_its_lambda_and_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name, method in available_methods().items():
+        assert f"\n{name}: " in f"\n{out}"
+        if method.regularization is not None:
+            assert f"λ sets {method.regularization} (" in out
+    assert "beta=0.1 (> 0)" in out and "label_smoothing=0.0 (≥ 0, < 0.5)" in out  # DPO's defaults and bounds
+    assert "lam=0.1 (≥ 0, ≤ 1)" in out and "λ sets nothing (reference-free" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+
+
+def test_recipes_lists_each_shipped_recipe_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shipped = sorted(path.name for path in (ROOT / "recipes").glob("*.yaml"))
+    listed = [line.split()[0] for line in lines if line.startswith("  ")]
+    assert listed == shipped
+    assert any("Local twin of hh_pythia28.yaml" in line for line in lines)
+    assert max(len(line) for line in lines) <= 80
+
+
+def test_schema_prints_sections_as_commented_yaml(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema", "train"]) == 0
+    out = capsys.readouterr().out
+    parsed = yaml.safe_load(out)["train"]
+    assert parsed["max_epochs"] == 1 and parsed["optimizer"] == {"name": "Adam", "lr": 0.001, "warmup_steps": 0, "kwargs": {}}
+    assert "# Linear warmup from 0 to ``lr``" in out
+    assert main(["schema", "task"]) == 0
+    kinds = capsys.readouterr().out
+    assert all(f"#   {kind}: " in kinds for kind in ("tabular", "synthetic_tokens", "hh", "imdb", "preference"))
+    assert main(["schema", "task.hh.evaluation.judge.llm"]) == 0
+    llm = yaml.safe_load(capsys.readouterr().out)
+    assert llm["task"]["evaluation"]["judge"]["kind"] == "llm"
+    assert main(["schema", "task.hh.evaluaton"]) == EXIT_USER_ERROR
+    assert "has no section 'evaluaton'" in capsys.readouterr().err
+
+
+def test_print_config_round_trips_to_the_same_recipe(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # the recipe's local paths are relative to the repository root
+    path = "recipes/hh_tiny_local.yaml"
+    assert main(["validate", path, "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["methods"][0]["params"] == {"gamma": 0.0, "length_normalize": False, "beta": 0.1, "label_smoothing": 0.0}
+    assert resolved["task"]["evaluation"]["bootstrap_resamples"] == 1000  # a default the recipe does not write
+    again, original = validate_recipe(resolved, path), load_recipe(path)
+    assert [run.grid for run in again.runs] == [run.grid for run in original.runs]
+    assert [run.train for run in again.runs] == [run.train for run in original.runs]
+    assert again.recipe.model_dump(exclude={"methods"}) == original.recipe.model_dump(exclude={"methods"})
+
+
+def test_only_selects_methods_and_seeds(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    recipe = str(ROOT / "recipes/quickstart.yaml")
+    assert main(["validate", recipe, "--only", "method=dpo", "--only", "seed=1,2", "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["seeds"] == [1, 2]
+    assert [entry.get("label") or entry["method"] for entry in resolved["methods"]] == ["dpo", "dpo-margin"]
+    assert main(["validate", recipe, "--only", "method=dpo-margin"]) == 0
+    assert "dpo-margin" in capsys.readouterr().out
+    assert main(["validate", recipe, "--only", "method=dpx", "--only", "seed=7", "--only", "lam=1"]) == EXIT_USER_ERROR
+    assert "lam=1: expected KEY=VALUE with KEY one of method, seed" in capsys.readouterr().err
+    assert main(["validate", recipe, "--only", "method=dpx", "--only", "seed=7"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "no method entry is labelled or named dpx" in err and "no seed 7 in the recipe's seeds [0, 1, 2]" in err
+
+
+def test_run_checks_the_judge_before_training_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from network import free_port
+
+    recipe = str(ROOT / "recipes/hh_tiny_local.yaml")
+    judge = f"task.evaluation.judge.base_url=http://127.0.0.1:{free_port()}/v1"
+    shared = ROOT.parent / "shared" / "data"
+    paths = [f"task.source={shared / 'hh-rlhf'}", f"task.tokenizer={shared / 'tokenizers' / 'gpt-neox-20b'}"]
+    arguments = ["run", recipe, "--results", str(tmp_path), "--set", judge, *(f"--set={path}" for path in paths)]
+    assert main(arguments) == EXIT_USER_ERROR
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is not reachable" in err and "--set task.evaluation=null" in err
+    assert not (tmp_path / "hh_tiny_local" / "runs").exists()  # nothing trained

@@ -204,6 +204,19 @@ def test_an_unreachable_server_fails_clearly_after_the_retries(tmp_path: Path) -
         LLMJudge(config, tmp_path, seed=0).judge(comparisons(1))
 
 
+def test_the_endpoint_check_names_what_to_do_before_any_work(server: ChatServer, tmp_path: Path) -> None:
+    LLMJudge(llm_config(server, model="local-judge"), tmp_path, seed=0).check_endpoint()  # reachable, model served
+    assert server.requests == []  # the check sends no judgment
+    with pytest.raises(JudgeError, match=r"serves local-judge, not 'judge-1': set task\.evaluation\.judge\.model"):
+        LLMJudge(llm_config(server), tmp_path, seed=0).check_endpoint()
+    unreachable = LLMJudgeConfig(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", api_key_env=None)
+    with pytest.raises(JudgeError) as error:
+        LLMJudge(unreachable, tmp_path, seed=0).check_endpoint()
+    message = str(error.value)
+    assert "is not reachable" in message and "vllm serve" in message and "python tests/chat_server.py" in message
+    assert "--set task.evaluation=null" in message
+
+
 @pytest.mark.parametrize("status", [400, 401, 404])
 def test_other_4xx_fail_at_once_naming_status_and_url(server: ChatServer, tmp_path: Path, status: int) -> None:
     server.script = [Scripted(status)]

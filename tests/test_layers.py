@@ -13,11 +13,12 @@ LAYERS: list[set[str]] = [
     {"contracts", "cache"},
     {"optim", "tracking", "comparison"},
     {"training", "methods", "evaluation", "leaderboard"},
+    {"trainer"},
     {"lm", "tabular"},
     {"tasks"},
     {"recipe"},
     {"sweep"},
-    {"runner"},
+    {"runner", "explain"},
     {"cli"},
     {"__main__"},
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -156,10 +157,10 @@ def test_markdown_csv_and_plots(store: dict[str, Any], tmp_path: Path) -> None:
     markdown = (tmp_path / "leaderboard.md").read_text()
     assert "## exp · hh" in markdown and "## exp · synthetic" in markdown
     assert (
-        "| method | win rate | LC win rate | reward | KL(π‖π_ref) | length | Δ vs dpo (paired) | notes | seeds | config | runs "
-        "| git | recipe |" in markdown
+        "| method | λ | win rate | Δ vs dpo (paired) | notes | seeds | LC win rate | reward | KL(π‖π_ref) | length | params "
+        "| runs | git | recipe |" in markdown
     )
-    assert f"| expo | {expo_cell} |" in markdown and "lam=0.1" in markdown and "0123456789ab" in markdown
+    assert f"| expo | 0.1 | {expo_cell} | 3 |" in markdown and "0123456789ab" in markdown
     assert "![leaderboard-hh-ranking](leaderboard-hh-ranking.png)" in markdown
     assert expo_cell in console.export_text()
 
@@ -281,3 +282,68 @@ def test_ui_serves_the_store_and_stops_without_orphans(store: dict[str, Any], tm
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         ui.wait()
+
+
+ONE_SEED = {
+    "sft-reference": 0.50,
+    "dpo": 0.62,
+    "ipo": 0.58,
+    "simpo": 0.55,
+    "expo_compositional": 0.71,
+    "expo_regression": 0.64,
+    "expo_compositional_margin": 0.69,
+}
+
+
+def one_seed_store(uri: str) -> None:
+    """An HH-like sweep with one seed: per-run standard errors, and a self-BLEU undefined with one sample per prompt."""
+    with SweepTracker(uri, "one", "recipe1", {"experiment": "one"}, {}) as sweep:
+        for method, value in ONE_SEED.items():
+            tags = {
+                tracking.METHOD: method,
+                tracking.DATASET: "hh-rlhf/helpful-base",
+                tracking.CONFIG_KEY: method,
+                tracking.RANK_METRIC: keys.WIN_RATE.key,
+                tracking.RANK_GOAL: "max",
+                tracking.REGULARIZATION: {"dpo": "beta", "ipo": "tau"}.get(method, "lam"),
+            }
+            params = {"params": {"beta": 0.1, "tau": 0.1, "lam": 0.1, "gamma": 0.0}} if method != "sft-reference" else {}
+            run = sweep.child(method, method, params, tags)
+            run.log_metrics(
+                {
+                    keys.WIN_RATE.key: value,
+                    keys.WIN_RATE_STDERR.key: 0.171,
+                    keys.LC_WIN_RATE.key: value - 0.01,
+                    keys.JUDGED.key: 8.0,
+                    keys.KL.key: 0.0123 * (1 + len(method)),
+                    keys.KL_STDERR.key: 0.0042,
+                    keys.DISTINCT_2.key: 0.93,
+                    keys.SELF_BLEU.key: math.nan,
+                    keys.ENTROPY_2.key: 0.88,
+                    keys.MEAN_LENGTH.key: 15.6,
+                    keys.VAL_PREFERENCE_ACCURACY.key: 0.53,
+                }
+            )
+            run.mark_complete()
+
+
+def test_terminal_table_fits_80_columns_without_folding(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    one_seed_store(uri)
+    output = io.StringIO()
+    console = Console(file=output, width=80, force_terminal=False)  # what a pipe or a CI log gets
+    write_leaderboard(load_leaderboard(uri, "one"), tmp_path / "out", console)
+    lines = output.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    rows = {line.split()[0]: line for line in lines if line.strip() and line.split()[0] in ONE_SEED}
+    assert set(rows) == set(ONE_SEED)  # each row on one line of its own: no cell folded onto another line
+    assert "0.71 ± 0.34" in rows["expo_compositional"]  # one seed: 1.96 × the judge's standard error over prompts
+    assert rows["dpo"].split()[1] == "0.1" and rows["expo_regression"].split()[1] == "0.1"  # λ: β for DPO, λ for EXPO
+    assert rows["sft-reference"].split()[1] == "—"
+    markdown = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "self-BLEU" not in markdown and "self-BLEU" not in output.getvalue()  # undefined: left out, not n/a
+    assert "KL(π‖π_ref)" in markdown and "0.3198 ± 0.0082" in markdown  # the KL estimate with its standard error
+    caption = " ".join(output.getvalue().split())
+    assert "Also in " in caption and "length" in caption  # what did not fit is named, and is in the files

@@ -24,7 +24,8 @@ from expo_bench.methods import available_methods
 from expo_bench.optim import OptimizerConfig
 from expo_bench.recipe import load_recipe, validate_recipe
 from expo_bench.runner import run_experiment
-from expo_bench.training import TrainConfig, build_trainer
+from expo_bench.trainer import build_trainer
+from expo_bench.training import TrainConfig
 
 ROOT = Path(__file__).parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -268,7 +269,7 @@ class Interrupted(Exception):
 
 
 def test_an_interrupted_run_resumes_and_a_finished_one_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from expo_bench.training import LossHistory
+    from expo_bench.trainer import LossHistory
 
     data = local_twin(methods=[{"method": "dpo", "params": {"beta": 0.1}}])
     data["task"] |= {"max_train_pairs": 16, "max_eval_pairs": 8, "sft": None}

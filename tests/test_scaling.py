@@ -26,7 +26,7 @@ from expo_bench import tracking
 from expo_bench.lm import sampling
 from expo_bench.recipe import validate_recipe
 from expo_bench.runner import run_experiment, start_ranks
-from expo_bench.training import LossHistory
+from expo_bench.trainer import LossHistory
 
 ROOT = Path(__file__).parent.parent
 SHARED = ROOT.parent / "shared" / "data"

@@ -271,8 +271,39 @@ class LLMJudge:
             raise
         return None
 
+    def check_endpoint(self) -> None:
+        """Fail now, before anything trains, unless ``{base_url}/models`` answers and lists the model (a server without
+        that route is taken at its word: the first judgment will tell). Sent like a judgment: no redirect followed."""
+        url = f"{self.config.base_url}/models"
+        try:
+            status, reason, _, raw = self._request("GET", url, None, min(self.config.timeout, 10.0))
+        except _Transient as error:
+            raise JudgeError(
+                f"the LLM judge at {self.config.base_url} is not reachable ({error}). Start an OpenAI-compatible server "
+                "there (e.g. `vllm serve <model> --port 8000`; in a checkout, `python tests/chat_server.py` is a stand-in "
+                "that prefers the longer response), set task.evaluation.judge.base_url to one, or train without "
+                "judging: --set task.evaluation=null"
+            ) from None
+        if status in (404, 405):
+            return
+        if status != 200:
+            excerpt = self._redact(" ".join(raw[:300].decode(errors="replace").split()))
+            moved = " (redirects are not followed: the request carries the API key)" if 300 <= status < 400 else ""
+            raise JudgeError(f"the LLM judge at {url} answered HTTP {status} {reason}{moved}: {excerpt}")
+        try:
+            listing = json.loads(raw)
+        except ValueError:
+            raise JudgeError(f"{url} did not answer with JSON: is {self.config.base_url} an OpenAI-compatible API?") from None
+        models = listing.get("data") if isinstance(listing, dict) else None
+        served = [str(model.get("id")) for model in models or [] if isinstance(model, dict)]
+        if served and self.config.model not in served:
+            raise JudgeError(
+                f"the LLM judge at {self.config.base_url} serves {', '.join(served[:10])}, not {self.config.model!r}: "
+                "set task.evaluation.judge.model to one of them"
+            )
+
     def _send(self, body: bytes) -> str:
-        status, reason, headers, raw = self._post(body)
+        status, reason, headers, raw = self._request("POST", self.url, body, self.config.timeout)
         if status != 200:
             message = (
                 f"HTTP {status} {reason} from {self.url}: {self._redact(' '.join(raw[:300].decode(errors='replace').split()))}"
@@ -295,15 +326,15 @@ class LLMJudge:
             ) from None
         return content if isinstance(content, str) else ""  # a null content (a refusal) is an unparseable answer
 
-    def _post(self, body: bytes) -> tuple[int, str, http.client.HTTPMessage, bytes]:
-        """One POST to the endpoint within ``timeout`` seconds in all: (status, reason, headers, body up to the cap)."""
-        parts = urllib.parse.urlsplit(self.url)
+    def _request(
+        self, method: str, url: str, body: bytes | None, timeout: float
+    ) -> tuple[int, str, http.client.HTTPMessage, bytes]:
+        """One request within ``timeout`` seconds in all: (status, reason, headers, body up to the cap)."""
+        parts = urllib.parse.urlsplit(url)
         connection = (
-            http.client.HTTPSConnection(
-                parts.hostname or "", parts.port, timeout=self.config.timeout, context=ssl.create_default_context()
-            )
+            http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=timeout, context=ssl.create_default_context())
             if parts.scheme == "https"
-            else http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self.config.timeout)
+            else http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
         )
         expired = threading.Event()
         opened: list[socket.socket] = []  # the response keeps reading from it after the connection lets go of it
@@ -314,7 +345,7 @@ class LLMJudge:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
-        watchdog = threading.Timer(self.config.timeout, expire)
+        watchdog = threading.Timer(timeout, expire)
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -322,20 +353,20 @@ class LLMJudge:
             opened.append(connection.sock)
             if expired.is_set():  # the deadline passed while connecting, before there was a socket to shut
                 raise TimeoutError
-            connection.request("POST", parts.path + (f"?{parts.query}" if parts.query else ""), body, self._headers())
+            connection.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body, self._headers())
             response = connection.getresponse()
             raw = response.read(MAX_RESPONSE_BYTES + 1)
         except (OSError, http.client.HTTPException) as error:
             if expired.is_set():
-                raise _Transient(f"no answer from {self.url} (TimeoutError: over {self.config.timeout:g} s in all)") from None
-            raise _Transient(f"no answer from {self.url} ({type(error).__name__}: {error})") from None
+                raise _Transient(f"no answer from {url} (TimeoutError: over {timeout:g} s in all)") from None
+            raise _Transient(f"no answer from {url} ({type(error).__name__}: {error})") from None
         finally:
             watchdog.cancel()
             connection.close()
         if expired.is_set():
-            raise _Transient(f"no answer from {self.url} (TimeoutError: over {self.config.timeout:g} s in all)")
+            raise _Transient(f"no answer from {url} (TimeoutError: over {timeout:g} s in all)")
         if len(raw) > MAX_RESPONSE_BYTES:
-            raise JudgeError(f"{self.url} answered with more than {MAX_RESPONSE_BYTES} bytes; a chat completion is far smaller")
+            raise JudgeError(f"{url} answered with more than {MAX_RESPONSE_BYTES} bytes; a chat completion is far smaller")
         return response.status, response.reason, response.headers, raw
 
     def _headers(self) -> dict[str, str]:

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import skops.io
 import torch
-from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
-from skops.io.exceptions import UntrustedTypesFoundException
 
 from expo_bench.errors import DataError
+
+if TYPE_CHECKING:  # scikit-learn and skops are imported where they are used: a recipe validates without them
+    from sklearn.pipeline import Pipeline
 
 
 class RewardModel(Protocol):
@@ -58,6 +56,10 @@ class TfidfSentiment:
     @classmethod
     def train(cls, reviews: Sequence[LabelledText], seed: int = 0) -> TfidfSentiment:
         """Fit on cleaned review texts; ``seed`` reaches the solver (lbfgs, the default, is deterministic anyway)."""
+        from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+
         pipeline = make_pipeline(
             HashingVectorizer(ngram_range=(1, 2), n_features=2**20, alternate_sign=False, norm=None),
             TfidfTransformer(sublinear_tf=True),
@@ -77,11 +79,17 @@ class TfidfSentiment:
         return float(self.pipeline.score([review.text for review in reviews], [review.label for review in reviews]))
 
     def save(self, path: Path) -> None:
+        import skops.io
+
         skops.io.dump(self.pipeline, path)
 
     @classmethod
     def load(cls, path: Path) -> TfidfSentiment:
         """The saved pipeline; a file holding types skops does not trust by default is refused, never loaded."""
+        import skops.io
+        from sklearn.pipeline import Pipeline
+        from skops.io.exceptions import UntrustedTypesFoundException
+
         try:
             pipeline = skops.io.load(path)
         except UntrustedTypesFoundException as error:

@@ -17,6 +17,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from expo_bench.contracts import PreferenceBatch, SequenceScorer, concat_sequences
 from expo_bench.distributed import map_sharded, rank, world_size
 from expo_bench.lm.tokenize import TokenizedPair, collate_pairs, padded_sequences
+from expo_bench.reporting import Done
 
 T = TypeVar("T")
 
@@ -243,13 +244,18 @@ def in_batches(dataset: PairDataset, batch_size: int) -> list[list[int]]:
     return [list(range(start, min(start + batch_size, len(dataset)))) for start in range(0, len(dataset), batch_size)]
 
 
-def reference_logps(reference: SequenceScorer, dataset: PairDataset, batch_size: int, device: torch.device) -> Tensor:
-    """``(N, 2)`` summed log-probs of chosen and rejected under the reference, one pass over the data shared by the ranks."""
+def reference_logps(
+    reference: SequenceScorer, dataset: PairDataset, batch_size: int, device: torch.device, done: Done | None = None
+) -> Tensor:
+    """``(N, 2)`` summed log-probs of chosen and rejected under the reference, one pass over the data shared by the ranks
+    (``done`` is told about how many pairs are scored after each batch)."""
 
     @torch.no_grad()
     def score(k: int, indices: list[int]) -> Tensor:
         batch = dataset.__getitems__(indices).to(device)
         both = reference.sequence_logps(concat_sequences(batch.chosen, batch.rejected)).float().cpu()
+        if done is not None:  # the ranks advance together: when batch k is scored, so are about the first k + 1
+            done(min(len(dataset), (k + 1) * batch_size))
         return torch.stack(both.chunk(2), dim=1)
 
     return torch.cat(map_sharded(in_batches(dataset, batch_size), score))

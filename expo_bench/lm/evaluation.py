@@ -13,29 +13,29 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from pydantic import Field, field_validator, model_validator
 from torch import nn
-from transformers import PreTrainedModel
 
 from expo_bench import metric_keys
 from expo_bench.cache import atomic_write, cached, digest
 from expo_bench.config_model import ConfigModel, closest
 from expo_bench.distributed import accelerator_device, broadcast, is_global_zero, map_sharded, on_rank_zero
 from expo_bench.evaluation.judges import JudgeConfig
-from expo_bench.evaluation.metrics import Diversity, RewardKL, WinRate
+from expo_bench.evaluation.llm_judge import LLMJudge
 from expo_bench.evaluation.types import Comparison, Judge, Verdict
-from expo_bench.lm.data import fingerprint_module
 from expo_bench.lm.model import response_logps
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.tokenize import pad_token_id, padded_sequences
-from expo_bench.methods.base import require_finite_weights
+from expo_bench.reporting import progress
 
-ExactMetrics = Callable[[PreTrainedModel, Sequence[list[int]]], dict[str, float]]
+if TYPE_CHECKING:
+    from rich.console import Console
+    from transformers import PreTrainedModel
+
+ExactMetrics = Callable[["PreTrainedModel", Sequence[list[int]]], dict[str, float]]
 """Metrics a task can compute exactly from a policy's weights on the given prompts (the synthetic task's distance to
 π*), as evaluation metric keys."""
 
@@ -121,6 +121,13 @@ class HeldOutPrompts:
     prompts: list[str]
     chosen_ids: list[list[int]]
 
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def cut(self, start: int, stop: int | None) -> HeldOutPrompts:
+        """The prompts ``start`` to ``stop`` (exclusive; None: to the end)."""
+        return HeldOutPrompts(self.prompt_ids[start:stop], self.prompts[start:stop], self.chosen_ids[start:stop])
+
 
 class Evaluator:
     """Evaluates policies of one seed against one baseline on the reported (test) prompts and, where the config sets
@@ -143,14 +150,21 @@ class Evaluator:
         self.pad = pad_token_id(tokenizer)
         self._baselines: dict[tuple[str, float], list[list[list[int]]]] = {}
 
-    def _sample(self, model: PreTrainedModel, prompts: HeldOutPrompts, temperature: float) -> list[list[list[int]]]:
-        sampling = self.config.sampling(temperature)
-        return sample_responses(model, prompts.prompt_ids, sampling, self.pad, self.tokenizer.eos_token_id, self.seed)
+    def _sample(
+        self, model: PreTrainedModel, prompts: HeldOutPrompts, temperature: float, what: str, console: Console | None
+    ) -> list[list[list[int]]]:
+        sampling, eos = self.config.sampling(temperature), self.tokenizer.eos_token_id
+        with progress(console, f"sampling {what} at T={temperature:g} (prompts)", len(prompts.prompt_ids)) as done:
+            return sample_responses(model, prompts.prompt_ids, sampling, self.pad, eos, self.seed, done)
 
-    def _baselines_for(self, prompts: HeldOutPrompts, stage: str, temperature: float) -> list[list[list[int]]]:
+    def _baselines_for(
+        self, prompts: HeldOutPrompts, stage: str, temperature: float, console: Console | None
+    ) -> list[list[list[int]]]:
         if self.config.baseline == "chosen":
             return [[ids] * self.config.samples_per_prompt for ids in prompts.chosen_ids]
         if (stage, temperature) not in self._baselines:
+            from expo_bench.lm.data import fingerprint_module  # Lightning: not needed to validate a recipe
+
             key = {
                 "reference": fingerprint_module(self.reference),
                 "prompts": prompts.prompt_ids,
@@ -158,7 +172,10 @@ class Evaluator:
                 "seed": self.seed,
             }
             self._baselines[stage, temperature], _ = cached(
-                self.cache_dir, "baseline-samples", key, lambda: self._sample(self.reference, prompts, temperature)
+                self.cache_dir,
+                "baseline-samples",
+                key,
+                lambda: self._sample(self.reference, prompts, temperature, "the reference", console),
             )
         return self._baselines[stage, temperature]
 
@@ -178,15 +195,16 @@ class Evaluator:
         return broadcast((self.results_dir(run_dir) / "metrics.json").exists())
 
     def evaluate_once(
-        self, policy: PreTrainedModel | None, run_dir: Path, provenance: dict[str, Any]
+        self, policy: PreTrainedModel | None, run_dir: Path, provenance: dict[str, Any], console: Console | None = None
     ) -> tuple[dict[str, float], bool]:
-        """The run's metrics under this evaluation, computed at most once (``policy`` may be None then)."""
+        """The run's metrics under this evaluation, computed at most once (``policy`` may be None then); with a
+        ``console``, sampling and judging show their progress."""
         out_dir = self.results_dir(run_dir)
         done = out_dir / "metrics.json"
         if self.has_result(run_dir):
             return on_rank_zero(lambda: dict(json.loads(done.read_text()))), True
         assert policy is not None, "a run without stored metrics needs its policy"
-        metrics = self.evaluate(policy, out_dir, provenance, with_selection=True)
+        metrics = self.evaluate(policy, out_dir, provenance, with_selection=True, console=console)
         if is_global_zero():
             atomic_write(done, json.dumps(metrics, indent=2))  # written last: its presence means the evaluation finished
         return metrics, False
@@ -198,6 +216,7 @@ class Evaluator:
         provenance: dict[str, Any],
         temperatures: Sequence[float] | None = None,
         with_selection: bool = False,
+        console: Console | None = None,
     ) -> dict[str, float]:
         """Metrics of ``policy`` on the reported prompts at every temperature (keys ``eval/T<t>/...``) and, unprefixed,
         at the leaderboard temperature; samples and verdicts go to ``out_dir/T<t>/{samples,judgments}.jsonl``. With
@@ -210,7 +229,8 @@ class Evaluator:
         metrics: dict[str, float] = {}
         try:
             for temperature in temperatures or self.config.temperatures:
-                results = self._evaluate_at(policy, self.held_out, "test", temperature, out_dir / f"T{temperature:g}", provenance)
+                where = out_dir / f"T{temperature:g}"
+                results = self._evaluate_at(policy, self.held_out, "test", temperature, where, provenance, console)
                 metrics |= {metric_keys.at_temperature(key, temperature): value for key, value in results.items()}
                 if temperature == self.config.headline_temperature:
                     metrics |= results
@@ -219,7 +239,7 @@ class Evaluator:
             if with_selection and self.selection is not None:
                 temperature = self.config.headline_temperature
                 where = out_dir / f"selection-T{temperature:g}"
-                chosen = self._evaluate_at(policy, self.selection, "selection", temperature, where, provenance)
+                chosen = self._evaluate_at(policy, self.selection, "selection", temperature, where, provenance, console)
                 if self.exact is not None:
                     chosen |= self.exact(policy, self.selection.prompt_ids)
                 metrics |= {metric_keys.selection_key(key): value for key, value in chosen.items()}
@@ -236,9 +256,12 @@ class Evaluator:
         temperature: float,
         out_dir: Path,
         provenance: dict[str, Any],
+        console: Console | None,
     ) -> dict[str, float]:
-        samples = self._sample(policy, held_out, temperature)
-        baselines = self._baselines_for(held_out, stage, temperature)
+        from expo_bench.evaluation.metrics import Diversity, RewardKL, WinRate  # torchmetrics: not needed to validate
+
+        samples = self._sample(policy, held_out, temperature, str(provenance.get("method", "the policy")), console)
+        baselines = self._baselines_for(held_out, stage, temperature, console)
         prompts = []
         comparisons, lengths = [], []
         eos = self.tokenizer.eos_token_id
@@ -248,7 +271,7 @@ class Evaluator:
                 comparisons.append(Comparison(held_out.prompts[index], self._text(sample), self._text(baseline)))
                 # lengths in the same units: a policy sample keeps its EOS, a chosen response has none
                 lengths.append(len(strip_eos(sample, eos)) - len(strip_eos(baseline, eos)))
-        verdicts = on_rank_zero(lambda: self.judge.judge(comparisons))  # one request per comparison, whatever the world
+        verdicts = on_rank_zero(lambda: self._judge(comparisons, console))  # one request per comparison, whatever the world
         # every rank holds every verdict and sample here: the metrics must not gather them again across ranks
         win_rate = WinRate(resamples=self.config.bootstrap_resamples, sync_on_compute=False)
         win_rate.update(
@@ -313,6 +336,17 @@ class Evaluator:
             ],
         )
 
+    def _judge(self, comparisons: list[Comparison], console: Console | None) -> list[Verdict]:
+        """The judge's verdicts; an LLM judge shows its answers arriving (the ones not already cached)."""
+        if not isinstance(self.judge, LLMJudge):
+            return self.judge.judge(comparisons)
+        with progress(console, f"judging with {self.judge.name} (answers)", len(comparisons)) as done:
+            self.judge.progress = None if done is None else lambda answered, asked: done(answered)
+            try:
+                return self.judge.judge(comparisons)
+            finally:
+                self.judge.progress = None
+
 
 def strip_eos(ids: list[int], eos_token_id: int) -> list[int]:
     return ids[:-1] if ids and ids[-1] == eos_token_id else ids
@@ -355,38 +389,3 @@ def sequence_logps(
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-PolicyOf = Callable[[L.Trainer, L.LightningModule], PreTrainedModel]
-"""The policy of a module in training as one unsharded model on every rank (a collective under sharded strategies)."""
-
-
-class PeriodicEvaluation(Callback):
-    """Evaluates the policy every ``every`` optimizer steps at the leaderboard temperature and logs the
-    metrics at that step. Every rank takes part: ``policy_of`` gathers the policy whole on each, they sample their
-    shares of the prompts, and rank zero judges and logs."""
-
-    def __init__(self, evaluator: Evaluator, every: int, out_dir: Path, provenance: dict[str, Any], policy_of: PolicyOf) -> None:
-        self.evaluator, self.every, self.out_dir, self.provenance = evaluator, every, out_dir, provenance
-        self.policy_of = policy_of
-        self.history: list[tuple[int, dict[str, float]]] = []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = [(int(step), dict(metrics)) for step, metrics in state_dict["history"]]
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        if step % self.every or (self.history and self.history[-1][0] == step):
-            return
-        require_finite_weights(pl_module)  # type: ignore[arg-type]  # sampling from NaN weights fails obscurely
-        temperature = self.evaluator.config.headline_temperature
-        policy = self.policy_of(trainer, pl_module)
-        metrics = self.evaluator.evaluate(policy, self.out_dir / f"step-{step}", self.provenance, [temperature])
-        self.history.append((step, metrics))
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
-from peft import LoraConfig, get_peft_model
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from expo_bench.config_model import ConfigModel, LocalOrHub, closest, reject_non_finite, reject_unknown_keys
 from expo_bench.contracts import Sequences
+
+if TYPE_CHECKING:  # transformers' models and peft are imported where they are used: a recipe validates without them
+    from transformers import PreTrainedModel
 
 
 class ModelConfig(ConfigModel):
@@ -41,6 +42,8 @@ class ModelConfig(ConfigModel):
     def _architecture_keys(cls, tiny: dict[str, Any] | None) -> dict[str, Any] | None:
         if tiny is None or "model_type" not in tiny:
             return tiny  # the model validator below says what is missing
+        from transformers import CONFIG_MAPPING  # the configuration classes only, not the models
+
         model_type = tiny["model_type"]
         if model_type not in CONFIG_MAPPING:
             raise ValueError(f"unknown model_type {model_type!r}{closest(str(model_type), list(CONFIG_MAPPING))}")
@@ -61,6 +64,8 @@ class ModelConfig(ConfigModel):
         return self
 
     def build(self, vocab_size: int | None = None) -> PreTrainedModel:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
         loading = {"dtype": getattr(torch, self.dtype), "attn_implementation": self.attn_implementation}
         if self.name_or_path is not None:
             return AutoModelForCausalLM.from_pretrained(self.name_or_path, revision=self.revision, **loading)
@@ -163,7 +168,7 @@ class CausalLMScorer(nn.Module):
 
 def policy_model(module: nn.Module) -> PreTrainedModel:
     """The causal LM inside a method module's :class:`CausalLMScorer` policy."""
-    return cast(PreTrainedModel, cast(CausalLMScorer, module.policy).model)
+    return cast("PreTrainedModel", cast(CausalLMScorer, module.policy).model)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -179,8 +184,10 @@ class LoraSettings(ConfigModel):
     target_modules: list[str] | None = None
 
     def wrap(self, model: PreTrainedModel) -> PreTrainedModel:
+        from peft import LoraConfig, get_peft_model
+
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules)
-        return cast(PreTrainedModel, get_peft_model(model, config))  # PeftModel forwards the model's interface
+        return cast("PreTrainedModel", get_peft_model(model, config))  # PeftModel forwards the model's interface
 
 
 class AdapterDisabledScorer(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -15,11 +15,13 @@ from expo_bench.errors import DataError
 
 @dataclass(frozen=True)
 class PromptPair:
-    """One preference pair as text; the responses follow the prompt verbatim (HH's keep their leading space)."""
+    """One preference pair as text; the responses follow the prompt verbatim (HH's keep their leading space).
+    ``label`` is P(chosen beats rejected): 1 for a hard label."""
 
     prompt: str
     chosen: str
     rejected: str
+    label: float = 1.0
 
 
 OPENERS: dict[str, Callable[[Path], IO[str]]] = {
@@ -54,12 +56,13 @@ def jsonl_lines(path: Path) -> Iterator[tuple[str, str]]:
         raise DataError(f"{path}: cannot read ({error})") from error
 
 
-def split_file(root: Path, split: str, subfolder: str | None = None) -> Path:
-    """``root`` itself if it is a file, else ``root/[subfolder/]<split>.jsonl[.gz|.xz]``."""
+def split_file(root: Path, split: str, subfolder: str | None = None, endings: Iterable[str] = OPENERS) -> Path:
+    """``root`` itself if it is a file, else ``root/[subfolder/]<split><ending>`` for the first ending found there
+    (default ``.jsonl[.gz|.xz]``)."""
     if root.is_file():
         return root
     folder = root / subfolder if subfolder else root
-    candidates = [folder / f"{split}{ending}" for ending in OPENERS]
+    candidates = [folder / f"{split}{ending}" for ending in endings]
     found = next((candidate for candidate in candidates if candidate.is_file()), None)
     if found is None:
         raise DataError(f"{root}: no split {split!r} there; looked for {', '.join(map(str, candidates))}")

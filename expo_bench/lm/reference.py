@@ -14,6 +14,7 @@ from expo_bench.cache import cached
 from expo_bench.lm.data import PairDataset, reference_logps, reference_sample_logps
 from expo_bench.lm.model import CausalLMScorer
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
+from expo_bench.reporting import after, progress
 
 
 def attach_reference_samples(
@@ -30,7 +31,8 @@ def attach_reference_samples(
     prompts = [pair.prompt_ids for dataset in datasets for pair in dataset.pairs]
 
     def compute() -> list[list[list[int]]]:
-        return sample_responses(base, prompts, sampling, datasets[0].pad_token_id, eos, seed)
+        with progress(console, "reference samples (prompts)", len(prompts)) as done:
+            return sample_responses(base, prompts, sampling, datasets[0].pad_token_id, eos, seed, done)
 
     samples, hit = cached(cache_dir, "reference-samples", key, compute)
     split = len(datasets[0])
@@ -51,7 +53,11 @@ def attach_reference_logps(
     scorer = CausalLMScorer(base).eval()
 
     def compute() -> dict[str, Any]:
-        pairs = torch.cat([reference_logps(scorer, dataset, batch_size, device) for dataset in datasets])
+        parts: list[torch.Tensor] = []
+        with progress(console, "reference log-probs (pairs)", sum(len(dataset) for dataset in datasets)) as done:
+            for dataset in datasets:
+                parts.append(reference_logps(scorer, dataset, batch_size, device, after(done, sum(map(len, parts)))))
+        pairs = torch.cat(parts)
         if datasets[0].reference_samples is None:
             return {"pairs": pairs, "samples": None}
         return {

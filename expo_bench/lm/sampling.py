@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import Field
-from transformers import GenerationConfig, PreTrainedModel
 
 from expo_bench.config_model import ConfigModel
 from expo_bench.distributed import map_sharded
+from expo_bench.reporting import Done
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedModel
 
 
 class SamplingConfig(ConfigModel):
@@ -37,6 +41,8 @@ class SamplingConfig(ConfigModel):
 
     def generation_config(self, pad_token_id: int, eos_token_id: int) -> GenerationConfig:
         """Every setting ``generate`` reads, explicit."""
+        from transformers import GenerationConfig
+
         return GenerationConfig(
             do_sample=True,
             temperature=self.temperature,
@@ -69,8 +75,10 @@ def sample_responses(
     pad_token_id: int,
     eos_token_id: int,
     seed: int,
+    done: Done | None = None,
 ) -> list[list[list[int]]]:
-    """``samples_per_prompt`` responses for each prompt, each up to and including its EOS.
+    """``samples_per_prompt`` responses for each prompt, each up to and including its EOS; ``done`` is told how many
+    prompts are sampled after each batch.
 
     The prompts are cut in order into slices of ``config.batch_size``, and slice k is sampled from the RNG seeded by
     ``(seed, k)`` alone: under several ranks each samples its share of the slices (from its own full copy of the
@@ -80,7 +88,10 @@ def sample_responses(
     generation = config.generation_config(pad_token_id, eos_token_id)
 
     def sample(k: int, chunk: list[list[int]]) -> list[list[list[int]]]:
-        return _sample_slice(model, chunk, generation, slice_seed(seed, k), eos_token_id)
+        responses = _sample_slice(model, chunk, generation, slice_seed(seed, k), eos_token_id)
+        if done is not None:  # the ranks advance together: when slice k is sampled, so are about the first k + 1
+            done(min(len(prompts), (k + 1) * config.batch_size))
+        return responses
 
     return [responses for part in map_sharded(slices, sample) for responses in part]
 
@@ -95,6 +106,8 @@ def _sample_slice(
     model: PreTrainedModel, prompts: list[list[int]], generation: GenerationConfig, seed: int, eos_token_id: int
 ) -> list[list[list[int]]]:
     """One ``generate`` call; prompts are left-padded so generation continues every row from its last real token."""
+    from transformers import GenerationConfig
+
     device = next(model.parameters()).device
     pad = generation.pad_token_id
     width = max(len(prompt) for prompt in prompts)

@@ -25,7 +25,8 @@ from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, finger
 from expo_bench.lm.model import CausalLMScorer, enable_gradient_checkpointing, transformer_blocks
 from expo_bench.lm.tokenize import TokenizedPair
 from expo_bench.optim import OptimizerConfig
-from expo_bench.training import TrainConfig, build_trainer, gathered_state_dict
+from expo_bench.trainer import build_trainer, gathered_state_dict
+from expo_bench.training import TrainConfig
 
 
 class SupervisedFineTuning(L.LightningModule):

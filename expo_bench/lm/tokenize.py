@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 PromptTruncation = Literal["keep_end", "keep_start"]
 
-_TRUNCATE_PROMPT: dict[str, Callable[[list[int], int], list[int]]] = {
+TRUNCATE_PROMPT: dict[str, Callable[[list[int], int], list[int]]] = {
     "keep_end": lambda ids, length: ids[-length:],
     "keep_start": lambda ids, length: ids[:length],
 }
@@ -49,39 +49,49 @@ class TokenizationConfig(ConfigModel):
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    """Token ids of one pair; responses end with EOS unless ``response_truncated`` cut it off."""
+    """Token ids of one pair; responses end with EOS unless ``response_truncated`` cut it off. ``label`` is
+    P(chosen beats rejected), 1 for a hard label."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
     prompt_truncated: bool
     response_truncated: bool
+    label: float = 1.0
 
 
-def tokenize_pair(tokenizer: PreTrainedTokenizerBase, pair: PromptPair, config: TokenizationConfig) -> TokenizedPair:
-    """Tokenize without special tokens, append EOS to each response, then truncate as the DPO reference does.
-
-    Only when prompt + longer response exceeds ``max_length``: the prompt is cut to ``max_prompt_length``,
-    then both responses keep their first ``max_length - len(prompt)`` tokens (at least one, as
-    ``max_prompt_length < max_length``), so no response is ever empty.
-    """
+def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token_id to end responses with")
+    return int(eos)
 
-    def ids(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    prompt, chosen, rejected = ids(pair.prompt), [*ids(pair.chosen), eos], [*ids(pair.rejected), eos]
+def truncate_pair(
+    prompt: list[int], chosen: list[int], rejected: list[int], config: TokenizationConfig, label: float = 1.0
+) -> TokenizedPair:
+    """Truncate as the DPO reference does, only when prompt + longer response exceeds ``max_length``: the prompt
+    is cut to ``max_prompt_length``, then both responses keep their first ``max_length - len(prompt)`` tokens (at
+    least one, as ``max_prompt_length < max_length``), so no response is ever empty."""
     prompt_truncated = response_truncated = False
     if len(prompt) + max(len(chosen), len(rejected)) > config.max_length:
         if len(prompt) > config.max_prompt_length:
-            prompt = _TRUNCATE_PROMPT[config.prompt_truncation](prompt, config.max_prompt_length)
+            prompt = TRUNCATE_PROMPT[config.prompt_truncation](prompt, config.max_prompt_length)
             prompt_truncated = True
         budget = config.max_length - len(prompt)
         response_truncated = max(len(chosen), len(rejected)) > budget
         chosen, rejected = chosen[:budget], rejected[:budget]
-    return TokenizedPair(prompt, chosen, rejected, prompt_truncated, response_truncated)
+    return TokenizedPair(prompt, chosen, rejected, prompt_truncated, response_truncated, label)
+
+
+def tokenize_pair(tokenizer: PreTrainedTokenizerBase, pair: PromptPair, config: TokenizationConfig) -> TokenizedPair:
+    """Tokenize without special tokens, append EOS to each response, then :func:`truncate_pair`."""
+    eos = eos_id(tokenizer)
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return truncate_pair(ids(pair.prompt), [*ids(pair.chosen), eos], [*ids(pair.rejected), eos], config, pair.label)
 
 
 def padded_sequences(prompts: list[list[int]], responses: list[list[int]], length: int, pad_token_id: int) -> Sequences:
@@ -108,7 +118,7 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Preferen
         rejected=padded_sequences(prompts, rejected, length, pad_token_id),
         chosen_tokens=torch.tensor([len(ids) for ids in chosen], dtype=torch.float32),
         rejected_tokens=torch.tensor([len(ids) for ids in rejected], dtype=torch.float32),
-        label=torch.ones(len(pairs)),
+        label=torch.tensor([pair.label for pair in pairs], dtype=torch.float32),
     )
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import sys
 
 from expo_bench.config_model import closest
 from expo_bench.methods.base import REGISTRY, MethodParams, PreferenceMethod, preference_nll
@@ -44,6 +46,10 @@ def method_class(name: str) -> type[PreferenceMethod]:
     if ":" not in name and "." not in name:
         raise UnknownMethodError(f"unknown method {name!r}{closest(name, list(builtins))}; built in: {', '.join(builtins)}")
     module_name, _, class_name = name.rpartition(":") if ":" in name else name.rpartition(".")
+    # The user's package in the directory they run from: ``python -m`` puts it on the path, a console script does
+    # not. Appended, so it never shadows an installed package.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         obj = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as error:

@@ -17,12 +17,10 @@ gradient clipping and logging.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -30,6 +28,12 @@ from expo_bench import metric_keys as keys
 from expo_bench.config_model import ConfigModel
 from expo_bench.contracts import PairLogps, PreferenceBatch, SampleLogps, Sequences, SequenceScorer, concat_sequences
 from expo_bench.optim import OptimizerConfig
+
+if TYPE_CHECKING:
+    from lightning import LightningModule
+    from lightning.pytorch.utilities.types import OptimizerLRScheduler
+else:
+    LightningModule = object  # attached on instantiation: see PreferenceMethod.__new__
 
 REGISTRY: dict[str, type[PreferenceMethod]] = {}
 """Built-in methods by name; filled as each module under ``expo_bench.methods`` is imported."""
@@ -80,7 +84,30 @@ def preference_nll(logit: Tensor, label: Tensor | float, gamma: float | Tensor =
     return pairwise_loss(bradley_terry, logit, label, gamma)
 
 
-class PreferenceMethod(L.LightningModule):
+TRAINABLE = "Trainable"
+_TRAINABLE_CLASSES: dict[type, type[PreferenceMethod]] = {}
+
+
+def trainable(cls: type[PreferenceMethod]) -> type[PreferenceMethod]:
+    """``cls`` as a Lightning ``LightningModule``: ``cls`` with Lightning's base class after its own bases, made once."""
+    from lightning import LightningModule
+
+    if issubclass(cls, LightningModule):
+        return cls
+    if cls not in _TRAINABLE_CLASSES:
+        namespace = {"__module__": cls.__module__, "__qualname__": f"{cls.__qualname__}.{TRAINABLE}", "__doc__": cls.__doc__}
+        _TRAINABLE_CLASSES[cls] = type(cls.__name__, (cls, LightningModule), namespace)
+    return _TRAINABLE_CLASSES[cls]
+
+
+class _Trainable:
+    """``Method.Trainable`` is :func:`trainable` of ``Method``, so pickle finds the class of an instance by name."""
+
+    def __get__(self, instance: object, owner: type[PreferenceMethod]) -> type[PreferenceMethod]:
+        return trainable(owner)
+
+
+class PreferenceMethod(LightningModule):
     """A preference-optimization method as a LightningModule.
 
     ``policy`` is a module implementing :class:`~expo_bench.contracts.Policy`, ``reference`` a
@@ -90,6 +117,10 @@ class PreferenceMethod(L.LightningModule):
     dimension. Hyperparameters that differ across replicas become ``(G, 1)`` tensors that broadcast
     against ``(G, N)`` log-probs, and gradients are clipped per replica, so each replica follows exactly
     the trajectory it would follow alone.
+
+    A method class is declared without importing Lightning (about 6 s), so that recipes validate and
+    ``expo-bench methods`` lists the methods in a moment; instantiating one gives an instance of its
+    :func:`trainable` subclass, a ``LightningModule`` (``isinstance(module, Method)`` holds).
     """
 
     name: ClassVar[str]
@@ -107,6 +138,11 @@ class PreferenceMethod(L.LightningModule):
     def requires(cls, params: MethodParams) -> frozenset[str]:
         """Optional batch fields (e.g. ``kl_samples``) these hyperparameters need from the task's data."""
         return frozenset()
+
+    Trainable: ClassVar[Any] = _Trainable()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PreferenceMethod:
+        return super().__new__(trainable(cls))
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

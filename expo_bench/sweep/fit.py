@@ -31,7 +31,7 @@ from expo_bench.cache import atomic_write, digest, locked, unsafe_file
 from expo_bench.distributed import broadcast, is_global_zero
 from expo_bench.errors import UserError
 from expo_bench.lm.data import PairData
-from expo_bench.lm.evaluation import Evaluator, PeriodicEvaluation
+from expo_bench.lm.evaluation import Evaluator
 from expo_bench.lm.model import (
     REFERENCES,
     CausalLMScorer,
@@ -42,9 +42,10 @@ from expo_bench.lm.model import (
 )
 from expo_bench.methods.base import DivergedError, MethodParams, PreferenceMethod, require_finite_weights
 from expo_bench.recipe import MethodRun
+from expo_bench.sweep.callbacks import PeriodicEvaluation
 from expo_bench.sweep.records import LanguageModelIdentity, TrainingResult, display_name
 from expo_bench.tracking import TrackedRun
-from expo_bench.training import LAST, LastCheckpoint, LossHistory, RandomState, build_trainer, gathered_state_dict
+from expo_bench.trainer import LAST, LastCheckpoint, LossHistory, RandomState, build_trainer, gathered_state_dict
 
 RECORD = "record.json"
 """Written last into a run directory: its presence means the run finished training."""
@@ -291,7 +292,7 @@ def evaluate(
     evaluator: Evaluator, name: str, policy: PreTrainedModel | None, run_dir: Path, console: Console
 ) -> dict[str, float]:
     """A run's metrics under ``evaluator`` (computed at most once), with its headline printed."""
-    metrics, hit = evaluator.evaluate_once(policy, run_dir, {"method": name, "run": run_dir.name})
+    metrics, hit = evaluator.evaluate_once(policy, run_dir, {"method": name, "run": run_dir.name}, console)
     headline = ", ".join(f"{metric.name} {metrics[metric.key]:.3f}" for metric in metric_keys.HEADLINE if metric.key in metrics)
     console.print(f"  {name}: {'evaluated in an earlier run' if hit else 'evaluated'}: {headline}")
     return metrics

@@ -19,7 +19,7 @@ from expo_bench.lm.evaluation import Evaluator, HeldOutPrompts, strip_eos
 from expo_bench.lm.model import count_parameters
 from expo_bench.lm.reference import attach_reference_logps, attach_reference_samples
 from expo_bench.lm.sft import fine_tune
-from expo_bench.lm.tokenize import TokenizedPair, fingerprint_tokenizer, pad_token_id
+from expo_bench.lm.tokenize import fingerprint_tokenizer, pad_token_id
 from expo_bench.sweep import lm_report
 from expo_bench.sweep.context import SweepContext
 from expo_bench.sweep.fit import FitUnit, evaluate, fit
@@ -36,6 +36,17 @@ from expo_bench.tracking import TrackedRun
 
 REFERENCE_LABEL = "sft-reference"
 """How the SFT reference appears among the methods when it is evaluated."""
+
+
+def seed_line(seed: int, provenance: SeedProvenance) -> str:
+    """One readable line on a seed's data and reference (``summary.json`` keeps every field)."""
+    facts = [f"{key} {value}" for key, value in provenance.facts.items() if not key.startswith("sft_")]  # SFT has its line
+    return (
+        f"seed {seed}: {provenance.train_pairs} training and {provenance.eval_pairs} held-out pairs "
+        f"({provenance.truncated_prompts} prompts and {provenance.truncated_responses} responses truncated); "
+        f"reference {provenance.parameters / 1e6:.2f}M parameters; fingerprints: data {provenance.data_fingerprint}, "
+        f"reference {provenance.reference_fingerprint}" + "".join(f"; {fact}" for fact in facts)
+    )
 
 
 class LanguageModelSweep:
@@ -75,7 +86,7 @@ class LanguageModelSweep:
             parameters=count_parameters(base),
             facts={**sft, **data.provenance},
         )
-        console.print(f"seed {seed}: {provenance.as_json()}")
+        console.print(seed_line(seed, provenance), highlight=False)
         datasets = PairDataset(data.train, pad), PairDataset(data.evaluation, pad)
         self._attach_reference_work(base, datasets, tokenizer.eos_token_id, seed, provenance)
         units = [
@@ -111,7 +122,7 @@ class LanguageModelSweep:
             records.append(self._evaluate_reference(evaluator, seed, provenance))
         every = None if evaluation is None else evaluation.every_n_steps
         for unit in units:
-            tracked = self._open(unit.run.label, unit.lam, unit.identity, unit.run_dir, evaluator)
+            tracked = self._open(unit.run.label, unit.lam, unit.identity, unit.run_dir, evaluator, unit.run.method.regularization)
             pair_data = PairData(*datasets, unit.run.train.batch_size, seed, unit.run.train.group_by_length)
             result = fit(unit, base, pair_data, evaluator, every, tracked, console)
             if result is not None:  # a diverged run is recorded as failed in the store, and left out here
@@ -140,31 +151,33 @@ class LanguageModelSweep:
         base.cpu()
 
     def _evaluator(self, data: TaskData, tokenizer: Any, base: PreTrainedModel, seed: int) -> Evaluator:
-        """Judge and held-out prompts (each distinct prompt once, with its first chosen response): the selection
-        prompts first, then the reported ones."""
+        """The judge, and the task's test prompts or else its held-out prompts: the selection prompts first, then the
+        reported ones (the first ``evaluation.prompts`` of the rest)."""
         config = self.task.evaluation
         assert config is not None
         judge = data.judge if config.judge is None else config.judge.build(self.context.cache_dir / "judgments", seed)
         assert judge is not None, "the recipe validator requires a judge for tasks without their own"
-        first_pairs = list({tuple(pair.prompt_ids): pair for pair in reversed(data.evaluation)}.values())[::-1]
+        found = data.test or self._held_out_prompts(data, tokenizer)
         set_aside = 0 if config.selection is None else config.selection.prompts
-        reported = first_pairs[set_aside:][: config.prompts]
+        reported = found.cut(set_aside, None if config.prompts is None else set_aside + config.prompts)
         if not reported:
             raise UserError(
-                f"task.evaluation: the task has {len(first_pairs)} held-out prompts and selection sets aside {set_aside}, "
+                f"task.evaluation: the task has {len(found)} evaluation prompts and selection sets aside {set_aside}, "
                 "leaving none to report on; lower task.evaluation.selection.prompts"
             )
+        selection = found.cut(0, set_aside) if set_aside else None
+        return Evaluator(config, tokenizer, base, reported, judge, seed, self.context.cache_dir, data.exact, selection)
 
-        def held_out(pairs: list[TokenizedPair]) -> HeldOutPrompts:
-            eos = tokenizer.eos_token_id
-            return HeldOutPrompts(
-                [pair.prompt_ids for pair in pairs],
-                [tokenizer.decode(pair.prompt_ids) for pair in pairs],
-                [strip_eos(pair.chosen_ids, eos) for pair in pairs],
-            )
-
-        selection = None if not set_aside else held_out(first_pairs[:set_aside])
-        return Evaluator(config, tokenizer, base, held_out(reported), judge, seed, self.context.cache_dir, data.exact, selection)
+    @staticmethod
+    def _held_out_prompts(data: TaskData, tokenizer: Any) -> HeldOutPrompts:
+        """Each distinct held-out prompt once, with its first chosen response."""
+        pairs = list({tuple(pair.prompt_ids): pair for pair in reversed(data.evaluation)}.values())[::-1]
+        eos = tokenizer.eos_token_id
+        return HeldOutPrompts(
+            [pair.prompt_ids for pair in pairs],
+            [tokenizer.decode(pair.prompt_ids) for pair in pairs],
+            [strip_eos(pair.chosen_ids, eos) for pair in pairs],
+        )
 
     def _evaluate_reference(self, evaluator: Evaluator, seed: int, provenance: SeedProvenance) -> LanguageModelRecord:
         """The SFT reference evaluated like a method: the frontier's origin and the win rate of "no optimization"."""
@@ -179,7 +192,13 @@ class LanguageModelSweep:
         return LanguageModelRecord(REFERENCE_LABEL, None, identity, provenance, None, metrics)
 
     def _open(
-        self, label: str, lam: float | None, identity: LanguageModelIdentity, run_dir: Path, evaluator: Evaluator | None
+        self,
+        label: str,
+        lam: float | None,
+        identity: LanguageModelIdentity,
+        run_dir: Path,
+        evaluator: Evaluator | None,
+        regularization: str | None = None,
     ) -> TrackedRun:
         """The tracking-store run of one trained (or reference) policy under one evaluation."""
         evaluation = None if evaluator is None else evaluator.identity()
@@ -209,5 +228,6 @@ class LanguageModelSweep:
                 judge=None if evaluator is None else evaluator.judge.name,
                 data_fingerprint=identity.data_fingerprint,
                 model_fingerprint=identity.reference_fingerprint,
+                regularization=regularization,
             ),
         )

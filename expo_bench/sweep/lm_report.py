@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,16 +11,25 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 from rich.console import Console
 
 from expo_bench import metric_keys, reporting
-from expo_bench.sweep.records import LanguageModelRecord, display_name
+from expo_bench.methods import method_class
+from expo_bench.metric_keys import Metric
+from expo_bench.sweep.records import LanguageModelRecord
 
 HEADER = ["method", "λ", "seed", "steps", *(metric.title for metric in metric_keys.HELD_OUT_COLUMNS)]
+FACETS_PER_ROW = 3
 
 
 def _lam(record: LanguageModelRecord) -> str:
-    return "—" if record.lam is None else f"{record.lam:g}"
+    """The run's λ, whichever hyperparameter plays it (DPO's β, EXPO's λ), as the leaderboard shows it."""
+    if record.lam is not None:
+        return f"{record.lam:g}"
+    params, identity = record.identity.params, record.identity
+    field = None if params is None else method_class(identity.method_class).regularization
+    return "—" if params is None or field is None or field not in params else f"{params[field]:g}"
 
 
 def metric_rows(records: Sequence[LanguageModelRecord]) -> list[list[str]]:
@@ -43,45 +54,84 @@ def metric_rows(records: Sequence[LanguageModelRecord]) -> list[list[str]]:
     return rows
 
 
+def _with_stderr(metrics: dict[str, float], metric: Metric) -> str:
+    """A run's value, ± 1.96 standard errors over its prompts where the metric has one (the KL estimate's included)."""
+    if metric.key not in metrics:
+        return "—"
+    stderr = metric_keys.STANDARD_ERRORS.get(metric.key)
+    within = None if stderr is None else metrics.get(stderr.key)
+    return reporting.with_interval(metrics[metric.key], None if within is None else reporting.Z_95 * within)
+
+
 def evaluation_table(records: Sequence[LanguageModelRecord]) -> tuple[list[str], list[list[str]]]:
-    """Header and one row per evaluated run (the SFT reference included): the leaderboard's columns it logged."""
+    """Header and one row per evaluated run (the SFT reference included): the leaderboard's columns it logged, those
+    undefined in the setting (self-BLEU of one sample per prompt) left out."""
     evaluated = [(record, record.evaluation) for record in records if record.evaluation is not None]
-    columns = [metric for metric in metric_keys.LEADERBOARD_COLUMNS if any(metric.key in metrics for _, metrics in evaluated)]
+    columns = [
+        metric
+        for metric in metric_keys.LEADERBOARD_COLUMNS
+        if any(math.isfinite(metrics.get(metric.key, math.nan)) for _, metrics in evaluated)
+    ]
     rows = [
-        [
-            record.method,
-            _lam(record),
-            str(record.seed),
-            *(f"{metrics[metric.key]:.4f}" if metric.key in metrics else "—" for metric in columns),
-        ]
+        [record.method, _lam(record), str(record.seed), *(_with_stderr(metrics, metric) for metric in columns)]
         for record, metrics in evaluated
     ]
     return ["method", "λ", "seed", *(metric.title for metric in columns)], rows
 
 
+def smoothed(values: Sequence[float]) -> np.ndarray:
+    """A centred moving average over about a tenth of the curve (at the ends, over the points there are)."""
+    window = max(1, len(values) // 8) | 1
+    kernel = np.ones(window)
+    padded = np.convolve(np.asarray(values, dtype=float), kernel, mode="same")
+    counts = np.convolve(np.ones(len(values)), kernel, mode="same")
+    return padded / counts
+
+
+def held_out_accuracy(metrics: dict[str, float], keys: Sequence[str]) -> float:
+    return next((metrics[key] for key in keys if key in metrics), math.nan)
+
+
 def plot_training(records: Sequence[LanguageModelRecord], path: Path) -> None:
-    """Training loss relative to its first logged value, and held-out reward accuracy, per run."""
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4))
-    labels = []
+    """Training loss relative to its first logged value, smoothed, one panel per method (λ by colour, seeds as lines);
+    the legend gives each λ's held-out reward accuracy after training, averaged over seeds."""
+    by_method: dict[str, list[LanguageModelRecord]] = defaultdict(list)
     for record in records:
-        assert record.training is not None
-        label = f"{display_name(record.method, record.lam)} s{record.seed}"
-        labels.append(label)
-        if record.training.loss_history:
-            steps, losses = zip(*record.training.loss_history, strict=True)
-            curves.plot(steps, [loss / losses[0] for loss in losses], label=label)
-    curves.set_xlabel("optimizer step")
-    curves.set_ylabel("training loss / first logged loss")
-    if curves.get_legend_handles_labels()[0]:  # runs shorter than the logging interval have no curve
-        curves.legend(fontsize=7)
-    key = metric_keys.VAL_REWARDS_ACCURACY.key
-    accuracy = [record.training.eval_after.get(key, float("nan")) for record in records if record.training is not None]
-    bars.barh(range(len(records)), accuracy)
-    bars.set_yticks(range(len(records)), labels, fontsize=7)
-    bars.axvline(0.5, color="grey", linestyle=":")
-    bars.set_xlabel("held-out reward accuracy (h > 0; ties ½)")
+        by_method[record.method].append(record)
+    columns = min(FACETS_PER_ROW, max(1, len(by_method)))
+    rows = math.ceil(len(by_method) / columns) or 1
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), sharey=True, squeeze=False)
+    accuracies = (metric_keys.VAL_REWARDS_ACCURACY.key, metric_keys.VAL_PREFERENCE_ACCURACY.key)  # the second without a reference
+    for ax, (method, runs) in zip(axes.flat, by_method.items(), strict=False):
+        lams = sorted({record.lam for record in runs}, key=lambda lam: -1.0 if lam is None else lam)
+        colours = plt.colormaps["viridis"](np.linspace(0.0, 0.85, len(lams)))
+        for lam, colour in zip(lams, colours, strict=True):
+            at_lam = [record for record in runs if record.lam == lam]
+            accuracy = [held_out_accuracy(r.training.eval_after, accuracies) for r in at_lam if r.training is not None]
+            label = ("" if lam is None else f"λ={lam:g}, ") + f"held-out acc. {np.nanmean(accuracy):.2f}"
+            for index, record in enumerate(at_lam):
+                history = [] if record.training is None else record.training.loss_history
+                if len(history) < 2:
+                    continue
+                steps, losses = zip(*history, strict=True)
+                relative = [loss / losses[0] for loss in losses]
+                ax.plot(steps, smoothed(relative), color=colour, alpha=0.8, label=label if index == 0 else None)
+        ax.axhline(1.0, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_title(method, fontsize="medium")
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="x-small", frameon=False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("training loss / first logged\n(smoothed)")
+    for ax in list(axes.flat)[len(by_method) :]:
+        ax.set_visible(False)
+    fig.suptitle(
+        "Training loss per method; each line a seed. Held-out accuracy after training: h > 0 (ties ½), or the\n"
+        "policy's own preference for a reference-free method"
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -89,13 +139,15 @@ def write(experiment: str, records: Sequence[LanguageModelRecord], out_dir: Path
     """``methods.md`` (held-out pair metrics after training; sampled evaluation) and ``training.png``."""
     trained = [record for record in records if record.training is not None]
     rows = metric_rows(trained)
-    console.print(reporting.rich_table(f"{experiment}: held-out pairs after training", HEADER, rows))
+    title = f"{experiment}: held-out pairs after training (before)"
+    console.print(reporting.rich_table(title, HEADER, rows, console.width, "methods.md"))
     note = "\nEach cell: after training (before training, i.e. the reference/SFT model).\n"
     text = f"# {experiment}: held-out pairs after training\n\n" + reporting.markdown_table(HEADER, rows) + note
     header, evaluated = evaluation_table(records)
     if evaluated:
-        console.print(reporting.rich_table(f"{experiment}: sampled evaluation", header, evaluated))
-        text += f"\n## Sampled evaluation\n\n{reporting.markdown_table(header, evaluated)}"
+        console.print(reporting.rich_table(f"{experiment}: sampled evaluation", header, evaluated, console.width, "methods.md"))
+        note = "\n± : 1.96 standard errors over the run's prompts (samples), where the metric has one.\n"
+        text += f"\n## Sampled evaluation\n\n{reporting.markdown_table(header, evaluated)}{note}"
     table = out_dir / "methods.md"
     table.write_text(text)
     curves = out_dir / "training.png"

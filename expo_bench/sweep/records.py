@@ -36,6 +36,8 @@ class RunIdentity:
     judge: str | None = None
     data_fingerprint: str | None = None
     model_fingerprint: str | None = None
+    regularization: str | None = None
+    """The name of the hyperparameter that is the method's λ (``beta``), if it has one."""
 
 
 def open_run(runs: RunLog, identity: RunIdentity) -> TrackedRun:
@@ -57,6 +59,7 @@ def open_run(runs: RunLog, identity: RunIdentity) -> TrackedRun:
         tracking.DATA_FINGERPRINT: identity.data_fingerprint,
         tracking.MODEL_FINGERPRINT: identity.model_fingerprint,
         tracking.SELECTION_METRIC: identity.selection_by,
+        tracking.REGULARIZATION: identity.regularization,
     }
     tags |= {tag: value for tag, value in optional.items() if value is not None}
     run = runs.child(identity.key, identity.name, identity.params, tags) if is_global_zero() else None

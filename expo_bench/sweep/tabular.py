@@ -23,7 +23,8 @@ from expo_bench.sweep.records import RunIdentity, TabularRecord, display_name, o
 from expo_bench.tabular.data import TabularPreferenceData, population_pairs, sample_pairs
 from expo_bench.tabular.policy import PolicyTrajectory, TabularPolicy, kl
 from expo_bench.tasks.tabular import TabularTask
-from expo_bench.training import TrainConfig, build_trainer
+from expo_bench.trainer import build_trainer
+from expo_bench.training import TrainConfig
 
 MODEL = "tabular softmax"
 
@@ -69,7 +70,7 @@ class TabularSweep:
         experiment, console = self.context.experiment, self.context.console
         name = experiment.recipe.experiment
         header, rows = report.header(self.task), report.final_policy_rows(records, self.task)
-        console.print(rich_table(f"{name}: final policies", header, rows))
+        console.print(rich_table(f"{name}: final policies", header, rows, console.width, "final_policies.md"))
         table = out_dir / "final_policies.md"
         table.write_text(f"# {name}: final policies\n\n" + markdown_table(header, rows))
         trajectories, sweep = out_dir / "trajectories.png", out_dir / "lambda_sweep.png"
@@ -81,6 +82,7 @@ class TabularSweep:
     def _tracked(self, records: list[TabularRecord]) -> list[TabularRecord]:
         """Record each replica as its own run, ranked by KL(π*‖π) summed over prompts."""
         best = {prompt.name: max(range(len(prompt.pi_star)), key=prompt.pi_star.__getitem__) for prompt in self.task.prompts}
+        regularization = {run.label: run.method.regularization for run in self.context.experiment.runs}
         for record in records:
             identity = {
                 "method_class": record.method_class,
@@ -103,6 +105,7 @@ class TabularSweep:
                     model=MODEL,
                     rank_by=self.task.rank_by,
                     params={"method": record.method, "lam": record.lam, **identity},
+                    regularization=regularization[record.method],
                 ),
             )
             if not tracked.complete:

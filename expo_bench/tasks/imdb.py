@@ -8,12 +8,11 @@ import hashlib
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 from rich.console import Console
 from torch import nn
-from transformers import PreTrainedModel
 
 from expo_bench import metric_keys
 from expo_bench.cache import cached
@@ -23,13 +22,16 @@ from expo_bench.errors import DataError
 from expo_bench.evaluation.judges import RewardModelJudge
 from expo_bench.evaluation.reward_models import HFSentimentClassifier, RewardModel, TfidfSentiment
 from expo_bench.lm import imdb
-from expo_bench.lm.data import fingerprint_module
 from expo_bench.lm.imdb import Review, label_pairs, load_reviews, make_prompts
 from expo_bench.lm.pairs import PromptPair, require_records
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.tokenize import TokenizedPair, pad_token_id, tokenize_pair
 from expo_bench.metric_keys import Metric
+from expo_bench.reporting import progress
 from expo_bench.tasks.language_model import LanguageModelTask, SFTExamples, TaskData
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class RewardModelConfig(ConfigModel):
@@ -142,6 +144,8 @@ class IMDbTask(LanguageModelTask):
     def task_data(
         self, seed: int, tokenizer: Any, reference: PreTrainedModel, sft: SFTExamples, cache_dir: Path, console: Console
     ) -> TaskData:
+        from expo_bench.lm.data import fingerprint_module  # Lightning: not needed to validate a recipe
+
         train_reviews, shuffled, held_out = self._reviews(seed)
         pad = pad_token_id(tokenizer)
         prompt_reviews = shuffled[: self.train_prompts], held_out[: self.eval_prompts]
@@ -156,8 +160,8 @@ class IMDbTask(LanguageModelTask):
             reward = self.reward_model.build(train_reviews, seed, cache_dir)
             nn.Module.to(reference, accelerator_device())
             try:
-                train, train_report = self._pairs(tokenizer, reference, reward, prompt_reviews[0], seed, pad)
-                evaluation, eval_report = self._pairs(tokenizer, reference, reward, prompt_reviews[1], seed + 1, pad)
+                train, train_report = self._pairs(tokenizer, reference, reward, prompt_reviews[0], seed, pad, console)
+                evaluation, eval_report = self._pairs(tokenizer, reference, reward, prompt_reviews[1], seed + 1, pad, console)
             finally:
                 reference.cpu()
             return {
@@ -187,18 +191,29 @@ class IMDbTask(LanguageModelTask):
         return TaskData(train, evaluation, provenance, judge=judge)
 
     def _pairs(
-        self, tokenizer: Any, base: PreTrainedModel, reward: RewardModel, reviews: list[Review], seed: int, pad: int
+        self,
+        tokenizer: Any,
+        base: PreTrainedModel,
+        reward: RewardModel,
+        reviews: list[Review],
+        seed: int,
+        pad: int,
+        console: Console,
     ) -> tuple[list[list[str]], str]:
         """Sample completions of each review's prefix, score prefix + completion, keep pairs by margin;
         the pairs come back as ``[prompt, chosen, rejected]`` texts (what the cache stores)."""
         low, high = self.prompt_tokens
         prompts = make_prompts(reviews, tokenizer, low, high, seed)
-        samples = sample_responses(base, prompts, self.completions, pad, tokenizer.eos_token_id, seed)
+        with progress(console, "IMDb labelling: completions (prompts)", len(prompts)) as done:
+            samples = sample_responses(base, prompts, self.completions, pad, tokenizer.eos_token_id, seed, done)
         prompt_texts = [tokenizer.decode(prompt) for prompt in prompts]
         completions = [[tokenizer.decode(sample, skip_special_tokens=True) for sample in group] for group in samples]
-        rewards = [
-            reward.score([prompt + text for text in group]) for prompt, group in zip(prompt_texts, completions, strict=True)
-        ]
+        rewards: list[list[float]] = []
+        with progress(console, f"IMDb labelling: rewards by {reward.name} (prompts)", len(prompts)) as done:
+            for prompt, group in zip(prompt_texts, completions, strict=True):
+                rewards.append(reward.score([prompt + text for text in group]))
+                if done is not None:
+                    done(len(rewards))
         pairs, report = label_pairs(prompt_texts, completions, rewards, self.margin)
         return [[pair.prompt, pair.chosen, pair.rejected] for pair in pairs], report.summary()
 

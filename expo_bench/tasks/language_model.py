@@ -6,22 +6,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import field_validator, model_validator
 from rich.console import Console
-from transformers import AutoTokenizer, PreTrainedModel
 
 from expo_bench import metric_keys
 from expo_bench.config_model import ConfigModel, LocalOrHub
 from expo_bench.evaluation.types import Judge
-from expo_bench.lm.evaluation import EvaluationConfig, ExactMetrics
+from expo_bench.lm.evaluation import EvaluationConfig, ExactMetrics, HeldOutPrompts
 from expo_bench.lm.model import LoraSettings, ModelConfig, ReferenceKind
 from expo_bench.lm.sampling import SamplingConfig
 from expo_bench.lm.tokenize import TokenizationConfig, TokenizedPair
 from expo_bench.methods.base import KL_SAMPLES
 from expo_bench.metric_keys import Metric
 from expo_bench.training import TrainConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class TaskData:
     judge: Judge | None = None
     """The task's own ground-truth judge (a reward model, an oracle), used when the recipe names none."""
     exact: ExactMetrics | None = None
+    test: HeldOutPrompts | None = None
+    """Evaluation prompts with reference responses of their own (AlpacaEval-style); None: each distinct held-out
+    prompt with its first chosen response."""
 
 
 class LanguageModelTask(ConfigModel):
@@ -106,6 +111,8 @@ class LanguageModelTask(ConfigModel):
         return self.model.name_or_path or f"tiny {tiny.get('model_type')}"
 
     def load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(self.tokenizer)
 
     def provides(self) -> frozenset[str]:

@@ -16,13 +16,11 @@ import random
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 from rich.console import Console
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from expo_bench import metric_keys
 from expo_bench.evaluation.judges import OracleJudge
@@ -32,6 +30,9 @@ from expo_bench.lm.pairs import PromptPair
 from expo_bench.lm.tokenize import tokenize_pair
 from expo_bench.metric_keys import Metric
 from expo_bench.tasks.language_model import LanguageModelTask, SFTExamples, TaskData
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
@@ -108,6 +109,9 @@ class SyntheticTokensTask(LanguageModelTask):
         return torch.softmax(self.rewards, dim=-1)
 
     def load_tokenizer(self) -> PreTrainedTokenizerFast:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
         vocabulary = {token: index for index, token in enumerate(self.vocabulary)}
         backend = Tokenizer(models.WordLevel(vocabulary, unk_token=UNK))
         backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -1,0 +1,36 @@
+"""Terminal output: tables that never fold a cell, and progress bars with the time left on a terminal only."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from expo_bench.reporting import after, progress, rich_table
+
+
+def test_a_table_keeps_the_columns_that_fit_and_names_the_others() -> None:
+    header = ["method", "a long metric name", "b", "c"]
+    rows = [["expo_compositional_margin", "0.123456 ± 0.000001", "1.5", "2.25 ± 0.50"], ["dpo", "0.1", "2", "3"]]
+    output = io.StringIO()
+    Console(file=output, width=56).print(rich_table("title", header, rows, width=56, elsewhere="the .md"))
+    lines = output.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 56
+    assert any("expo_compositional_margin" in line and "0.123456 ± 0.000001" in line for line in lines)
+    assert "Also in the .md: c." in " ".join(output.getvalue().split())  # the column that did not fit
+
+
+def test_progress_shows_the_time_left_on_a_terminal_and_nothing_in_a_log() -> None:
+    terminal = io.StringIO()
+    with progress(Console(file=terminal, force_terminal=True, width=100), "reference samples", 4) as done:
+        assert done is not None
+        for completed in range(1, 5):
+            after(done, 1)(completed - 1)  # a part of the phase that starts one item in
+    shown = terminal.getvalue()
+    assert "reference samples" in shown and "4/4" in shown and "left" in shown
+    log = io.StringIO()
+    with progress(Console(file=log, force_terminal=False), "reference samples", 4) as done:
+        assert done is None
+    assert log.getvalue() == ""
+    with progress(None, "nothing to show", 4) as done:
+        assert done is None
