@@ -22,6 +22,7 @@ from pydantic_core import PydanticUndefined
 from expo_bench.errors import UserError
 from expo_bench.methods import PreferenceMethod, available_methods
 from expo_bench.recipe import Experiment, Recipe
+from expo_bench.training import TrainConfig
 
 WIDTH = 80
 BOUNDS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤", "min_length": "length ≥"}
@@ -165,14 +166,35 @@ def recipes_text(folder: Path | None = None) -> str:
 
 def resolved_yaml(experiment: Experiment) -> str:
     """The recipe as it will run, as YAML: every default filled in, each method's hyperparameters complete (less
-    the λ field where a grid sets it) and its budget in full where it overrides the recipe's."""
+    those its grid or λ list sets) and its budget in full where it overrides the recipe's (a grid over ``train.``
+    settings keeps them in its grid)."""
     data = experiment.recipe.model_dump(mode="json")
     data["task"] = {"kind": data["task"].pop("kind"), **data["task"]}
-    for entry, run in zip(data["methods"], experiment.runs, strict=True):
-        grid_field = {run.method.regularization} if run.lam is not None and run.method.regularization else set()
-        entry["params"] = run.grid[0].model_dump(mode="json", exclude=grid_field)
-        entry["train"] = {} if run.train == experiment.recipe.train else run.train.model_dump(mode="json")
+    for index, entry in enumerate(data["methods"]):
+        run = next(run for run in experiment.runs if run.entry == index)
+        swept = set(entry["grid"]) | ({run.method.regularization} if entry["lam"] or data["lam"] else set())
+        entry["params"] = run.grid[0].model_dump(mode="json", exclude={name for name in swept if name})
+        entry["train"] = _budget(
+            run.train, experiment.recipe.train, {name for name in entry["grid"] if name.startswith("train.")}
+        )
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=WIDTH, default_flow_style=None)
+
+
+def _budget(own: TrainConfig, recipes: TrainConfig, swept: set[str]) -> dict[str, Any]:
+    """A method's whole budget where it overrides the recipe's (apart from the ``train.`` settings its grid sweeps)."""
+
+    def without_swept(train: TrainConfig) -> dict[str, Any]:
+        budget = train.model_dump(mode="json")
+        for dotted in swept:
+            *parents, leaf = dotted.removeprefix("train.").split(".")
+            node = budget
+            for part in parents:
+                node = node[part]
+            node.pop(leaf, None)
+        return budget
+
+    mine = without_swept(own)
+    return {} if mine == without_swept(recipes) else mine
 
 
 class _Dumper(yaml.SafeDumper):

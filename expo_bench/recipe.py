@@ -10,7 +10,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -404,16 +404,17 @@ def select(experiment: Experiment, only: Sequence[str]) -> Experiment:
             raise RecipeError("--only", [(item, f"expected KEY=VALUE with KEY one of {', '.join(SELECTORS)}")])
         wanted.setdefault(key, set()).update(value.strip() for value in values.split(","))
     recipe, runs = experiment.recipe, experiment.runs
+    label_of = {run.entry: run.label for run in runs}
     kept = [
         index
-        for index, (entry, run) in enumerate(zip(recipe.methods, runs, strict=True))
-        if "method" not in wanted or wanted["method"] & {run.label, entry.method}
+        for index, entry in enumerate(recipe.methods)
+        if "method" not in wanted or wanted["method"] & {label_of[index], entry.method}
     ]
     seeds = [seed for seed in recipe.seeds if "seed" not in wanted or str(seed) in wanted["seed"]]
     problems = []
     if not kept:
         names = ", ".join(
-            dict.fromkeys(name for entry, run in zip(recipe.methods, runs, strict=True) for name in (run.label, entry.method))
+            dict.fromkeys(name for index, entry in enumerate(recipe.methods) for name in (label_of[index], entry.method))
         )
         problems.append(
             ("method", f"no method entry is labelled or named {', '.join(sorted(wanted['method']))}; the recipe has {names}")
@@ -423,7 +424,8 @@ def select(experiment: Experiment, only: Sequence[str]) -> Experiment:
     if problems:
         raise RecipeError(f"{experiment.source} --only", problems)
     selected = recipe.model_copy(update={"seeds": seeds, "methods": [recipe.methods[index] for index in kept]})
-    return Experiment(selected, [runs[index] for index in kept], experiment.source)
+    renumbered = [replace(run, entry=kept.index(run.entry)) for run in runs if run.entry in kept]
+    return Experiment(selected, renumbered, experiment.source)
 
 
 def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Experiment:

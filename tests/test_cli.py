@@ -266,12 +266,18 @@ def test_schema_prints_sections_as_commented_yaml(capsys: pytest.CaptureFixture[
     assert "has no section 'evaluaton'" in capsys.readouterr().err
 
 
-def test_print_config_round_trips_to_the_same_recipe(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("path", ["recipes/hh_tiny_local.yaml", "recipes/synthetic_tokens_tuned.yaml"])
+def test_print_config_round_trips_to_the_same_recipe(
+    path: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(ROOT)  # the recipe's local paths are relative to the repository root
-    path = "recipes/hh_tiny_local.yaml"
     assert main(["validate", path, "--print-config"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert resolved["methods"][0]["params"] == {"gamma": 0.0, "length_normalize": False, "beta": 0.1, "label_smoothing": 0.0}
+    if path.endswith("hh_tiny_local.yaml"):
+        assert resolved["methods"][0]["params"] == {"gamma": 0.0, "length_normalize": False, "beta": 0.1, "label_smoothing": 0.0}
+    else:  # a grid keeps what it sweeps, λ and the learning rate among them
+        assert resolved["methods"][2]["grid"] == {"beta": [1.0, 3.0, 10.0, 30.0], "train.optimizer.lr": [0.0003, 0.001]}
+        assert resolved["methods"][2]["train"] == {} and "beta" not in resolved["methods"][2]["params"]
     assert resolved["task"]["evaluation"]["bootstrap_resamples"] == 1000  # a default the recipe does not write
     again, original = validate_recipe(resolved, path), load_recipe(path)
     assert [run.grid for run in again.runs] == [run.grid for run in original.runs]
