@@ -160,7 +160,7 @@ def test_markdown_csv_and_plots(store: dict[str, Any], tmp_path: Path) -> None:
         "| method | λ | win rate | Δ vs dpo (paired) | notes | seeds | LC win rate | reward | KL(π‖π_ref) | length | params "
         "| runs | git | recipe |" in markdown
     )
-    assert f"| expo | 0.1 | {expo_cell} | 3 |" in markdown and "0123456789ab" in markdown
+    assert f"| expo | 0.1 | {expo_cell} | +0.1 ± 0.075 (p 0.029) | ≈ best | 3 |" in markdown and "0123456789ab" in markdown
     assert "![leaderboard-hh-ranking](leaderboard-hh-ranking.png)" in markdown
     assert expo_cell in console.export_text()
 

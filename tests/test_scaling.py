@@ -73,7 +73,7 @@ def twin(judge_url: str, devices: int, num_nodes: int = 1) -> dict[str, Any]:
                 "batch_size": 2,
                 "baseline": "chosen",
                 "every_n_steps": 2,
-                "judge": {"kind": "llm", "base_url": judge_url, "model": "judge", "api_key_env": None},
+                "judge": {"kind": "llm", "base_url": judge_url, "model": "local-judge", "api_key_env": None},
             },
         },
         "train": {"max_epochs": 2, "batch_size": per_rank, "optimizer": SGD, "log_every_n_steps": 1} | hardware,
