@@ -252,13 +252,11 @@ def test_an_interrupted_judging_keeps_its_answers_and_resumes(server: ChatServer
 
 def test_concurrency_is_bounded_and_progress_reported(server: ChatServer, tmp_path: Path) -> None:
     server.delay = 0.1
-    progress: list[tuple[int, int]] = []
-    judge = LLMJudge(
-        llm_config(server, max_concurrency=3), tmp_path, seed=0, progress=lambda done, total: progress.append((done, total))
-    )
-    assert [verdict.outcome for verdict in judge.judge(comparisons(12))] == expected(12)
+    progress: list[int] = []
+    judge = LLMJudge(llm_config(server, max_concurrency=3), tmp_path, seed=0)
+    assert [verdict.outcome for verdict in judge.judge(comparisons(12), progress.append)] == expected(12)
     assert 2 <= server.max_active <= 3
-    assert progress == [(done, 12) for done in range(1, 13)]
+    assert progress == list(range(1, 13))
 
 
 def test_the_api_key_appears_nowhere(server: ChatServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

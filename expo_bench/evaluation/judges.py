@@ -18,6 +18,7 @@ from expo_bench.distributed import accelerator_device
 from expo_bench.evaluation.llm_judge import LLMJudgeConfig
 from expo_bench.evaluation.reward_models import HFRewardModel, RewardModel
 from expo_bench.evaluation.types import Comparison, Verdict
+from expo_bench.reporting import Done
 
 
 class RewardJudge(ABC):
@@ -29,7 +30,7 @@ class RewardJudge(ABC):
     @abstractmethod
     def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
 
-    def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
+    def judge(self, comparisons: Sequence[Comparison], done: Done | None = None) -> list[Verdict]:
         # Each distinct (prompt, response) scored once, in one call so a reward model fills its batches: identical
         # responses then tie exactly (padding in a batch perturbs a model's logits in the last bits).
         pairs = [(c.prompt, c.candidate) for c in comparisons] + [(c.prompt, c.baseline) for c in comparisons]
@@ -40,6 +41,8 @@ class RewardJudge(ABC):
         for c in comparisons:
             ours, theirs = reward[c.prompt, c.candidate], reward[c.prompt, c.baseline]
             verdicts.append(Verdict(_compare(ours, theirs), {"candidate_reward": ours, "baseline_reward": theirs}, ours))
+        if done is not None:
+            done(len(verdicts))
         return verdicts
 
 

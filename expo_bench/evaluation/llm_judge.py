@@ -29,7 +29,7 @@ import string
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Literal
@@ -40,6 +40,7 @@ from expo_bench.cache import atomic_write
 from expo_bench.config_model import ConfigModel
 from expo_bench.errors import UserError
 from expo_bench.evaluation.types import Comparison, Verdict
+from expo_bench.reporting import Done
 
 log = logging.getLogger(__name__)
 
@@ -159,18 +160,16 @@ class LLMJudge:
 
     Verdict details: ``candidate_position`` (A or B), the raw ``answer`` and the parsed ``choice`` (None when
     the answer does not follow the format: outcome NaN). Identical responses tie without a request (answer
-    None). ``progress(done, total)`` is called as the answers not found in the cache arrive.
+    None).
     """
 
-    def __init__(
-        self, config: LLMJudgeConfig, cache_dir: Path, seed: int, progress: Callable[[int, int], None] | None = None
-    ) -> None:
-        self.config, self.cache_dir, self.seed, self.progress = config, cache_dir, seed, progress
+    def __init__(self, config: LLMJudgeConfig, cache_dir: Path, seed: int) -> None:
+        self.config, self.cache_dir, self.seed = config, cache_dir, seed
         self.name = f"llm:{config.model}"
         self.gives_rewards = False
         self.url = f"{config.base_url}/chat/completions"
 
-    def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
+    def judge(self, comparisons: Sequence[Comparison], done: Done | None = None) -> list[Verdict]:
         positions = [candidate_position(self.seed, comparison) for comparison in comparisons]
         questions = [
             (c.prompt, c.candidate, c.baseline) if position == "A" else (c.prompt, c.baseline, c.candidate)
@@ -194,7 +193,8 @@ class LLMJudge:
             len(to_ask),
             self.url,
         )
-        answers.update(self._ask_all(to_ask))
+        settled = len(comparisons) - len(to_ask)  # cached, tied or asked twice: no request to wait for
+        answers.update(self._ask_all(to_ask, None if done is None else lambda answered: done(settled + answered)))
 
         verdicts = []
         for key, (_, a, b), position in zip(keys, questions, positions, strict=True):
@@ -206,7 +206,7 @@ class LLMJudge:
             verdicts.append(Verdict(outcome, {"candidate_position": position, "choice": choice, "answer": answers[key]}))
         return verdicts
 
-    def _ask_all(self, questions: dict[str, tuple[str, str, str]]) -> dict[str, str]:
+    def _ask_all(self, questions: dict[str, tuple[str, str, str]], done: Done | None) -> dict[str, str]:
         """Each question's answer, ``max_concurrency`` requests at a time; on a failure, requests already
         sent are awaited (their answers cached) and no more are sent before the error is raised."""
         if not questions:
@@ -221,8 +221,8 @@ class LLMJudge:
                 answer = future.result()
                 if answer is not None:
                     answers[futures[future]] = answer
-                    if self.progress is not None:
-                        self.progress(len(answers), len(questions))
+                    if done is not None:
+                        done(len(answers))
         except JudgeError as error:
             executor.shutdown(wait=True, cancel_futures=True)
             saved = sum(

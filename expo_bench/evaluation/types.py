@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from expo_bench.reporting import Done
+
 
 @dataclass(frozen=True)
 class Comparison:
@@ -33,4 +35,6 @@ class Judge(Protocol):
     gives_rewards: bool
     """Whether every verdict carries the candidate's reward (so reward and reward–KL metrics exist)."""
 
-    def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]: ...
+    def judge(self, comparisons: Sequence[Comparison], done: Done | None = None) -> list[Verdict]:
+        """A verdict per comparison; ``done`` is told how many comparisons are settled as the verdicts arrive."""
+        ...

@@ -24,7 +24,6 @@ from expo_bench.cache import atomic_write, cached, digest
 from expo_bench.config_model import ConfigModel, closest
 from expo_bench.distributed import accelerator_device, broadcast, is_global_zero, map_sharded, on_rank_zero
 from expo_bench.evaluation.judges import JudgeConfig
-from expo_bench.evaluation.llm_judge import LLMJudge
 from expo_bench.evaluation.types import Comparison, Judge, Verdict
 from expo_bench.lm.model import response_logps
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
@@ -337,15 +336,9 @@ class Evaluator:
         )
 
     def _judge(self, comparisons: list[Comparison], console: Console | None) -> list[Verdict]:
-        """The judge's verdicts; an LLM judge shows its answers arriving (the ones not already cached)."""
-        if not isinstance(self.judge, LLMJudge):
-            return self.judge.judge(comparisons)
-        with progress(console, f"judging with {self.judge.name} (answers)", len(comparisons)) as done:
-            self.judge.progress = None if done is None else lambda answered, asked: done(answered)
-            try:
-                return self.judge.judge(comparisons)
-            finally:
-                self.judge.progress = None
+        """The judge's verdicts, with the comparisons settled shown as they arrive."""
+        with progress(console, f"judging with {self.judge.name} (comparisons)", len(comparisons)) as done:
+            return self.judge.judge(comparisons, done)
 
 
 def strip_eos(ids: list[int], eos_token_id: int) -> list[int]:
