@@ -147,9 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def lam_summary(lams: list[float] | None) -> str:
+    """The distinct λ values of a run's replicas (a grid over other hyperparameters repeats them)."""
     if lams is None:
         return "—"
-    return ", ".join(f"{lam:g}" for lam in lams) if len(lams) <= 3 else f"{len(lams)}: {min(lams):g}…{max(lams):g}"
+    distinct = list(dict.fromkeys(lams))
+    return (
+        ", ".join(f"{lam:g}" for lam in distinct)
+        if len(distinct) <= 3
+        else f"{len(distinct)}: {min(distinct):g}…{max(distinct):g}"
+    )
 
 
 def _values(values: list[object]) -> str:
