@@ -35,10 +35,12 @@ def test_interpolation(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_preservation(tmp_path: Path) -> None:
+    """The paper's Figure: KL(π* ‖ π)/3 (its ``kl_div(reduction="mean")``); the summary records the sum."""
     runs = sampled_runs("synthetic_preservation", tmp_path)
     for method in ("expo_compositional", "expo_regression"):
-        good = [run["kl_star_to_policy"]["good"] for (name, _), run in runs.items() if name == method]
+        good = [run["kl_star_to_policy"]["good"] / 3 for (name, _), run in runs.items() if name == method]
         assert max(good) < 0.005  # π_ref = π* is preserved at every λ (up to finite-sample error)
     for method in ("dpo", "ipo", "fdpo_js"):
-        small = runs[method, 1e-5]["kl_star_to_policy"]
-        assert small["good"] > 1.0 and small["bad"] > 1.0
+        smallest = min(lam for name, lam in runs if name == method)  # λ = e^-5
+        small = runs[method, smallest]["kl_star_to_policy"]
+        assert small["good"] / 3 > 0.5 and small["bad"] / 3 > 0.5
