@@ -48,6 +48,8 @@ class OptimizerConfig(ConfigModel):
         taken = [p for p in inspect.signature(optimizer_class).parameters if p not in ("params", "lr")]
         reject_unknown_keys(kwargs, taken, f"torch.optim.{name}")
         reject_non_finite(kwargs)
+        if not kwargs:
+            return kwargs  # nothing to try: a trial build costs a second (torch.optim's first use imports more)
         try:
             optimizer_class([torch.nn.Parameter(torch.zeros(1))], lr=info.data["lr"], **kwargs)
         except (TypeError, ValueError) as error:
