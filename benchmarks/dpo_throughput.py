@@ -29,7 +29,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +144,7 @@ def build_model(setup: Setup, vocab_size: int) -> Any:
 
 def prepare_data(setup: Setup, tokenizer: Any) -> Data:
     """The first ``total_steps * batch_size`` HH pairs, tokenized by the harness, with the harness's seeded batch order."""
-    from expo_bench.lm.data import PairData
+    from expo_bench.lm.data import PairData, PairDataset
     from expo_bench.lm.hh import load_hh_pairs
     from expo_bench.lm.tokenize import TokenizationConfig, tokenize_pair
 
@@ -154,10 +153,9 @@ def prepare_data(setup: Setup, tokenizer: Any) -> Data:
     config = TokenizationConfig(max_length=setup.max_length, max_prompt_length=setup.max_prompt_length)
     pairs = [tokenize_pair(tokenizer, prompt, config) for prompt in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # The harness's own training loader over indices instead of pairs: iterating the DataLoader (not just its sampler)
-    # matters, as the loader draws its workers' base seed from the same generator before the shuffle.
-    indices: Any = list(range(len(pairs)))
-    batches = [list(batch.contents) for batch in PairData(indices, indices, setup.batch_size, setup.seed).train_dataloader()]
+    # The harness's own training loader, read as the batches of indices it deals (its order depends on the seed alone)
+    dataset = PairDataset(pairs, pad)
+    batches = [list(batch) for batch in PairData(dataset, dataset, setup.batch_size, setup.seed).train_dataloader().batch_sampler]
     return Data(pairs, prompts, batches, pad)
 
 
@@ -330,6 +328,8 @@ def run_trl(setup: Setup) -> Result:
 
 def run_bare(setup: Setup) -> Result:
     """A plain loop: the harness's collate, chosen+rejected in one forward, -logsigmoid(β h), AdamW."""
+    from bare_dpo import dpo_step
+
     from expo_bench.contracts import concat_sequences
     from expo_bench.lm.tokenize import collate_pairs
 
@@ -344,26 +344,12 @@ def run_bare(setup: Setup) -> Result:
     losses: list[float] = []
     digests: list[str] = []
 
-    def sequence_logps(model: torch.nn.Module, sequences: dict[str, Tensor]) -> Tensor:
-        logits = model(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).logits
-        token_logps = -F.cross_entropy(logits[:, :-1].transpose(1, 2), sequences["input_ids"][:, 1:], reduction="none")
-        return (token_logps * sequences["loss_mask"][:, 1:]).sum(-1)
-
     setup_rss = peak_rss_mb()
     for step in range(setup.total_steps):
         batch = collate_pairs(ordered[step * setup.batch_size : (step + 1) * setup.batch_size], data.pad_token_id)
         both = concat_sequences(batch.chosen, batch.rejected)
-        n = len(batch)
-        policy_logps = sequence_logps(policy, both)
-        with torch.no_grad():
-            reference_logps = sequence_logps(reference, both)
-        margin = (policy_logps[:n] - policy_logps[n:]) - (reference_logps[:n] - reference_logps[n:])
-        loss = -F.logsigmoid(setup.beta * margin).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        losses.append(dpo_step(policy, reference, both, setup.beta, optimizer))
         digests.append(batch_digest(both["input_ids"], both["attention_mask"]))
-        losses.append(loss.item())
         stamps.append(time.perf_counter())
     return Result(
         "bare", stamps, losses, digests, peak_rss_mb(), setup_rss, torch.get_num_threads(), parameter_count(policy), fingerprint

@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -169,18 +167,14 @@ def harness_order(work: Work) -> list[tuple[list[int], list[int], list[int]]]:
 
 def run_bare(work: Work, measured: Measured) -> None:
     """A plain loop: chosen and rejected in one forward, a float32 log-softmax, -logsigmoid(β h), AdamW."""
+    from bare_dpo import dpo_step
+
     from expo_bench.contracts import concat_sequences
     from expo_bench.lm.tokenize import TokenizedPair, collate_pairs
 
     policy = build_policy(work).train()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=work.lr, weight_decay=0.0)
-
-    def sequence_logps(model: torch.nn.Module, sequences: dict[str, Tensor]) -> Tensor:
-        with torch.autocast(work.device.type, dtype=torch.bfloat16, enabled=work.bf16):
-            logits = model(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).logits
-        token_logps = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), sequences["input_ids"][:, 1:], reduction="none")
-        return (token_logps * sequences["loss_mask"][:, 1:]).sum(-1)
 
     ordered = harness_order(work)
     for step in range(work.total_steps):
@@ -189,18 +183,10 @@ def run_bare(work: Work, measured: Measured) -> None:
         ]
         batch = collate_pairs(pairs, 0)
         both = {key: value.to(work.device) for key, value in concat_sequences(batch.chosen, batch.rejected).items()}
-        n = len(batch)
-        policy_logps = sequence_logps(policy, both)
-        with torch.no_grad():
-            reference_logps = sequence_logps(reference, both)
-        margin = (policy_logps[:n] - policy_logps[n:]) - (reference_logps[:n] - reference_logps[n:])
-        loss = -F.logsigmoid(work.beta * margin).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = dpo_step(policy, reference, both, work.beta, optimizer, work.bf16)
         synchronize(work.device)
         measured.stamps.append(time.perf_counter())
-        measured.losses.append(loss.item())
+        measured.losses.append(loss)
 
 
 def run_trl(work: Work, measured: Measured) -> None:

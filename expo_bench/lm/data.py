@@ -212,9 +212,8 @@ def loader(
         return DataLoader(
             dataset, batch_size=batch_size, sampler=InOrderSampler(len(dataset)), collate_fn=seal, generator=generator
         )
-    lengths = [pair_length(pair) for pair in dataset.pairs]
     sampler = (
-        LengthGroupedSampler(lengths, seed, batch_size, group_by_length, dataset.set_epoch)
+        LengthGroupedSampler([pair_length(pair) for pair in dataset.pairs], seed, batch_size, group_by_length, dataset.set_epoch)
         if group_by_length
         else EpochSeededSampler(len(dataset), seed, dataset.set_epoch)
     )
