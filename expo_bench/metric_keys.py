@@ -72,6 +72,9 @@ NLL = "nll"
 """Supervised fine-tuning: mean negative log-likelihood per response token (``sft/train_nll``, ``sft/val_nll``)."""
 
 TRAIN_LOSS = stage_key(TRAIN, LOSS)
+GRAD_NORM = "grad_norm"
+"""The gradients' joint 2-norm before clipping (logged where the stage clips: ``train/grad_norm``, ``sft/grad_norm``)."""
+TRAIN_GRAD_NORM = stage_key(TRAIN, GRAD_NORM)
 VAL_LOSS = Metric(stage_key(VAL, LOSS), "loss", "min")
 VAL_REWARDS_ACCURACY = Metric(stage_key(VAL, REWARDS_ACCURACY), "reward acc.", "max")
 VAL_REWARDS_MARGIN = Metric(stage_key(VAL, REWARDS_MARGIN), "log-ratio margin", "max")
@@ -79,6 +82,7 @@ VAL_PREFERENCE_ACCURACY = Metric(stage_key(VAL, PREFERENCE_ACCURACY), "pref. acc
 VAL_LOGPS_CHOSEN = Metric(stage_key(VAL, LOGPS_CHOSEN), "log π(y_w)", "max")
 SFT_VAL_NLL = stage_key(SFT, f"val_{NLL}")
 SFT_TRAIN_NLL = stage_key(SFT, f"train_{NLL}")
+SFT_GRAD_NORM = stage_key(SFT, GRAD_NORM)
 
 # Evaluation of sampled responses.
 WIN_RATE = Metric("eval/win_rate", "win rate", "max")

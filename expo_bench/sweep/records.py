@@ -167,6 +167,8 @@ class TrainingResult:
     """The final weights' file in the run directory (empty in records written before they were kept)."""
     weights_step: int
     """The optimizer step of those weights: the run's last (-1: unknown, an older record)."""
+    grad_norm_history: list[tuple[int, float]]
+    """``(step, gradient norm before clipping)`` where the run clips (empty where it does not, or in an older record)."""
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> TrainingResult:
@@ -179,6 +181,7 @@ class TrainingResult:
             [(int(step), dict(metrics)) for step, metrics in record["eval_history"]],
             str(record.get("weights", "")),
             int(record.get("weights_step", -1)),
+            [(int(step), float(norm)) for step, norm in record.get("grad_norm_history", [])],
         )
 
 
