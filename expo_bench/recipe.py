@@ -164,8 +164,32 @@ class Experiment:
             raise RecipeError(self.source, list(dict.fromkeys(problems)))
 
 
+ONE_PROCESS: dict[str, tuple[Any, ...]] = {
+    "accelerator": ("auto", "cpu"),
+    "devices": ("auto", 1),
+    "num_nodes": (1,),
+    "strategy": ("auto",),
+}
+"""The hardware settings a task that trains in one CPU process (tabular) accepts: anything else would be ignored."""
+
+
+def _one_process_problems(experiment: Experiment) -> list[tuple[str, str]]:
+    """Hardware settings a tabular task would ignore, named where they are set (a method inherits the recipe's)."""
+    recipe_train = experiment.recipe.train
+    budgets = [("train", recipe_train)] + [(f"methods[{run.entry}].train", run.train) for run in experiment.runs]
+    return [
+        (f"{path}.{field}", f"{value!r}: a {experiment.recipe.task.kind} task trains in one CPU process; leave {field} unset")
+        for path, train in budgets
+        for field, accepted in ONE_PROCESS.items()
+        if (value := getattr(train, field)) not in accepted and (path == "train" or value != getattr(recipe_train, field))
+    ]
+
+
 def _hardware_problems(experiment: Experiment) -> list[tuple[str, str]]:
-    """One world for every stage, and fp32 master weights under mixed precision."""
+    """One world for every stage, and fp32 master weights under mixed precision; a task that trains in one process
+    takes no hardware settings."""
+    if not experiment.stages:
+        return _one_process_problems(experiment)
     problems = []
     world = experiment.world
     for path, train in experiment.stages:
