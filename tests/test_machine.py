@@ -100,7 +100,7 @@ def test_clipping_with_a_fused_optimizer_under_fp16_is_refused() -> None:
         load_recipe(PYTHIA, overrides)
     [(field, message)] = caught.value.problems
     assert field == "train" and "fused" in message and "16-mixed" in message
-    assert problems(overrides[:2] + ["train.gradient_clip_val=null", "task.sft.precision=16-mixed"], EIGHT_GPUS) == []
+    assert problems([*overrides[:2], "train.gradient_clip_val=null", "task.sft.precision=16-mixed"], EIGHT_GPUS) == []
 
 
 def test_every_stage_trains_in_one_world_and_keeps_fp32_masters_under_mixed_precision() -> None:
