@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from expo_bench import __version__
-from expo_bench.errors import UserError
+from expo_bench.errors import Interrupted, UserError
 from expo_bench.metric_keys import LEADERBOARD_COLUMNS
 from expo_bench.reporting import rich_table
 
@@ -329,12 +329,52 @@ def ui(args: argparse.Namespace, console: Console) -> None:
         raise UserError(f"the MLflow server exited with status {status}: see its messages above")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+"""What a scheduler (SLURM, Kubernetes) or a closed terminal sends to stop a run."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """Stop at once with :class:`Interrupted`, except inside a Lightning ``Trainer`` call: Lightning installs its own
+    SIGTERM handler (calling this one after it) and stops at the next batch boundary with ``SIGTERMException``, so a
+    checkpoint is never cut mid-write."""
+    if signal.getsignal(signum) is _interrupt:
+        raise Interrupted(signum)
+
+
+def interruption(error: BaseException) -> int | None:
+    """The signal that stopped the run, if ``error`` is how a stop request surfaced: :class:`Interrupted`, Ctrl-C,
+    Lightning's ``SIGTERMException`` (a ``SystemExit`` without a code) or the ``sys.exit(1)`` by which Lightning ends a
+    ``Trainer`` call on Ctrl-C."""
+    if isinstance(error, Interrupted):
+        return error.signum
+    if isinstance(error, KeyboardInterrupt):
+        return signal.SIGINT
+    lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    if lightning is not None and isinstance(error, lightning.SIGTERMException):
+        return signal.SIGTERM
+    if isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt):
+        return interruption(error.__context__)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for name, value in QUIET_LIBRARIES.items():
         os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
+    stops = () if args.handler is ui else STOP_SIGNALS  # the UI forwards them to its server
+    previous = {signum: signal.signal(signum, _interrupt) for signum in stops}
     try:
         args.handler(args, Console())
+    except (KeyboardInterrupt, SystemExit) as error:
+        signum = interruption(error)
+        if signum is None:
+            raise
+        resume = "; rerun the same command to resume it (finished work and the last checkpoint are kept)"
+        Console(stderr=True).print(
+            Text("interrupted: ", style="bold red")
+            + Text(f"{signal.Signals(signum).name} stopped the {args.command}{resume if args.command == 'run' else ''}")
+        )
+        return 128 + signum
     except UserError as error:
         Console(stderr=True).print(Text("error: ", style="bold red") + Text(str(error)))
         return EXIT_USER_ERROR
@@ -344,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{error.filename}: " if error.filename else ""
         Console(stderr=True).print(Text("error: ", style="bold red") + Text(f"{where}{error.strerror}"))
         return EXIT_USER_ERROR
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 

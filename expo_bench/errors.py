@@ -22,3 +22,12 @@ class RecipeError(UserError):
 
 class DataError(UserError):
     """A data file or source that cannot be read as the task expects; the message names it."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM, SIGHUP) outside a Lightning ``Trainer`` call; every cleanup that runs
+    on Ctrl-C runs on it too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

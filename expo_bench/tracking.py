@@ -393,7 +393,7 @@ class SweepTracker:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None) -> None:
-        interrupted = kind is not None and issubclass(kind, KeyboardInterrupt)
+        interrupted = kind is not None and issubclass(kind, (KeyboardInterrupt, SystemExit))  # Ctrl-C, SIGTERM
         for run in self._opened.values():
             if not run.complete:
                 retrying(self.client.set_terminated, run.run_id, "KILLED" if interrupted else "FAILED")

@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.loggers import Logger
@@ -142,6 +143,8 @@ def build_trainer(
         "deterministic": train.deterministic,
         "use_distributed_sampler": False,  # the data modules deal their own order to the ranks (lm.data.InOrderSampler)
     }
+    if SLURMEnvironment.detect():  # no auto-requeue: its checkpoint lands in the working directory, which every run
+        settings["plugins"] = [SLURMEnvironment(auto_requeue=False)]  # shares, and the next fit of any run resumes from it
     return L.Trainer(**{**settings, **overrides})
 
 

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,13 +20,17 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from rich.console import Console
 
-from expo_bench import metric_keys, tracking
+from expo_bench import metric_keys, runner, tracking
+from expo_bench.cli import main
 from expo_bench.errors import UserError
 from expo_bench.recipe import validate_recipe
 from expo_bench.runner import run_experiment
+from expo_bench.trainer import build_trainer
+from expo_bench.training import TrainConfig
 
 ROOT = Path(__file__).parent.parent
 
@@ -189,3 +197,52 @@ def test_two_sweeps_on_one_store_train_each_run_once(tmp_path: Path) -> None:
     steps = [point.step for point in client.get_metric_history(run.info.run_id, metric_keys.TRAIN_LOSS)]
     assert sorted(steps) == [0, 1, 2], "trained once: one loss per step"
     assert run.data.tags[tracking.COMPLETE] == "true"
+
+
+@pytest.mark.slow  # a minute: two runs of the console script
+def test_a_preempted_run_exits_143_saying_so_and_the_same_command_resumes_it(tmp_path: Path) -> None:
+    recipe = tmp_path / "quickstart.yaml"
+    recipe.write_text(yaml.safe_dump(quickstart(max_epochs=40, checkpoint_every_n_steps=1)))  # 120 steps
+    command = [str(Path(sys.executable).parent / "expo-bench"), "run", str(recipe), "--results", str(tmp_path)]
+    environment = {**os.environ, "COLUMNS": "200"}
+    preempted = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "quickstart" / "runs").glob("dpo-*/last.ckpt")):  # training has started
+        assert preempted.poll() is None and time.monotonic() < deadline, preempted.communicate()
+        time.sleep(0.05)
+    preempted.send_signal(signal.SIGTERM)  # as SLURM or Kubernetes preempt
+    _, err = preempted.communicate(timeout=300)
+    assert preempted.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines() == [
+        "interrupted: SIGTERM stopped the run; rerun the same command to resume it (finished work and the last "
+        "checkpoint are kept)"
+    ]
+    assert not (run_dir(tmp_path) / "record.json").exists()
+    resumed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    assert json.loads((run_dir(tmp_path) / "record.json").read_text())["steps"] == 120
+
+
+@pytest.mark.parametrize(("signum", "line"), [(signal.SIGINT, "SIGINT stopped the run"), (signal.SIGTERM, "SIGTERM stopped")])
+def test_a_stop_while_reporting_is_one_line_and_the_signal_s_exit_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], signum: int, line: str
+) -> None:
+    recipe = tmp_path / "quickstart.yaml"
+    recipe.write_text(yaml.safe_dump(quickstart(max_epochs=1)))
+    monkeypatch.setattr(runner, "write_summary", lambda *args: os.kill(os.getpid(), signum))
+    assert main(["run", str(recipe), "--results", str(tmp_path)]) == 128 + signum
+    err = capsys.readouterr().err
+    assert f"interrupted: {line}" in " ".join(err.split()) and "Traceback" not in err, err
+    client = tracking.open_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [sweep] = client.search_runs(
+        [client.get_experiment_by_name("quickstart").experiment_id], f"tags.`{tracking.SWEEP_KEY}` != ''"
+    )
+    assert sweep.info.status == "KILLED"
+
+
+def test_on_slurm_lightning_neither_requeues_nor_resumes_from_its_own_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "expo", "SLURM_JOB_ID": "7"}.items():
+        monkeypatch.setenv(name, value)
+    environment = build_trainer(TrainConfig(accelerator="cpu"), [])._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and not environment.auto_requeue
