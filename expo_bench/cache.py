@@ -106,3 +106,33 @@ def cached(directory: Path, name: str, key: dict[str, Any], compute: Callable[[]
             torch.save(value, buffer)
             atomic_write(path, buffer.getvalue())
     return value, False
+
+
+def number(value: object) -> float:
+    """``value`` if it is a JSON number (NaN and infinities included: a diverged metric is recorded as such)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {str(value)[:40]!r}")
+    return float(value)
+
+
+def integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {str(value)[:40]!r}")
+    return value
+
+
+def metrics(values: object) -> dict[str, float]:
+    """Stored metrics: names to numbers."""
+    if not isinstance(values, dict):
+        raise TypeError(f"expected metrics (name: number), got {str(values)[:40]!r}")
+    return {str(name): number(value) for name, value in values.items()}
+
+
+def read_json(path: Path, parse: Callable[[Any], T]) -> T:
+    """``parse`` of the JSON file ``path``, which this program wrote (so a failure means it was damaged or edited):
+    :class:`UserError` naming the file and what is wrong."""
+    try:
+        return parse(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, LookupError, TypeError, AttributeError, RecursionError) as error:
+        problem = f"{type(error).__name__}: {error}" if isinstance(error, LookupError) else str(error)
+        raise UserError(f"{path}: damaged or edited ({problem[:200]}); delete it to compute it again") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 EXIT_USER_ERROR = 2
 ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 """Write failures that are the machine's, not a bug: reported in one line, like a user error."""
+DISK_FULL = re.compile(r"No space left on device|database or disk is full|Disk quota exceeded")
+"""A full disk as libraries that do not raise an ``OSError`` for it say so (SQLite under MLflow, safetensors)."""
+RESUME = "rerun the same command to resume it (finished work and the last checkpoint are kept)"
 
 QUIET_LIBRARIES = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # "Creating initial MLflow database tables..." on every new store
@@ -224,13 +228,24 @@ def validate(args: argparse.Namespace, console: Console) -> None:
 def writable(folder: Path) -> None:
     """:class:`UserError` unless files can be created under ``folder`` (checked where it, or its nearest existing parent,
     is; the probe file is removed again)."""
-    existing = next(path for path in [folder.absolute(), *folder.absolute().parents] if path.exists())
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(existing))
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as error:
-        raise UserError(f"cannot write results under {folder}: {existing}: {error.strerror or error}; pass --results") from None
+    for existing in [folder.absolute(), *folder.absolute().parents]:
+        try:
+            existing.stat()
+        except FileNotFoundError:
+            if existing.is_symlink():
+                raise UserError(f"cannot write results under {folder}: {existing} is a symbolic link to nothing") from None
+            continue
+        except OSError as error:  # a symbolic link loop
+            raise UserError(f"cannot write results under {folder}: {existing}: {error.strerror}; pass --results") from None
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(existing))
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as error:
+            raise UserError(
+                f"cannot write results under {folder}: {existing}: {error.strerror or error}; pass --results"
+            ) from None
+        return
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
@@ -357,6 +372,23 @@ def interruption(error: BaseException) -> int | None:
     return None
 
 
+def environment_failure(error: BaseException) -> str | None:
+    """One line for a failure that is the machine's, not a bug (a full disk, a read-only or forbidden folder), wherever
+    it surfaced: an ``OSError`` anywhere in the chain of exceptions (cleanups on a full disk fail too), or a library's
+    words for a full disk."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in ENVIRONMENT_ERRNOS:
+            full = f"; free some space, then {RESUME}" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            return (f"{cause.filename}: " if cause.filename else "") + f"{cause.strerror}{full}"
+        if match := DISK_FULL.search(str(cause)):
+            return f"{match.group(0)} ({type(cause).__name__}); free some space, then {RESUME}"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for name, value in QUIET_LIBRARIES.items():
         os.environ.setdefault(name, value)
@@ -369,20 +401,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         signum = interruption(error)
         if signum is None:
             raise
-        resume = "; rerun the same command to resume it (finished work and the last checkpoint are kept)"
+        resume = f"; {RESUME}" if args.command == "run" else ""
         Console(stderr=True).print(
-            Text("interrupted: ", style="bold red")
-            + Text(f"{signal.Signals(signum).name} stopped the {args.command}{resume if args.command == 'run' else ''}")
+            Text("interrupted: ", style="bold red") + Text(f"{signal.Signals(signum).name} stopped the {args.command}{resume}")
         )
         return 128 + signum
     except UserError as error:
         Console(stderr=True).print(Text("error: ", style="bold red") + Text(str(error)))
         return EXIT_USER_ERROR
-    except OSError as error:
-        if error.errno not in ENVIRONMENT_ERRNOS:
+    except Exception as error:
+        message = environment_failure(error)
+        if message is None:
             raise
-        where = f"{error.filename}: " if error.filename else ""
-        Console(stderr=True).print(Text("error: ", style="bold red") + Text(f"{where}{error.strerror}"))
+        Console(stderr=True).print(Text("error: ", style="bold red") + Text(message))
         return EXIT_USER_ERROR
     finally:
         for signum, handler in previous.items():

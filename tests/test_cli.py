@@ -189,6 +189,23 @@ def test_a_read_only_results_folder_exits_2_and_writes_nothing(
     assert "Traceback" not in err and not list(results.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("link", "problem"), [("results", "Too many levels of symbolic links"), ("nowhere", "a symbolic link to nothing")]
+)
+def test_results_behind_a_broken_symbolic_link_exit_2_with_one_message(tmp_path: Path, link: str, problem: str) -> None:
+    (tmp_path / "results").symlink_to(link)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "expo-bench"), "run", str(ROOT / "recipes" / "quickstart.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+        cwd=tmp_path,
+    )
+    assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr
+    assert f"cannot write results under results/quickstart: {tmp_path / 'results'}" in result.stderr
+    assert problem in result.stderr
+
+
 def fresh_modules(*args: str) -> set[str]:
     """The top-level packages a fresh ``expo-bench ARGS`` process has imported when it exits."""
     code = "\n".join(

@@ -4,6 +4,7 @@ sweeps on one store never train a run twice."""
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,16 @@ import torch
 import yaml
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
+from mlflow.exceptions import MlflowException
 from rich.console import Console
+from safetensors import SafetensorError
 
 from expo_bench import metric_keys, runner, tracking
 from expo_bench.cli import main
 from expo_bench.errors import UserError
 from expo_bench.recipe import validate_recipe
 from expo_bench.runner import run_experiment
+from expo_bench.sweep import fit
 from expo_bench.trainer import build_trainer
 from expo_bench.training import TrainConfig
 
@@ -246,3 +251,81 @@ def test_on_slurm_lightning_neither_requeues_nor_resumes_from_its_own_checkpoint
         monkeypatch.setenv(name, value)
     environment = build_trainer(TrainConfig(accelerator="cpu"), [])._accelerator_connector.cluster_environment
     assert isinstance(environment, SLURMEnvironment) and not environment.auto_requeue
+
+
+def record_json(directory: Path) -> Path:
+    return directory / "record.json"
+
+
+def metrics_json(directory: Path) -> Path:
+    return next(directory.glob("evaluation-*/metrics.json"))
+
+
+@pytest.mark.parametrize(
+    ("stored", "edit", "problem"),
+    [
+        (record_json, lambda text: text[: len(text) // 2], " column "),  # where the JSON breaks
+        (record_json, lambda text: text.replace('"eval_after": {', '"eval_after": {"val/edited": "low",', 1), "got 'low'"),
+        (metrics_json, lambda text: text.replace("{", '{"kl": [1],', 1), "expected a number, got '[1]'"),
+    ],
+)
+def test_a_damaged_record_exits_2_naming_the_file_and_what_is_wrong(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    stored: Callable[[Path], Path],
+    edit: Callable[[str], str],
+    problem: str,
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")
+    recipe = tmp_path / "quickstart.yaml"
+    recipe.write_text(yaml.safe_dump(quickstart(max_epochs=1)))
+    assert main(["run", str(recipe), "--results", str(tmp_path)]) == 0
+    damaged = stored(run_dir(tmp_path))
+    damaged.write_text(edit(damaged.read_text()))
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--results", str(tmp_path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{damaged}: damaged or edited (" in err and problem in err and "Traceback" not in err, err
+
+
+def test_a_full_disk_mid_run_is_one_message_and_the_rerun_loses_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while checkpointing, then while saving the final weights (safetensors says so in a
+    ``SafetensorError``), then while MLflow records a metric (SQLite's words); each time one line and exit 2, and the
+    run finally ends exactly where an uninterrupted one does."""
+    data = quickstart(checkpoint_every_n_steps=1)
+    whole = dpo_run(data, tmp_path / "whole")
+    recipe = tmp_path / "quickstart.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    save = ModelCheckpoint._save_checkpoint
+
+    def checkpoint_at_step_4(self: ModelCheckpoint, trainer: L.Trainer, filepath: str) -> None:
+        if trainer.global_step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", filepath)
+        save(self, trainer, filepath)
+
+    def weights(*args: Any, **kwargs: Any) -> None:
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    def metric(*args: Any, **kwargs: Any) -> None:
+        raise MlflowException("(sqlite3.OperationalError) database or disk is full")
+
+    failures = [
+        (ModelCheckpoint, "_save_checkpoint", checkpoint_at_step_4, "last.ckpt: No space left on device; free some space, then rerun"),
+        (fit, "save_model", weights, "No space left on device (SafetensorError); free some space"),
+        (tracking.TrackedRun, "log_metrics", metric, "database or disk is full (MlflowException); free some space"),
+    ]  # fmt: skip
+    for owner, name, failing, message in failures:
+        with monkeypatch.context() as full:
+            full.setattr(owner, name, failing)
+            full.setenv("COLUMNS", "400")
+            assert main(["run", str(recipe), "--results", str(tmp_path / "full")]) == 2
+        err = capsys.readouterr().err
+        assert message in " ".join(err.split()) and "Traceback" not in err, err
+    resumed = dpo_run(data, tmp_path / "full")
+    for key in ("steps", "eval_after", "loss_history", "eval"):
+        assert resumed[key] == whole[key], key

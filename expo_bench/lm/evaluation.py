@@ -19,8 +19,8 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from expo_bench import metric_keys
-from expo_bench.cache import atomic_write, cached, digest
+from expo_bench import cache, metric_keys
+from expo_bench.cache import atomic_write, cached, digest, read_json
 from expo_bench.config_model import ConfigModel, closest
 from expo_bench.distributed import accelerator_device, broadcast, is_global_zero, map_sharded, on_rank_zero
 from expo_bench.evaluation.judges import JudgeConfig
@@ -201,7 +201,7 @@ class Evaluator:
         out_dir = self.results_dir(run_dir)
         done = out_dir / "metrics.json"
         if self.has_result(run_dir):
-            return on_rank_zero(lambda: dict(json.loads(done.read_text()))), True
+            return on_rank_zero(lambda: read_json(done, cache.metrics)), True
         assert policy is not None, "a run without stored metrics needs its policy"
         metrics = self.evaluate(policy, out_dir, provenance, with_selection=True, console=console)
         if is_global_zero():

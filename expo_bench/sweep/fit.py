@@ -137,7 +137,7 @@ def fit(
         policy = None
         if unit.finished:
             console.print(f"  {unit.name}: finished in an earlier run, reusing {unit.run_dir / RECORD}")
-            training = TrainingResult.from_json(json.loads((unit.run_dir / RECORD).read_text()))
+            training = TrainingResult.read(unit.run_dir / RECORD)
         else:
             periodic = None
             if evaluator is not None and every_n_steps is not None:

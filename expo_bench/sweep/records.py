@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from expo_bench import tracking
+from expo_bench.cache import integer, metrics, number, read_json
 from expo_bench.distributed import broadcast, is_global_zero
 from expo_bench.metric_keys import Metric
 from expo_bench.tracking import RunLog, TrackedRun
@@ -173,16 +174,21 @@ class TrainingResult:
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> TrainingResult:
         return cls(
-            int(record["steps"]),
-            float(record["train_seconds"]),
-            dict(record["eval_before"]),
-            dict(record["eval_after"]),
-            [(int(step), float(loss)) for step, loss in record["loss_history"]],
-            [(int(step), dict(metrics)) for step, metrics in record["eval_history"]],
+            integer(record["steps"]),
+            number(record["train_seconds"]),
+            metrics(record["eval_before"]),
+            metrics(record["eval_after"]),
+            [(integer(step), number(loss)) for step, loss in record["loss_history"]],
+            [(integer(step), metrics(values)) for step, values in record["eval_history"]],
             str(record.get("weights", "")),
-            int(record.get("weights_step", -1)),
-            [(int(step), float(norm)) for step, norm in record.get("grad_norm_history", [])],
+            integer(record.get("weights_step", -1)),
+            [(integer(step), number(norm)) for step, norm in record.get("grad_norm_history", [])],
         )
+
+    @classmethod
+    def read(cls, path: Path) -> TrainingResult:
+        """The record at ``path``; :class:`UserError` naming it and what is wrong when it is not one."""
+        return read_json(path, lambda record: cls.from_json(record))
 
 
 @dataclass(frozen=True)
