@@ -42,6 +42,8 @@ class ChatServer:
     def __init__(self, port: int = 0, models: tuple[str, ...] = ("local-judge",)) -> None:
         self.models = models
         """What GET /v1/models lists."""
+        self.listing: str | None = None
+        """What GET /v1/models answers instead of the listing, when set."""
         self.lock = threading.Lock()
         self.requests: list[dict[str, Any]] = []
         self.script: list[Scripted] = []
@@ -69,6 +71,7 @@ class ChatServer:
             def do_GET(self) -> None:
                 found = self.path.rstrip("/") == "/v1/models"
                 body = json.dumps({"data": [{"id": model, "object": "model"} for model in chat.models]} if found else {})
+                body = chat.listing if found and chat.listing is not None else body
                 self.send_response(200 if found else 404)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

@@ -283,6 +283,37 @@ def test_the_api_key_appears_nowhere(server: ChatServer, tmp_path: Path, caplog:
     assert len(texts) == 7 + 4 and not [text for text in texts if KEY in text or KEY[8:20] in text]
 
 
+def chat_reply(content: str, usage: str = "{}") -> str:
+    """A chat completion's body as text, so that a test can put in it what ``json.dumps`` would never write."""
+    return f'{{"choices": [{{"message": {{"role": "assistant", "content": {content}}}}}], "usage": {usage}}}'
+
+
+def test_hostile_replies_are_refused_or_answered_never_a_crash(server: ChatServer, tmp_path: Path) -> None:
+    nested = "[" * 200_000 + "]" * 200_000  # under the 1 MiB cap; deeper than json's recursion
+    server.script = [Scripted(200, body=chat_reply(nested))]
+    with pytest.raises(JudgeError, match=r"answered without choices\[0\]\.message\.content: \{\"choices\": \[\{"):
+        LLMJudge(llm_config(server, max_concurrency=1), tmp_path, seed=0).judge(comparisons(1))
+
+    huge_count = chat_reply(json.dumps("Comparison: fine.\nMore helpful: A"), usage='{"total_tokens": ' + "9" * 5000 + "}")
+    server.script = [Scripted(200, body=huge_count)]
+    [verdict] = LLMJudge(llm_config(server, max_concurrency=1), tmp_path, seed=0).judge(comparisons(1, tag="usage "))
+    assert verdict.detail["choice"] == "A" and not math.isnan(verdict.outcome)
+
+    for listing, problem in [('{"data": 5}', "without a list of models in data"), (nested, "did not answer with JSON")]:
+        server.listing = listing
+        with pytest.raises(JudgeError, match=problem):
+            LLMJudge(llm_config(server), tmp_path, seed=0).check_endpoint()
+
+
+def test_a_key_the_judge_echoes_is_written_nowhere(server: ChatServer, tmp_path: Path) -> None:
+    echo = chat_reply(json.dumps(f"You sent Authorization: Bearer {KEY}\nComparison: fine.\nMore helpful: A"))
+    server.script = [Scripted(200, body=echo)]
+    [verdict] = LLMJudge(llm_config(server), tmp_path, seed=0).judge(comparisons(1))
+    assert verdict.detail["answer"].startswith("You sent Authorization: Bearer [API key]\n") and verdict.detail["choice"] == "A"
+    [cached] = tmp_path.iterdir()
+    assert "Bearer [API key]" in cached.read_text() and KEY not in cached.read_text()
+
+
 def test_llm_judge_config_validates_and_builds(tmp_path: Path) -> None:
     adapter: TypeAdapter[Any] = TypeAdapter(JudgeConfig)
     config = adapter.validate_python({"kind": "llm", "model": "gpt-4-0314", "base_url": "http://localhost:8000/v1/"})

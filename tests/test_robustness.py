@@ -315,7 +315,7 @@ def test_a_full_disk_mid_run_is_one_message_and_the_rerun_loses_nothing(
         raise MlflowException("(sqlite3.OperationalError) database or disk is full")
 
     failures = [
-        (ModelCheckpoint, "_save_checkpoint", checkpoint_at_step_4, "last.ckpt: No space left on device; free some space, then rerun"),
+        (ModelCheckpoint, "_save_checkpoint", checkpoint_at_step_4, "last.ckpt: No space left on device; free some space"),
         (fit, "save_model", weights, "No space left on device (SafetensorError); free some space"),
         (tracking.TrackedRun, "log_metrics", metric, "database or disk is full (MlflowException); free some space"),
     ]  # fmt: skip

@@ -26,6 +26,7 @@ import re
 import socket
 import ssl
 import string
+import sys
 import threading
 import time
 import urllib.parse
@@ -76,6 +77,17 @@ def parse_choice(answer: str, label: str = "More helpful") -> Position | None:
         return None
     choice = matches[0]["plain"] or matches[0]["curly"]
     return "A" if choice == "A" else "B"
+
+
+def decode_json(raw: bytes | str) -> object:
+    """``raw`` as JSON, or :class:`ValueError` for anything a hostile reply can make of the decoder: nesting deeper than
+    it can recurse is not JSON to us, and an integer longer than Python converts (a usage count nobody reads) is a
+    float instead, so it voids nothing."""
+    limit = sys.get_int_max_str_digits()
+    try:
+        return json.loads(raw, parse_int=lambda digits: int(digits) if not limit or len(digits) <= limit else float(digits))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -291,10 +303,13 @@ class LLMJudge:
             moved = " (redirects are not followed: the request carries the API key)" if 300 <= status < 400 else ""
             raise JudgeError(f"the LLM judge at {url} answered HTTP {status} {reason}{moved}: {excerpt}")
         try:
-            listing = json.loads(raw)
+            listing = decode_json(raw)
         except ValueError:
             raise JudgeError(f"{url} did not answer with JSON: is {self.config.base_url} an OpenAI-compatible API?") from None
         models = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(models, list | None):
+            excerpt = self._redact(" ".join(raw[:100].decode(errors="replace").split()))
+            raise JudgeError(f"{url} answered without a list of models in data: {excerpt}; is it an OpenAI-compatible API?")
         served = [str(model.get("id")) for model in models or [] if isinstance(model, dict)]
         if served and self.config.model not in served:
             raise JudgeError(
@@ -319,12 +334,13 @@ class LLMJudge:
                 raise _Transient(message, _retry_after(headers.get("Retry-After")))
             raise JudgeError(message)
         try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
+            content = decode_json(raw)["choices"][0]["message"]["content"]  # type: ignore[index]
         except (ValueError, LookupError, TypeError):
             raise JudgeError(
                 f"{self.url} answered without choices[0].message.content: {self._redact(raw[:300].decode(errors='replace'))}"
             ) from None
-        return content if isinstance(content, str) else ""  # a null content (a refusal) is an unparseable answer
+        # a null content (a refusal) is an unparseable answer; a key the server echoes is written nowhere
+        return self._redact(content) if isinstance(content, str) else ""
 
     def _request(
         self, method: str, url: str, body: bytes | None, timeout: float
@@ -397,7 +413,7 @@ class LLMJudge:
             answer = json.loads((self.cache_dir / f"{key}.json").read_text(encoding="utf-8"))["answer"]
         except FileNotFoundError:
             return None
-        return str(answer)
+        return self._redact(str(answer))  # a cache written before echoed keys were redacted
 
     def _store(self, key: str, answer: str) -> None:
         """Written atomically: concurrent writers and crashes leave whole files."""
