@@ -24,7 +24,7 @@ from expo_bench.config_model import ConfigModel
 from expo_bench.errors import DataError
 from expo_bench.lm.evaluation import HeldOutPrompts
 from expo_bench.lm.pairs import PromptPair, split_file
-from expo_bench.lm.tokenize import TRUNCATE_PROMPT, TokenizationConfig, TokenizedPair, eos_id, truncate_pair
+from expo_bench.lm.tokenize import TRUNCATE_PROMPT, TokenizationConfig, TokenizedPair, tokenize_texts, truncate_pair
 
 if TYPE_CHECKING:
     import datasets
@@ -168,12 +168,8 @@ def _extract(
 
 def _tokenize(batch: dict[str, list[Any]], tokenizer: Any, config: TokenizationConfig) -> dict[str, list[Any]]:
     """Batched :func:`~expo_bench.lm.tokenize.tokenize_pair`: one tokenizer call per column, EOS after each response."""
-    eos = eos_id(tokenizer)
-    ids = {name: tokenizer(batch[name], add_special_tokens=False)["input_ids"] for name in ("prompt", "chosen", "rejected")}
-    pairs = [
-        truncate_pair(list(prompt), [*chosen, eos], [*rejected, eos], config, label)
-        for prompt, chosen, rejected, label in zip(ids["prompt"], ids["chosen"], ids["rejected"], batch["label"], strict=True)
-    ]
+    ids = tokenize_texts(tokenizer, batch["prompt"], batch["chosen"], batch["rejected"], config)
+    pairs = [truncate_pair(*texts, config, label) for texts, label in zip(ids, batch["label"], strict=True)]
     return {
         "prompt_ids": [pair.prompt_ids for pair in pairs],
         "chosen_ids": [pair.chosen_ids for pair in pairs],

@@ -6,8 +6,10 @@ from a joint tokenization), and truncation is flagged per pair: peers truncate s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -84,14 +86,71 @@ def truncate_pair(
     return TokenizedPair(prompt, chosen, rejected, prompt_truncated, response_truncated, label)
 
 
+MARGIN_TOKENS = 64
+"""Tokens beyond those kept that a cut text must still yield: where a text is cut, its last word may tokenize otherwise."""
+
+
+@functools.lru_cache(maxsize=8)
+def max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most characters one token can stand for: its longest vocabulary entry (a byte-level entry has one character
+    per byte, a WordPiece one a ``##`` too many: never an underestimate)."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
+WORD_END = re.compile(r"(?<=\S)\s")
+
+
+def _whole_words_from(text: str, start: int) -> int:
+    """The first word end at or after ``start`` (whitespace after a non-space: what follows tokenizes as it does in the
+    whole text); ``len(text)`` if none."""
+    match = WORD_END.search(text, max(start, 1))
+    return len(text) if match is None else match.start()
+
+
+def bounded_ids(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], tokens: int, from_end: bool = False
+) -> list[tuple[list[int], bool]]:
+    """Each text's token ids as tokenizing it whole gives them, but at most its first (``from_end``: last) ``tokens`` + 1,
+    and whether that is all of them: a text longer than ``tokens`` + :data:`MARGIN_TOKENS` tokens can span is cut
+    before it is tokenized (a 50 MB line costs what a long one does; at its start, from the end, at a word boundary)."""
+    span = (tokens + MARGIN_TOKENS) * max_token_chars(tokenizer)
+    cuts = [
+        text if len(text) <= span else text[_whole_words_from(text, len(text) - span) :] if from_end else text[:span]
+        for text in texts
+    ]
+    encoded = tokenizer(cuts, add_special_tokens=False)["input_ids"]
+    out = []
+    for text, cut, ids in zip(texts, cuts, encoded, strict=True):
+        if cut is not text and len(ids) < tokens + MARGIN_TOKENS:  # fewer tokens than the bound promised: no cut
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        whole = len(ids) <= tokens
+        out.append((list(ids) if whole else list(ids[-tokens - 1 :] if from_end else ids[: tokens + 1]), whole))
+    return out
+
+
+def tokenize_texts(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    config: TokenizationConfig,
+) -> list[tuple[list[int], list[int], list[int]]]:
+    """Each pair's (prompt, chosen + EOS, rejected + EOS) ids, bounded by ``max_length`` (:func:`bounded_ids`) so that
+    :func:`truncate_pair` makes of them exactly what it makes of the whole texts' ids."""
+    eos = eos_id(tokenizer)
+    keep_end = config.prompt_truncation == "keep_end"
+
+    def responses(texts: Sequence[str]) -> list[list[int]]:  # a cut response loses its EOS with its end
+        return [[*ids, eos] if whole else ids for ids, whole in bounded_ids(tokenizer, texts, config.max_length)]
+
+    prompt_ids = [ids for ids, _ in bounded_ids(tokenizer, prompts, config.max_length, from_end=keep_end)]
+    return list(zip(prompt_ids, responses(chosen), responses(rejected), strict=True))
+
+
 def tokenize_pair(tokenizer: PreTrainedTokenizerBase, pair: PromptPair, config: TokenizationConfig) -> TokenizedPair:
     """Tokenize without special tokens, append EOS to each response, then :func:`truncate_pair`."""
-    eos = eos_id(tokenizer)
-
-    def ids(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    return truncate_pair(ids(pair.prompt), [*ids(pair.chosen), eos], [*ids(pair.rejected), eos], config, pair.label)
+    [(prompt, chosen, rejected)] = tokenize_texts(tokenizer, [pair.prompt], [pair.chosen], [pair.rejected], config)
+    return truncate_pair(prompt, chosen, rejected, config, pair.label)
 
 
 def padded_sequences(prompts: list[list[int]], responses: list[list[int]], length: int, pad_token_id: int) -> Sequences:
