@@ -32,6 +32,8 @@ ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errn
 """Write failures that are the machine's, not a bug: reported in one line, like a user error."""
 DISK_FULL = re.compile(r"No space left on device|database or disk is full|Disk quota exceeded")
 """A full disk as libraries that do not raise an ``OSError`` for it say so (SQLite under MLflow, safetensors)."""
+CONFIRM_RUNS = 10_000
+"""The most runs ``run`` starts without asking: a grid of a thousand values per axis is a million runs."""
 RESUME = "rerun the same command to resume it (finished work and the last checkpoint are kept)"
 
 QUIET_LIBRARIES = {
@@ -94,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "run":
             command.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results/)")
+            command.add_argument(
+                "--yes",
+                action="store_true",
+                help=f"start a plan of more than {CONFIRM_RUNS:,} runs without asking (asked on a terminal, else refused)",
+            )
         else:
             command.add_argument(
                 "--any-machine",
@@ -191,7 +198,10 @@ def describe(experiment: Experiment, width: int | None = None) -> Table:
             ]
         )
     header = ["method", "λ", "other params", "epochs", "batch", "optimizer"]
-    title = f"{recipe.experiment} · recipe {recipe.fingerprint()} · seeds {recipe.seeds}"
+    configurations = sum(len(run.grid) for run in experiment.runs)
+    seeds = len(recipe.seeds)
+    runs = f"{experiment.run_count:,} runs ({configurations:,} configurations × {seeds} seed{'s' * (seeds != 1)})"
+    title = f"{recipe.experiment} · recipe {recipe.fingerprint()} · seeds {recipe.seeds} · {runs}"
     return rich_table(title, header, rows, width, "--print-config")
 
 
@@ -248,11 +258,26 @@ def writable(folder: Path) -> None:
         return
 
 
+def confirm_size(experiments: list[Experiment], yes: bool, console: Console) -> None:
+    """:class:`UserError` for a plan of more than :data:`CONFIRM_RUNS` runs (a grid's size multiplies fast) unless
+    ``yes``, or the user agrees on a terminal."""
+    runs = sum(experiment.run_count for experiment in experiments)
+    if runs <= CONFIRM_RUNS or yes:
+        return
+    question = f"{runs:,} runs is more than {CONFIRM_RUNS:,}: start them?"
+    if sys.stdin.isatty():
+        if console.input(Text(f"{question} [y/N] ")).strip().lower() in ("y", "yes"):
+            return
+        raise UserError(f"not started: {runs:,} runs ({', '.join(str(experiment.source) for experiment in experiments)})")
+    raise UserError(f"{question} Pass --yes to start them, or shrink the grid or select with --only")
+
+
 def run(args: argparse.Namespace, console: Console) -> None:
     experiments = load(args)  # all valid before any work
     if args.print_config:
         print_config(experiments, console)
         return
+    confirm_size(experiments, args.yes, console)
     from expo_bench.runner import preflight, run_experiment, start_ranks  # imports Lightning: keep validate and --help fast
     from expo_bench.tracking import check_store, resolve_tracking_uri
     from expo_bench.training import Machine

@@ -9,7 +9,7 @@ import copy
 import hashlib
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,11 @@ class Experiment:
     recipe: Recipe
     runs: list[MethodRun]
     source: Path
+
+    @property
+    def run_count(self) -> int:
+        """The runs it trains: each configuration of each method, once per seed."""
+        return len(self.recipe.seeds) * sum(len(run.grid) for run in self.runs)
 
     @property
     def stages(self) -> list[tuple[str, TrainConfig]]:
@@ -291,9 +296,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 TRAIN_PREFIX = "train."
 
 
-def _points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+def _points(grid: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
     """Every combination of a grid's values, in the order the keys and values are listed."""
-    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    return (dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values()))
 
 
 def _resolve(recipe: Recipe, index: int, entry: MethodEntry, problems: list[tuple[str, str]]) -> list[MethodRun]:
@@ -331,16 +336,21 @@ def _resolve(recipe: Recipe, index: int, entry: MethodEntry, problems: list[tupl
     if len(problems) > before:
         return []
     runs: dict[str, tuple[TrainConfig, list[MethodParams]]] = {}
+    trains: dict[str, tuple[TrainConfig, str]] = {}  # by the point's train settings: validated once, not per point
     for point in _points(grid):
-        overrides: dict[str, Any] = {}
-        for key, value in point.items():
-            if key.startswith(TRAIN_PREFIX):
+        settings = {key: value for key, value in point.items() if key.startswith(TRAIN_PREFIX)}
+        settings_key = json.dumps(settings, sort_keys=True) if settings else ""
+        if settings_key not in trains:
+            overrides: dict[str, Any] = {}
+            for key, value in settings.items():
                 apply_override(overrides, f"{key.removeprefix(TRAIN_PREFIX)}={yaml.safe_dump(value)}")
-        try:
-            train = TrainConfig.model_validate(deep_merge(deep_merge(recipe.train.model_dump(), entry.train), overrides))
-        except ValidationError as error:
-            problems.extend(_problems(error, [*where, "grid", "train"] if overrides else [*where, "train"]))
-            return []
+            try:
+                train = TrainConfig.model_validate(deep_merge(deep_merge(recipe.train.model_dump(), entry.train), overrides))
+            except ValidationError as error:
+                problems.extend(_problems(error, [*where, "grid", "train"] if overrides else [*where, "train"]))
+                return []
+            trains[settings_key] = train, json.dumps(train.model_dump(mode="json"), sort_keys=True)
+        train, train_key = trains[settings_key]
         chosen = {key: value for key, value in point.items() if not key.startswith(TRAIN_PREFIX)}
         try:
             params = method.Params.model_validate({**entry.params, **chosen})
@@ -360,8 +370,7 @@ def _resolve(recipe: Recipe, index: int, entry: MethodEntry, problems: list[tupl
             return []
         # replicas may differ only in numeric hyperparameters: anything else starts another run
         fixed = {key: value for key, value in params.model_dump(mode="json").items() if not _numeric(value)}
-        key = json.dumps({"train": train.model_dump(mode="json"), "fixed": fixed}, sort_keys=True)
-        runs.setdefault(key, (train, []))[1].append(params)
+        runs.setdefault(train_key + json.dumps(fixed, sort_keys=True), (train, []))[1].append(params)
     resolved = [
         MethodRun(entry.label or default_label(method), method, replicas, train, index) for train, replicas in runs.values()
     ]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -204,6 +206,56 @@ def test_results_behind_a_broken_symbolic_link_exit_2_with_one_message(tmp_path:
     assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr
     assert f"cannot write results under results/quickstart: {tmp_path / 'results'}" in result.stderr
     assert problem in result.stderr
+
+
+def big_grid(tmp_path: Path, lams: int, smoothings: int) -> Path:
+    data = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    data["methods"] = [
+        {
+            "method": "dpo",
+            "lam": [0.01 + i / lams for i in range(lams)],
+            "grid": {"label_smoothing": [i / 1000 for i in range(smoothings)]},
+        }
+    ]
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_huge_grid_states_its_size_and_needs_a_yes_to_start(tmp_path: Path) -> None:
+    recipe = big_grid(tmp_path, 200, 100)
+    command = [str(Path(sys.executable).parent / "expo-bench")]
+    environment = {**os.environ, "COLUMNS": "300"}
+    started = time.perf_counter()
+    validated = subprocess.run([*command, "validate", str(recipe)], capture_output=True, text=True, env=environment)
+    assert validated.returncode == 0 and "60,000 runs (20,000 configurations × 3 seeds)" in " ".join(validated.stdout.split())
+    refused = subprocess.run([*command, "run", str(recipe)], capture_output=True, text=True, env=environment, cwd=tmp_path)
+    assert refused.returncode == EXIT_USER_ERROR and "Traceback" not in refused.stderr
+    assert "60,000 runs is more than 10,000: start them? Pass --yes to start them" in " ".join(refused.stderr.split())
+    assert not (tmp_path / "results").exists() and time.perf_counter() - started < 60
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("answer", "starts"), [("y\n", True), ("\n", False), ("no\n", False)])
+def test_on_a_terminal_a_huge_grid_is_asked_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], answer: str, starts: bool
+) -> None:
+    import expo_bench.cli
+    import expo_bench.runner
+
+    started: list[object] = []
+    monkeypatch.setattr(expo_bench.runner, "run_experiment", lambda *args: started.append(args))
+    monkeypatch.setattr(expo_bench.cli, "CONFIRM_RUNS", 5)
+    monkeypatch.setattr(sys, "stdin", Terminal(answer))
+    status = main(["run", str(big_grid(tmp_path, 3, 2)), "--results", str(tmp_path / "results")])
+    assert (status, bool(started)) == ((0, True) if starts else (EXIT_USER_ERROR, False))
+    captured = capsys.readouterr()
+    assert "18 runs is more than 5: start them? [y/N]" in captured.out
+    assert starts or "not started: 18 runs" in captured.err
 
 
 def fresh_modules(*args: str) -> set[str]:
