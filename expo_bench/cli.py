@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import os
 import re
 import signal
@@ -145,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     ui_command.set_defaults(handler=ui)
     ui_command.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     ui_command.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, this machine only)")
+    ui_command.add_argument(
+        "--allow-writes",
+        action="store_true",
+        help="let the UI (and anyone who reaches it) create, edit and delete runs (default: read-only)",
+    )
     for command in (board, ui_command):
         command.add_argument(
             "--results", type=Path, default=Path("results"), help="results root, home of the default store (default: results/)"
@@ -321,6 +327,16 @@ def leaderboard(args: argparse.Namespace, console: Console) -> None:
     console.print(f"wrote {', '.join(str(path) for path in written)}")
 
 
+def loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (every address it resolves to is a loopback address); ``""`` and ``0``
+    are every interface."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)} if host else set()
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(str(address).split("%")[0]).is_loopback for address in addresses)
+
+
 def ui(args: argparse.Namespace, console: Console) -> None:
     from expo_bench.tracking import LEADERBOARD_VIEW, leaderboard_views, resolve_tracking_uri, sqlite_path
 
@@ -339,7 +355,17 @@ def ui(args: argparse.Namespace, console: Console) -> None:
     url = f"http://{args.host}:{args.port}"
     for name, experiment_id in leaderboard_views(uri).items():
         console.print(f"{name}: {url}/#/experiments/{experiment_id}?viewStateShareKey={LEADERBOARD_VIEW}")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host]
+    if not loopback(args.host):
+        Console(stderr=True).print(
+            Text("warning: ", style="bold yellow")
+            + Text(
+                f"listening on {args.host or 'every interface'!r}, beyond this machine: anyone who can reach it can browse "
+                + ("and change the tracking store (--allow-writes)" if args.allow_writes else "the tracking store (read-only)")
+            )
+        )
+    server_module = "mlflow" if args.allow_writes else "expo_bench.ui_server"  # ui_server: mlflow server, read-only
+    command = [sys.executable, "-m", server_module, *(["server"] if args.allow_writes else [])]
+    command += ["--backend-store-uri", uri, "--host", args.host]
     server = subprocess.Popen(
         [*command, "--port", str(args.port), "--workers", "1"],
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job-runner processes: the UI only reads

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).parent.parent / "expo_bench"
 LAYERS: list[set[str]] = [
     {"__init__", "errors", "config_model", "metric_keys", "distributed", "reporting"},
     {"contracts", "cache"},
-    {"optim", "tracking", "comparison"},
+    {"optim", "tracking", "comparison", "ui_server"},
     {"training", "methods", "evaluation", "leaderboard"},
     {"trainer"},
     {"lm", "tabular"},
