@@ -50,13 +50,13 @@ from expo_bench.metric_keys import (
     LEADERBOARD_COLUMNS,
     MEAN_LENGTH,
     REWARD,
-    REWARD_STDERR,
-    STANDARD_ERRORS,
     WIN_RATE,
     WIN_RATE_STDERR,
     Goal,
     Metric,
     at_temperature,
+    panel_columns,
+    standard_error_key,
 )
 from expo_bench.reporting import Z_95, markdown_table, rich_table, with_interval
 from expo_bench.tracking import (
@@ -242,7 +242,7 @@ def build_table(
     rank_metric, rank_goal = Counter(ranks.values()).most_common(1)[0][0]  # methods may disagree: the majority sorts
     rows = sorted((best for best, _ in picked.values()), key=_sort_key(rank_metric, rank_goal))
     logged = {key for row in rows for key in row.estimates}
-    columns = tuple(column for column in LEADERBOARD_COLUMNS if column.key in logged)
+    columns = (*(column for column in LEADERBOARD_COLUMNS if column.key in logged), *panel_columns(logged))
     if rank_metric not in {column.key for column in columns}:
         columns = (Metric(rank_metric, rank_metric, rank_goal), *columns)
     baseline_row = next((row for row in rows if row.method == baseline), None)
@@ -319,14 +319,12 @@ def load_leaderboard(uri: str, experiment: str | None, baseline: str | None = "d
 
 def _spread(row: Configuration, key: str, stderr_key: str | None = None) -> Estimate | None:
     """A metric's mean ± half-width over seeds (Student t), or with one seed ± Z_95 × the run's own standard error
-    over prompts where it logged one (win rate, reward, KL: ``stderr_key`` or the metric's in
-    :data:`~expo_bench.metric_keys.STANDARD_ERRORS`), so that a single seed still shows its uncertainty."""
+    over prompts where it logged one (win rate, reward, KL, a judge's audit: ``stderr_key`` or the metric's
+    :func:`~expo_bench.metric_keys.standard_error_key`), so that a single seed still shows its uncertainty."""
     found = row.estimates.get(key)
     if found is None or found.half_width is not None:
         return found
-    if stderr_key is None and key in STANDARD_ERRORS:
-        stderr_key = STANDARD_ERRORS[key].key
-    within = None if stderr_key is None else row.estimates.get(stderr_key)
+    within = row.estimates.get(stderr_key or standard_error_key(key))
     if within is None or not math.isfinite(within.mean):
         return found
     return Estimate(found.mean, Z_95 * within.mean, found.n)
@@ -505,6 +503,7 @@ def _csv_columns(tables: Sequence[LeaderboardTable]) -> list[tuple[str, Cell]]:
     logged = {key for table in tables for row in table.rows for key in row.estimates}
     leading = {WIN_RATE.key, LC_WIN_RATE.key, MEAN_LENGTH.key}
     rest = [column.key for column in LEADERBOARD_COLUMNS if column.key not in leading]
+    rest += [column.key for column in panel_columns(logged)]
     rest += sorted({table.rank_metric for table in tables} - {column.key for column in LEADERBOARD_COLUMNS})
     for key in rest:
         if key in logged:
@@ -559,7 +558,9 @@ def _axis_label(key: str) -> str:
     metric = CATALOG.get(key)
     if metric is None:
         return key
-    return f"{metric.title} ({'higher' if metric.goal == 'max' else 'lower'} is better)"
+    return (
+        metric.title if metric.goal == "none" else f"{metric.title} ({'higher' if metric.goal == 'max' else 'lower'} is better)"
+    )
 
 
 def _dodge(series: ErrorbarContainer, fig: Figure, ax: Axes, index: int, count: int) -> None:
@@ -672,13 +673,17 @@ def _run_point(run: RunRecord, x: str, y: str, stderrs: tuple[str | None, str | 
 
 
 def _plot_frontier(table: LeaderboardTable, path: Path) -> Path | None:
-    """Reward against KL(π‖π_ref), one point per run of every configuration, with 95% intervals over prompts."""
+    """Reward (or, from a judge without rewards, win rate) against KL(π‖π_ref), one point per run of every
+    configuration, with 95% intervals over prompts."""
+    rewarded = any(REWARD.key in run.metrics for configuration in table.configurations for run in configuration.runs)
+    y = REWARD if rewarded else WIN_RATE
     points: dict[str, list[Point]] = defaultdict(list)
     for configuration in table.configurations:
         for run in configuration.runs:
-            if (point := _run_point(run, KL.key, REWARD.key, (KL_STDERR.key, REWARD_STDERR.key))) is not None:
+            if (point := _run_point(run, KL.key, y.key, (KL_STDERR.key, standard_error_key(y.key)))) is not None:
                 points[configuration.method].append(point)
-    return _scatter(table, path, points, KL.key, REWARD.key, "reward–KL frontier (one point per run, 95% CI over prompts)")
+    title = f"{y.title}–KL frontier (one point per run, 95% CI over prompts)"
+    return _scatter(table, path, points, KL.key, y.key, title)
 
 
 def _plot_diversity(table: LeaderboardTable, path: Path) -> Path | None:

@@ -71,12 +71,12 @@ def start_ranks(experiments: Sequence[Experiment], console: Console) -> None:
 
 
 def preflight(experiment: Experiment, results_root: Path) -> None:
-    """Check what a run will need from outside before anything trains: an LLM judge's endpoint and model."""
+    """Check what a run will need from outside before anything trains: every LLM judge's endpoint and model."""
     task = experiment.recipe.task
     evaluation = task.evaluation if isinstance(task, LanguageModelTask) else None
-    judge = None if evaluation is None else evaluation.judge
-    if isinstance(judge, LLMJudgeConfig):
-        judge.build(results_root / experiment.recipe.experiment / "cache" / "judgments", seed=0).check_endpoint()
+    for judge in [] if evaluation is None else evaluation.panel:
+        if isinstance(judge, LLMJudgeConfig):
+            judge.build(results_root / experiment.recipe.experiment / "cache" / "judgments", seed=0).check_endpoint()
 
 
 def run_experiment(experiment: Experiment, results_root: Path, console: Console) -> Path:

@@ -14,6 +14,7 @@ from expo_bench import metric_keys
 from expo_bench.cache import digest
 from expo_bench.distributed import accelerator_device, rank_zero_first
 from expo_bench.errors import UserError
+from expo_bench.evaluation.types import Judge
 from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, fingerprint_pairs
 from expo_bench.lm.evaluation import Evaluator, HeldOutPrompts, strip_eos
 from expo_bench.lm.model import count_parameters
@@ -155,8 +156,11 @@ class LanguageModelSweep:
         reported ones (the first ``evaluation.prompts`` of the rest)."""
         config = self.task.evaluation
         assert config is not None
-        judge = data.judge if config.judge is None else config.judge.build(self.context.cache_dir / "judgments", seed)
-        assert judge is not None, "the recipe validator requires a judge for tasks without their own"
+        judges: list[Judge] = [judge.build(self.context.cache_dir / "judgments", seed) for judge in config.panel]
+        if not judges and data.judge is not None:
+            judges = [data.judge]
+        assert judges, "the recipe validator requires a judge for tasks without their own"
+        truth = data.judge if config.calibrate else None
         found = data.test or self._held_out_prompts(data, tokenizer)
         set_aside = 0 if config.selection is None else config.selection.prompts
         reported = found.cut(set_aside, None if config.prompts is None else set_aside + config.prompts)
@@ -166,7 +170,7 @@ class LanguageModelSweep:
                 "leaving none to report on; lower task.evaluation.selection.prompts"
             )
         selection = found.cut(0, set_aside) if set_aside else None
-        return Evaluator(config, tokenizer, base, reported, judge, seed, self.context.cache_dir, data.exact, selection)
+        return Evaluator(config, tokenizer, base, reported, judges, seed, self.context.cache_dir, data.exact, selection, truth)
 
     @staticmethod
     def _held_out_prompts(data: TaskData, tokenizer: Any) -> HeldOutPrompts:
@@ -225,7 +229,7 @@ class LanguageModelSweep:
                 selection_by=None
                 if selection is None
                 else metric_keys.stage_key(metric_keys.SELECTION, selection.metric or rank_by.name),
-                judge=None if evaluator is None else evaluator.judge.name,
+                judge=None if evaluator is None else evaluator.judge_names,
                 data_fingerprint=identity.data_fingerprint,
                 model_fingerprint=identity.reference_fingerprint,
                 regularization=regularization,

@@ -96,8 +96,13 @@ class LanguageModelTask(ConfigModel):
             raise ValueError("redraw_reference_samples needs reference_samples to redraw")
         if self.reference == "adapter_disabled" and self.lora is None:
             raise ValueError("reference 'adapter_disabled' needs a LoRA policy: add lora: {r: 16}")
-        if self.evaluation is not None and self.evaluation.judge is None and not self.has_own_judge:
+        if self.evaluation is not None and not self.evaluation.panel and not self.has_own_judge:
             raise ValueError("this task has no ground-truth judge of its own: set evaluation.judge (kind: llm or reward_model)")
+        if self.evaluation is not None and self.evaluation.calibrate and not (self.has_own_judge and self.evaluation.panel):
+            raise ValueError(
+                "evaluation.calibrate compares the recipe's judges with the task's own ground truth: it needs a task that "
+                "has one (synthetic_tokens, imdb) and evaluation.judge or evaluation.judges to compare"
+            )
         return self
 
     @property
