@@ -64,8 +64,55 @@ def test_hh_twin_is_judged_by_an_llm_against_the_chosen_responses(tmp_path: Path
         assert dpo["eval"][f"eval/T{temperature:g}/win_rate"] == pytest.approx(sum(expected) / 4)
     assert dpo["eval"]["eval/win_rate"] == dpo["eval"]["eval/T0.5/win_rate"]  # the first temperature heads the board
     assert "eval/reward" not in dpo["eval"]  # an LLM judge gives verdicts, not rewards
+    # yet every policy has its KL(π‖π_ref), on its own samples: exactly 0 for the reference sampled at T = 1
+    assert reference["eval"]["eval/T1/kl"] == 0.0 and reference["eval"]["eval/T0.5/kl"] != 0.0
+    assert math.isfinite(dpo["eval"]["eval/kl"]) and dpo["eval"]["eval/kl_stderr"] > 0
+    assert "KL(π‖π_ref)" in (out / "leaderboard.md").read_text()
     text = (out / "methods.md").read_text()
     assert "## Sampled evaluation" in text and "sft-reference" in text
+
+
+def rows_of(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def first_position_share(rows: list[dict[str, Any]]) -> float:
+    """From the verdict files alone: the share of a judge's answers on swapped pairs that picked A."""
+    choices = [choice for row in rows if "swap_choice" in row for choice in (row["choice"], row["swap_choice"])]
+    return choices.count("A") / len(choices)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+def test_two_judges_score_the_same_comparisons_and_their_agreement_is_reported(tmp_path: Path) -> None:
+    cohen_kappa_score = pytest.importorskip("sklearn.metrics").cohen_kappa_score
+    with serving() as plain, serving(first_bias=0.5) as biased:  # two endpoints; the second favours position A
+        data = hh_twin(plain.base_url)
+        data["task"]["evaluation"]["temperatures"] = [0.5]
+        first = data["task"]["evaluation"].pop("judge") | {"swap": 1.0}
+        data["task"]["evaluation"]["judges"] = [first, first | {"base_url": biased.base_url}]
+        out = run_experiment(validate_recipe(data, "hh.yaml"), tmp_path, Console(quiet=True))
+        asked = len(plain.requests), len(biased.requests)
+        assert asked[0] == asked[1] > 0, "both judges judge every comparison, in both orders"
+        dpo = json.loads((out / "summary.json").read_text())["runs"][1]["eval"]
+        board = (out / "leaderboard.md").read_text()
+        # the second judge alone is another evaluation, whose every answer is already cached
+        data["task"]["evaluation"] |= {"judge": data["task"]["evaluation"].pop("judges")[1]}
+        alone = run_experiment(validate_recipe(data, "hh.yaml"), tmp_path, Console(quiet=True))
+        assert (len(plain.requests), len(biased.requests)) == asked, "a judge on its own pays nothing twice"
+    [folder] = (out / "runs").glob("dpo-*/evaluation-*/T0.5/judgments-j2.jsonl")
+    ones, twos = rows_of(folder.parent / "judgments.jsonl"), rows_of(folder)
+    assert {row["judge"] for row in ones} == {row["judge"] for row in twos} == {"llm:local-judge"}
+    assert [row["candidate"] for row in ones] == [row["candidate"] for row in twos]
+    outcomes = [[str(row["outcome"]) for row in rows] for rows in (ones, twos)]
+    assert dpo["eval/T0.5/j1_j2/kappa"] == pytest.approx(cohen_kappa_score(*outcomes), nan_ok=True)
+    assert dpo["eval/T0.5/j1_j2/agreement"] == pytest.approx(sum(a == b for a, b in zip(*outcomes, strict=True)) / 4)
+    assert dpo["eval/T0.5/j2/win_rate"] == pytest.approx(sum(row["outcome"] for row in twos) / 4)
+    assert dpo["eval/T0.5/first_position_wins"] == pytest.approx(first_position_share(ones))
+    assert dpo["eval/T0.5/j2/first_position_wins"] == pytest.approx(first_position_share(twos))
+    assert dpo["eval/T0.5/swapped"] == dpo["eval/T0.5/j2/swapped"] == sum("swap_choice" in row for row in ones)
+    assert all(title in board for title in ("P(first wins)", "self-consistency", "win rate j2", "κ j1–j2", "agreement j1–j2"))
+    single = json.loads((alone / "summary.json").read_text())["runs"][1]["eval"]
+    assert single["eval/win_rate"] == dpo["eval/j2/win_rate"] and "eval/j1_j2/kappa" not in single
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
