@@ -141,6 +141,41 @@ def test_hh_evaluation_needs_a_judge() -> None:
         validate_recipe(data, "hh.yaml")
 
 
+def test_the_judges_settings_leave_earlier_recipes_digests_alone() -> None:
+    before = validate_recipe(hh_twin("http://127.0.0.1:9/v1"), "hh.yaml").recipe
+    evaluation = before.task.evaluation  # type: ignore[attr-defined]
+    dumped = evaluation.model_dump(mode="json")
+    assert "judges" not in dumped and "calibrate" not in dumped, "unset, the new fields are not in any digest"
+    assert not {"swap", "inconsistent_as_tie"} & set(dumped["judge"])
+    data = hh_twin("http://127.0.0.1:9/v1")
+    data["task"]["evaluation"]["judge"] |= {"swap": 0.1, "inconsistent_as_tie": False}  # the defaults, spelled out
+    assert validate_recipe(data, "hh.yaml").recipe.fingerprint() == before.fingerprint()
+    data["task"]["evaluation"]["judge"]["swap"] = 1.0
+    assert validate_recipe(data, "hh.yaml").recipe.fingerprint() != before.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"judges": "both"}, "set judge .one. or judges .several., not both"),
+        ({"calibrate": True}, "calibrate compares the recipe's judges with the task's own ground truth"),
+        ({"judge": {"swap": 0.0, "inconsistent_as_tie": True}}, "inconsistent_as_tie needs pairs judged in both orders"),
+        ({"judge": {"swap": 1.5}}, r"evaluation\.judge\.llm\.swap"),
+    ],
+)
+def test_judge_settings_are_validated(change: dict[str, Any], message: str) -> None:
+    data = hh_twin("http://127.0.0.1:9/v1")
+    evaluation = data["task"]["evaluation"]
+    if "judges" in change:
+        evaluation["judges"] = [evaluation["judge"], evaluation["judge"]]
+    elif "judge" in change:
+        evaluation["judge"] |= change["judge"]
+    else:
+        evaluation |= change
+    with pytest.raises(UserError, match=message):
+        validate_recipe(data, "hh.yaml")
+
+
 def test_sequence_logps_at_a_temperature_match_a_direct_computation() -> None:
     torch.manual_seed(0)
     config = AutoConfig.for_model(

@@ -203,3 +203,30 @@ def test_periodic_evaluation_logs_metrics_during_training(tmp_path: Path) -> Non
 def test_responses_enumerate_every_sequence_once() -> None:
     synthetic = task(response_tokens=3, response_length=2)
     assert synthetic.responses == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+
+
+def test_calibration_reports_an_llm_judges_agreement_with_the_oracle(tmp_path: Path) -> None:
+    from chat_server import serving
+    from sklearn.metrics import cohen_kappa_score
+
+    data = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    data["seeds"] = [0]
+    data["task"] |= {"prompts": 2, "train_pairs_per_prompt": 16, "sft": None}
+    data["train"] |= {"max_epochs": 1, "batch_size": 16}
+    data["methods"] = [{"method": "dpo", "params": {"beta": 0.1}}]
+    with serving() as server:  # the stand-in prefers the longer text: here a coin the oracle disagrees with at will
+        judge = {"kind": "llm", "base_url": server.base_url, "model": "local-judge", "api_key_env": None, "swap": 1.0}
+        data["task"]["evaluation"] |= {"samples_per_prompt": 16, "selection": None, "judge": judge, "calibrate": True}
+        out = run_experiment(validate_recipe(data, "quickstart.yaml"), tmp_path, Console(quiet=True))
+    metrics = json.loads((out / "summary.json").read_text())["runs"][1]["eval"]
+    [llm] = (out / "runs").glob("dpo-*/evaluation-*/T1/judgments.jsonl")
+    llm_rows = [json.loads(line) for line in llm.read_text().splitlines()]
+    truth_rows = [json.loads(line) for line in (llm.parent / "judgments-truth.jsonl").read_text().splitlines()]
+    assert {row["judge"] for row in truth_rows} == {"oracle"} and len(truth_rows) == len(llm_rows) == 2 * 16
+    oracle = [row["outcome"] for row in truth_rows]
+    assert metrics["eval/truth/win_rate"] == pytest.approx(sum(oracle) / len(oracle))
+    assert metrics[metric_keys.REWARD.key] == pytest.approx(sum(row["candidate_reward"] for row in truth_rows) / 32)
+    labels = [[str(row["outcome"]) for row in rows] for rows in (llm_rows, truth_rows)]
+    assert metrics["eval/j1_truth/kappa"] == pytest.approx(cohen_kappa_score(*labels))
+    assert metrics["eval/j1_truth/n"] == 32 and "eval/first_position_wins" in metrics
+    assert "κ j1–truth" in (out / "leaderboard.md").read_text()
