@@ -194,8 +194,9 @@ class LLMJudge:
     """Asks a chat model which of two responses is better; built by :meth:`LLMJudgeConfig.build`.
 
     Verdict details: ``candidate_position`` (A or B), the raw ``answer`` and the parsed ``choice`` (None when
-    the answer does not follow the format: outcome NaN). Identical responses tie without a request (answer
-    None).
+    the answer does not follow the format: outcome NaN); for a pair judged both ways also ``swap_choice`` and
+    ``swap_answer`` (the other order's), with :attr:`Verdict.orders`. Identical responses tie without a request
+    (answer None).
     """
 
     def __init__(self, config: LLMJudgeConfig, cache_dir: Path, seed: int) -> None:
