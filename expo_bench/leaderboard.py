@@ -64,6 +64,7 @@ from expo_bench.tracking import (
     CONFIG_KEY,
     DATASET,
     GIT_SHA,
+    JUDGE,
     METHOD,
     RANK_GOAL,
     RANK_METRIC,
@@ -457,7 +458,14 @@ def _caption(table: LeaderboardTable) -> str:
         f"seed over the run's prompts (1.96 standard errors){versus}. "
         f'{picked}. "≈ best": a paired t-test against the best row (Holm-corrected over the rows, 5%) cannot tell them '
         f'apart. "grid edge": the picked value is the lowest or highest its grid tried. Source: {_shown(table.store)}.'
+        + _judges_note(table)
     )
+
+
+def _judges_note(table: LeaderboardTable) -> str:
+    """Which judge each label in the columns is (``j2``, ``truth``), where the runs had several."""
+    panels = {judges for row in table.rows for judges in row.provenance(JUDGE) if "=" in judges}
+    return f" Judges: {'; '.join(sorted(panels))} (docs/judges.md)." if panels else ""
 
 
 Cell = Callable[[LeaderboardTable, Configuration], str]

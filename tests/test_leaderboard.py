@@ -347,3 +347,47 @@ def test_terminal_table_fits_80_columns_without_folding(tmp_path: Path) -> None:
     assert "KL(π‖π_ref)" in markdown and "0.3198 ± 0.0082" in markdown  # the KL estimate with its standard error
     caption = " ".join(output.getvalue().split())
     assert "Also in " in caption and "length" in caption  # what did not fit is named, and is in the files
+
+
+def test_an_llm_judged_run_shows_kl_and_its_judges_audit(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from expo_bench.reporting import with_interval
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    metrics = {
+        keys.WIN_RATE.key: 0.6,
+        keys.WIN_RATE_STDERR.key: 0.05,
+        keys.KL.key: 2.0,
+        keys.KL_STDERR.key: 0.25,
+        keys.FIRST_POSITION_WINS.key: 0.7,
+        f"{keys.FIRST_POSITION_WINS.key}_stderr": 0.04,
+        "eval/j2/win_rate": 0.4,
+        "eval/j2/stderr": 0.03,
+        "eval/j1_j2/kappa": 0.5,
+        "eval/j1_j2/kappa_stderr": 0.1,
+    }
+    with SweepTracker(uri, "judged", "recipe0", {"experiment": "judged"}, {}) as sweep:
+        tags = {
+            tracking.METHOD: "dpo",
+            tracking.DATASET: "hh",
+            tracking.SEED: "0",
+            tracking.CONFIG_KEY: "dpo",
+            tracking.JUDGE: "j1=llm:big, j2=llm:small",
+        }
+        run = sweep.child("dpo/0", "dpo", {"lam": 0.1}, tags)
+        run.log_metrics(metrics)
+        run.mark_complete()
+    written = write_leaderboard(load_leaderboard(uri, "judged"), tmp_path / "out", Console(quiet=True))
+    markdown = (tmp_path / "out" / "leaderboard.md").read_text()
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    cells = dict(zip(lines[0].strip("| ").split(" | "), lines[1].strip("| ").split(" | "), strict=True))
+    # one seed: each metric ± 1.96 of its own standard error over prompts
+    assert cells["KL(π‖π_ref)"] == with_interval(2.0, 1.96 * 0.25)
+    assert cells["P(first wins)"] == with_interval(0.7, 1.96 * 0.04)
+    assert cells["win rate j2"] == with_interval(0.4, 1.96 * 0.03)
+    assert cells["κ j1–j2"] == with_interval(0.5, 1.96 * 0.1)
+    assert "Judges: j1=llm:big, j2=llm:small" in markdown
+    assert any(path.name.endswith("-reward_kl.png") for path in written), "without rewards: win rate against KL"
+    header = next(csv.reader(io.StringIO((tmp_path / "out" / "leaderboard.csv").read_text())))
+    assert {"eval/first_position_wins", "eval/j2/win_rate", "eval/j1_j2/kappa_ci95"} <= set(header)
