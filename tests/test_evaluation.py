@@ -176,6 +176,14 @@ def test_judge_settings_are_validated(change: dict[str, Any], message: str) -> N
         validate_recipe(data, "hh.yaml")
 
 
+def test_imdb_can_calibrate_an_llm_judge_against_its_reward_model() -> None:
+    data = yaml.safe_load((ROOT / "recipes" / "imdb_tiny_local.yaml").read_text())
+    judge = hh_twin("http://127.0.0.1:9/v1")["task"]["evaluation"]["judge"]
+    data["task"]["evaluation"] |= {"judge": judge, "calibrate": True}
+    evaluation = validate_recipe(data, "imdb.yaml").recipe.task.evaluation  # type: ignore[attr-defined]
+    assert evaluation.calibrate and [judge.model for judge in evaluation.panel] == ["local-judge"]
+
+
 def test_sequence_logps_at_a_temperature_match_a_direct_computation() -> None:
     torch.manual_seed(0)
     config = AutoConfig.for_model(

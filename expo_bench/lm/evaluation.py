@@ -387,7 +387,7 @@ class Evaluator:
 
 def panel_metrics(
     panel: Mapping[str, list[Verdict]], length_difference: torch.Tensor, clusters: torch.Tensor, resamples: int
-) -> dict[str, Any]:
+) -> dict[str, float]:
     """What the judges say about themselves (names after ``eval/``): each judge's position bias and self-consistency
     on the comparisons it judged both ways (the first judge's unprefixed, the others' under their label, with their
     win rates); every pair's agreement and Cohen's κ under ``<label>_<label>/``. Every resample draws whole
@@ -395,7 +395,7 @@ def panel_metrics(
     from expo_bench.evaluation.metrics import agreement_summary, position_bias_summary, win_rate_summary
 
     outcomes = {label: torch.tensor([verdict.outcome for verdict in verdicts]) for label, verdicts in panel.items()}
-    results: dict[str, Any] = {}
+    results: dict[str, float] = {}
     for position, (label, verdicts) in enumerate(panel.items()):
         prefix = "" if position == 0 else f"{label}/"
         summary: dict[str, float] = {}
