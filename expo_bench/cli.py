@@ -124,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument(
         "--baseline", default="dpo", metavar="METHOD", help="the method every row is paired with, seed by seed (default: dpo)"
     )
+    board.add_argument(
+        "--equivalence-fraction",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="equivalence (TOST) margin against the best row: F × the best row's gap to the baseline (default: 0.5)",
+    )
+    board.add_argument(
+        "--equivalence-margin", type=float, metavar="M", help="an absolute TOST margin in the rank metric's units instead"
+    )
+    board.add_argument(
+        "--leave-one-seed-out",
+        action="store_true",
+        help="also report the rank metric when each seed's configuration is picked on the other seeds' selection metric",
+    )
     ui_command = commands.add_parser(
         "ui",
         help="browse the tracking store in the MLflow UI (http://127.0.0.1:5000)",
@@ -273,10 +288,22 @@ def show_schema(args: argparse.Namespace, console: Console) -> None:
 
 
 def leaderboard(args: argparse.Namespace, console: Console) -> None:
+    from pydantic import ValidationError
+
+    from expo_bench.comparison import StatisticsConfig
     from expo_bench.leaderboard import load_leaderboard, write_leaderboard  # imports MLflow and matplotlib
     from expo_bench.tracking import resolve_tracking_uri
 
-    tables = load_leaderboard(resolve_tracking_uri(args.tracking_uri, args.results), args.experiment, args.baseline)
+    try:
+        settings = StatisticsConfig(
+            equivalence_fraction=args.equivalence_fraction,
+            equivalence_margin=args.equivalence_margin,
+            leave_one_seed_out=args.leave_one_seed_out,
+        )
+    except ValidationError as error:
+        raise UserError(f"expo-bench leaderboard: {error.errors()[0]['loc'][0]} {error.errors()[0]['msg']}") from None
+    uri = resolve_tracking_uri(args.tracking_uri, args.results)
+    tables = load_leaderboard(uri, args.experiment, args.baseline, settings)
     written = write_leaderboard(tables, args.results / (args.experiment or "leaderboard"), console)
     console.print(f"wrote {', '.join(str(path) for path in written)}")
 

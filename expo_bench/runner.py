@@ -107,7 +107,9 @@ def run_experiment(experiment: Experiment, results_root: Path, console: Console)
         summary_path = write_summary(experiment, records, out_dir, revision, started, started_at, versions)
         recipe_path = out_dir / "resolved_recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        written += write_leaderboard(load_leaderboard(uri, recipe.experiment, recipe.baseline_method), out_dir, console)
+        written += write_leaderboard(
+            load_leaderboard(uri, recipe.experiment, recipe.baseline_method, recipe.statistics), out_dir, console
+        )
         sweep.parent.log_artifacts([recipe_path, summary_path, *written])
     console.print(f"wrote {', '.join(str(path) for path in [summary_path, recipe_path, *written])}")
     console.print(f"tracked in {uri} (browse: expo-bench ui --results {results_root})")
