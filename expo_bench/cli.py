@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "run":
             command.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results/)")
+            command.add_argument(
+                "--allow-dirty",
+                action="store_true",
+                help="write into a results folder that git tracks even though the code has uncommitted changes "
+                "(refused otherwise: committed results must regenerate from a commit); recorded in summary.json",
+            )
         else:
             command.add_argument(
                 "--any-machine",
@@ -253,20 +259,28 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if args.print_config:
         print_config(experiments, console)
         return
-    from expo_bench.runner import preflight, run_experiment, start_ranks  # imports Lightning: keep validate and --help fast
+    from expo_bench.runner import (  # imports Lightning: keep validate and --help fast
+        git_revision,
+        preflight,
+        refuse_dirty_overwrite,
+        run_experiment,
+        start_ranks,
+    )
     from expo_bench.tracking import check_store, resolve_tracking_uri
     from expo_bench.training import Machine
 
     machine = Machine.this()
+    revision = git_revision(Path(__file__).parent)
     for experiment in experiments:  # runnable here, and the places they write writable, before anything is written
         experiment.check_machine(machine)
         writable(args.results / experiment.recipe.experiment)
+        refuse_dirty_overwrite(args.results / experiment.recipe.experiment, revision, args.allow_dirty)
         check_store(resolve_tracking_uri(experiment.recipe.tracking.uri, args.results))
         preflight(experiment, args.results)  # every recipe's judge answers before the first one trains
     start_ranks(experiments, console)
     for experiment in experiments:
         console.print(describe(experiment, console.width))
-        run_experiment(experiment, args.results, console)
+        run_experiment(experiment, args.results, console, args.allow_dirty)
 
 
 def methods(args: argparse.Namespace, console: Console) -> None:
