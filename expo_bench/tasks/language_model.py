@@ -115,6 +115,11 @@ class LanguageModelTask(ConfigModel):
 
         return AutoTokenizer.from_pretrained(self.tokenizer)
 
+    def task_instances(self) -> list[tuple[str | None, LanguageModelTask]]:
+        """The task instances a recipe runs, each with its name: by default the task itself, unnamed (one instance,
+        runs untagged). Seeds are nested in an instance; the leaderboard pairs seeds within one and instances across."""
+        return [(None, self)]
+
     def provides(self) -> frozenset[str]:
         """Optional batch fields the data carries: reference samples when ``reference_samples`` is set."""
         return frozenset({KL_SAMPLES}) if self.reference_samples is not None else frozenset()
