@@ -304,7 +304,7 @@ def show_schema(args: argparse.Namespace, console: Console) -> None:
 def leaderboard(args: argparse.Namespace, console: Console) -> None:
     from pydantic import ValidationError
 
-    from expo_bench.comparison import StatisticsConfig
+    from expo_bench.comparison_settings import StatisticsConfig
     from expo_bench.leaderboard import load_leaderboard, write_leaderboard  # imports MLflow and matplotlib
     from expo_bench.tracking import resolve_tracking_uri
 
@@ -315,7 +315,8 @@ def leaderboard(args: argparse.Namespace, console: Console) -> None:
             leave_one_seed_out=args.leave_one_seed_out,
         )
     except ValidationError as error:
-        raise UserError(f"expo-bench leaderboard: {error.errors()[0]['loc'][0]} {error.errors()[0]['msg']}") from None
+        first = error.errors()[0]
+        raise UserError(f"expo-bench leaderboard --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
     uri = resolve_tracking_uri(args.tracking_uri, args.results)
     tables = load_leaderboard(uri, args.experiment, args.baseline, settings)
     written = write_leaderboard(tables, args.results / (args.experiment or "leaderboard"), console)

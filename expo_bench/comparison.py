@@ -13,35 +13,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
 from scipy import stats
-
-from expo_bench.config_model import ConfigModel
 
 CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05
 MAX_EXACT_SIGN_FLIPS = 16
 """Up to this many pairs the sign-flip test enumerates all 2^n sign patterns (65,536); beyond, it is not computed."""
-
-
-class StatisticsConfig(ConfigModel):
-    """How the leaderboard compares methods (``statistics:`` in a recipe); it changes no run, only the tables."""
-
-    equivalence_fraction: float = Field(0.5, gt=0)
-    """The equivalence margin as a fraction of the best row's mean paired gap to the baseline method: 0.5 asks whether
-    a method is within half of what the best one gains over the baseline (a margin the gain itself sets, in the rank
-    metric's units)."""
-    equivalence_margin: float | None = Field(None, gt=0)
-    """An absolute margin in the rank metric's units instead (e.g. 0.25 nats of KL); it overrides the fraction."""
-    leave_one_seed_out: bool = False
-    """Also report the rank metric of a pick made without in-sample bias: each seed's value from the configuration that
-    is best on the *other* seeds' selection metric (:func:`leave_one_out_pick`)."""
-
-    def margin(self, best_gap: float | None) -> float | None:
-        """The TOST margin, given the best row's mean paired difference from the baseline (None: no baseline)."""
-        if self.equivalence_margin is not None:
-            return self.equivalence_margin
-        return None if best_gap is None or best_gap == 0 else self.equivalence_fraction * abs(best_gap)
 
 
 @dataclass(frozen=True)

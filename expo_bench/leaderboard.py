@@ -43,13 +43,13 @@ from expo_bench.comparison import (
     SIGNIFICANCE,
     Equivalence,
     PairedDifference,
-    StatisticsConfig,
     equivalence,
     grid_edges,
     holm,
     leave_one_out_pick,
     paired_difference,
 )
+from expo_bench.comparison_settings import StatisticsConfig
 from expo_bench.config_model import closest
 from expo_bench.errors import UserError
 from expo_bench.metric_keys import (

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from expo_bench.comparison import StatisticsConfig
+from expo_bench.comparison_settings import StatisticsConfig
 from expo_bench.config_model import ConfigModel, closest
 from expo_bench.errors import RecipeError, UserError
 from expo_bench.methods import MethodParams, PreferenceMethod, UnknownMethodError, default_label, method_class

@@ -14,7 +14,6 @@ from statsmodels.stats.weightstats import ttost_paired
 from expo_bench import metric_keys as keys
 from expo_bench import tracking
 from expo_bench.comparison import (
-    StatisticsConfig,
     equivalence,
     grid_edges,
     holm,
@@ -22,6 +21,7 @@ from expo_bench.comparison import (
     paired_difference,
     sign_flip_p,
 )
+from expo_bench.comparison_settings import StatisticsConfig
 from expo_bench.leaderboard import RunRecord, build_table, experiment_tables
 
 RANK, SELECTION = keys.KL_TO_TARGET.key, keys.selection_key(keys.KL_TO_TARGET.key)
