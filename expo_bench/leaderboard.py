@@ -5,7 +5,7 @@ seeds (Student t), the rank metric's paired per-seed difference from a baseline 
 with an exact sign-flip p), which methods a test cannot tell from the best one and which an equivalence test (TOST)
 shows within a margin of it, and where each number came from (runs, git sha, recipe hash, parameters); with several task
 instances, one table per instance and a pooled one whose unit is the instance. Where the runs
-logged a selection metric (on held-out prompts set aside for it) the best configuration is picked on that, never on
+logged a selection metric (on evaluation prompts set aside for it) the best configuration is picked on that, never on
 the reported numbers; otherwise it is picked on the reported metric and the caption says it is optimistic. A pick at
 the edge of its grid is flagged.
 """
@@ -580,7 +580,8 @@ def _caption(table: LeaderboardTable) -> str:
     else:
         picked = (
             f"Each method's configuration is picked on {', '.join(f'`{key}`' for key in sorted(selected))}, computed on "
-            "held-out prompts set aside for selection and never reported"
+            "the evaluation prompts set aside for selection and never reported (whether they are also training prompts "
+            "depends on the task: see docs/statistics.md)"
         )
     unit = "seed"
     if len(table.instances) > 1:

@@ -6,6 +6,11 @@ EOS. The reward is additive, r(x, y) = Σ_t w[x, y_t] with w ~ N(0, reward_scale
 ``reward_seed``. Pairs of distinct responses are labelled by the BT model, P(y ≻ y') = σ(r(x, y) − r(x, y')),
 whose preferences are exactly those of π*(y | x) ∝ exp r(x, y): the policy EXPO recovers as λ → 0 (the
 paper's interpolation test, §6.1, here at the sequence level with a transformer policy).
+
+What is held out is responses, not prompts: every prompt carries training pairs, and ``held_out_responses`` of each
+prompt's responses appear in no SFT target or training pair. The evaluation prompts (those set aside for selection
+and those reported) are therefore training prompts; the held-out pairs and the sampled win rate see the same prompts,
+and the exact KL(π*‖π) covers all of a prompt's responses (with the default 0.25, 48 of its 64 were seen in training).
 """
 
 from __future__ import annotations
@@ -206,7 +211,8 @@ class SyntheticTokensTask(LanguageModelTask):
         return TaskData(sft.train, sft.held_out, judge=judge, exact=self.exact_metrics(tokenizer))
 
     def exact_metrics(self, tokenizer: Any) -> ExactMetrics:
-        """On the given prompts, by enumerating every well-formed response: KL(π*‖π) summed over prompts, split into
+        """On the given prompts, by enumerating every well-formed response (seen in training or held out): KL(π*‖π)
+        summed over the prompts (not averaged), split into
         the distance among well-formed responses and the probability leaked to malformed ones, and the mass on each
         prompt's best response. For π̃ = π / π(W) on the well-formed set W, KL(π*‖π) = KL(π*‖π̃) − log π(W)."""
         index_of = {tokenizer.convert_tokens_to_ids(f"p{prompt}"): prompt for prompt in range(self.prompts)}
