@@ -261,6 +261,7 @@ def test_instances_run_nested_seeds_and_reuse_the_runs_of_the_instance_they_had(
     assert [(run.get("instance"), run["seed"], run["method"]) for run in runs] == [
         (instance, seed, method) for instance in ("0", "5") for seed in (0, 1) for method in ("sft-reference", "dpo")
     ]
+    assert "| dpo | 0.1 | 1 (instance 5) |" in (out / "methods.md").read_text()
     tables = load_leaderboard(resolve_tracking_uri(None, tmp_path), data["experiment"])
     assert [table.instances for table in tables] == [("0",), ("5",), ("0", "5")]
     assert all(row.estimates[metric_keys.KL_TO_TARGET.key].n == 2 for table in tables for row in table.rows)
