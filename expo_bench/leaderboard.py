@@ -3,11 +3,11 @@
 One table per (experiment, dataset): each method's best configuration, every leaderboard metric as mean ± 95% CI over
 seeds (Student t), the rank metric's paired per-seed difference from a baseline method (Holm-adjusted over the column,
 with an exact sign-flip p), which methods a test cannot tell from the best one and which an equivalence test (TOST)
-shows within a margin of it, and where each number came from (runs, git sha, recipe hash, parameters); with several task
-instances, one table per instance and a pooled one whose unit is the instance. Where the runs
-logged a selection metric (on evaluation prompts set aside for it) the best configuration is picked on that, never on
-the reported numbers; otherwise it is picked on the reported metric and the caption says it is optimistic. A pick at
-the edge of its grid is flagged.
+shows within a margin of it, and where each number came from (runs, git sha, recipe hash, parameters). With several
+task instances: one table per instance and a pooled one whose unit is the instance. Where the runs logged a selection
+metric (on evaluation prompts set aside for it) the best configuration is picked on that, never on the reported
+numbers; otherwise it is picked on the reported metric and the caption says it is optimistic. A pick at the edge of
+its grid is flagged. docs/statistics.md says which test backs which mark.
 """
 
 from __future__ import annotations
@@ -344,7 +344,8 @@ def _holm(column: dict[str, PairedDifference | None]) -> dict[str, float]:
 
 
 def _leave_one_seed_out(candidates: list[Configuration], rank_metric: str, goal: Goal) -> Estimate | None:
-    """The rank metric over units when each unit's configuration is picked on the others' selection metric."""
+    """The rank metric over units when each unit's configuration is picked on the others' selection metric (in a pooled
+    table the unit is the task instance: one instance is left out at a time)."""
     selections = {configuration.selection for configuration in candidates}
     selection = selections.pop() if len(selections) == 1 else None
     if selection is None:
@@ -372,7 +373,8 @@ def experiment_tables(
             by_instance[run.tags.get(INSTANCE, "")].append(run)
         if len(by_instance) > 1:
             tables += [
-                build_table(store, experiment, dataset, group, baseline, settings) for _, group in sorted(by_instance.items())
+                build_table(store, experiment, dataset, by_instance[instance], baseline, settings)
+                for instance in sorted(by_instance, key=lambda name: (len(name), name))  # 2 before 10
             ]
         tables.append(build_table(store, experiment, dataset, members, baseline, settings))
     return tables
