@@ -130,8 +130,8 @@ class ChatServer:
 
 
 @contextmanager
-def serving(first_bias: float = 0.0) -> Iterator[ChatServer]:
-    chat = ChatServer(first_bias=first_bias)
+def serving(models: tuple[str, ...] = ("local-judge",), first_bias: float = 0.0) -> Iterator[ChatServer]:
+    chat = ChatServer(models=models, first_bias=first_bias)
     thread = threading.Thread(target=chat.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:

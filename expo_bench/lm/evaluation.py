@@ -41,11 +41,13 @@ ExactMetrics = Callable[["PreTrainedModel", Sequence[list[int]]], dict[str, floa
 
 
 class SelectionConfig(ConfigModel):
-    """Held-out prompts set aside to pick each method's configuration, so that the prompts a leaderboard reports on
-    never chose what is reported (a configuration picked on the reported metric itself is optimistic)."""
+    """Evaluation prompts set aside to pick each method's configuration, so that the prompts a leaderboard reports on
+    never chose what is reported (a configuration picked on the reported metric itself is optimistic). They are held
+    out from training where the task holds prompts out (HH, IMDb, preference data); the synthetic-token task holds out
+    responses, not prompts: its selection prompts are training prompts too."""
 
     prompts: int = Field(gt=0)
-    """The first this many held-out prompts; the leaderboard reports on the others."""
+    """The first this many evaluation prompts; the leaderboard reports on the others."""
     metric: str | None = None
     """The evaluation metric (a name after ``eval/``, e.g. ``win_rate``) computed on them that picks; default: the
     task's rank metric."""
@@ -53,9 +55,7 @@ class SelectionConfig(ConfigModel):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, metric: str | None) -> str | None:
-        names = sorted(
-            m.name for m in metric_keys.CATALOG.values() if m.key.startswith(f"{metric_keys.EVAL}/") and m.goal != "none"
-        )
+        names = sorted(m.name for m in metric_keys.CATALOG.values() if m.key.startswith(f"{metric_keys.EVAL}/") and m.directed)
         if metric is not None and metric not in names:
             raise ValueError(f"unknown evaluation metric {metric!r}{closest(metric, names)}; known: {', '.join(names)}")
         return metric
@@ -76,9 +76,9 @@ class EvaluationConfig(ConfigModel):
     """Keep only the k most likely tokens; 0 keeps them all. The KL estimate scores samples under the whole tempered
     policy, so it is an unbiased estimate of KL(π_T‖π_ref) only with top_p = 1 and top_k = 0."""
     prompts: int | None = Field(None, gt=0)
-    """Report on this many held-out prompts (all the rest when unset), after those set aside for selection."""
+    """Report on this many evaluation prompts (all the rest when unset), after those set aside for selection."""
     selection: SelectionConfig | None = None
-    """Held-out prompts that pick each method's configuration and are never reported on (unset: the leaderboard picks
+    """Evaluation prompts that pick each method's configuration and are never reported on (unset: the leaderboard picks
     on the reported metric itself, and says so)."""
     batch_size: int = Field(16, ge=1)
     baseline: Literal["reference", "chosen"] = "reference"
