@@ -175,7 +175,7 @@ class LanguageModelSweep:
         eos = tokenizer.eos_token_id
         return HeldOutPrompts(
             [pair.prompt_ids for pair in pairs],
-            [tokenizer.decode(pair.prompt_ids) for pair in pairs],
+            [data.prompt_texts.get(tuple(pair.prompt_ids)) or tokenizer.decode(pair.prompt_ids) for pair in pairs],
             [strip_eos(pair.chosen_ids, eos) for pair in pairs],
         )
 
