@@ -45,7 +45,8 @@ EXAMPLES = """examples:
   expo-bench schema task.preference       a section's fields, defaults, meaning
   expo-bench validate RECIPE --print-config
   expo-bench run RECIPE --only method=dpo --only seed=0 --set train.max_epochs=2
-  expo-bench leaderboard EXPERIMENT       the leaderboard again, from the store"""
+  expo-bench leaderboard EXPERIMENT       the leaderboard again, from the store
+  expo-bench data fetch                   the files the local twins read, into ../shared/data"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     schema.set_defaults(handler=show_schema)
     schema.add_argument("section", nargs="?", default="", metavar="SECTION", help="e.g. train, task.hh.evaluation")
+    data = commands.add_parser(
+        "data",
+        help="fetch the public files the local twins and the tests read (needs the hub)",
+        description="fetch: HH-RLHF's test splits, IMDb and the Pythia and GPT-2 tokenizers from the Hugging Face hub "
+        "into a data folder (default ../shared/data, the folder the shipped recipes name); files already there are kept.",
+    )
+    data.set_defaults(handler=fetch_data)
+    data.add_argument("action", choices=["fetch"], help="fetch the missing files")
+    data.add_argument("--to", type=Path, default=None, metavar="DIR", help="the data folder (default: ../shared/data)")
     board = commands.add_parser(
         "leaderboard",
         help="tables and plots of the best configuration per method, from the tracking store",
@@ -270,6 +280,12 @@ def show_schema(args: argparse.Namespace, console: Console) -> None:
     from expo_bench.explain import schema_text
 
     console.print(schema_text(args.section), highlight=False, markup=False, soft_wrap=True)
+
+
+def fetch_data(args: argparse.Namespace, console: Console) -> None:
+    from expo_bench.datafiles import DEFAULT_FOLDER, fetch
+
+    fetch(args.to or DEFAULT_FOLDER, console)
 
 
 def leaderboard(args: argparse.Namespace, console: Console) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SHARED_DATA, needs_shared_data, require_shared_data
 
 from expo_bench.cli import EXIT_USER_ERROR, main
 from expo_bench.methods import available_methods
@@ -57,7 +58,8 @@ def test_user_mistake_in_a_fresh_process_has_no_traceback(tmp_path: Path) -> Non
     assert not (tmp_path / "results").exists()
 
 
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = SHARED_DATA
+NEEDS_DATA = {"missing tokenizer folder", "empty HH file", "empty IMDb file", "typo in model.tiny"}
 
 
 def hh_recipe(tmp_path: Path, name: str, **task: object) -> Path:
@@ -125,6 +127,8 @@ def test_each_bad_input_exits_2_with_one_message_and_writes_nothing(
     case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", "300")
+    if case in NEEDS_DATA:
+        require_shared_data()
     arguments, expected = bad_inputs(tmp_path)[case]
     results = tmp_path / "results"
     assert main(["run", arguments[0], "--results", str(results), *arguments[1:]]) == EXIT_USER_ERROR
@@ -208,6 +212,7 @@ def test_help_and_validate_import_no_heavy_package() -> None:
     """``--help`` needs none of the training stack, ``validate`` only torch: Lightning alone takes ~6 s to import."""
     heavy = {"lightning", "torchmetrics", "mlflow", "sklearn", "matplotlib", "datasets", "peft", "scipy"}
     assert fresh_modules("--help") & (heavy | {"torch", "transformers"}) == set()
+    require_shared_data()
     assert fresh_modules("validate", "recipes/hh_tiny_local.yaml", "recipes/imdb_tiny_local.yaml") & heavy == set()
 
 
@@ -271,6 +276,8 @@ def test_print_config_round_trips_to_the_same_recipe(
     path: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(ROOT)  # the recipe's local paths are relative to the repository root
+    if "../shared/data" in Path(path).read_text():
+        require_shared_data()
     assert main(["validate", path, "--print-config"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     if path.endswith("hh_tiny_local.yaml"):
@@ -301,12 +308,13 @@ def test_only_selects_methods_and_seeds(capsys: pytest.CaptureFixture[str], monk
     assert "no method entry is labelled or named dpx" in err and "no seed 7 in the recipe's seeds [0, 1, 2]" in err
 
 
+@needs_shared_data()
 def test_run_checks_the_judge_before_training_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from network import free_port
 
     recipe = str(ROOT / "recipes/hh_tiny_local.yaml")
     judge = f"task.evaluation.judge.base_url=http://127.0.0.1:{free_port()}/v1"
-    shared = ROOT.parent / "shared" / "data"
+    shared = SHARED_DATA
     paths = [f"task.source={shared / 'hh-rlhf'}", f"task.tokenizer={shared / 'tokenizers' / 'gpt-neox-20b'}"]
     arguments = ["run", recipe, "--results", str(tmp_path), "--set", judge, *(f"--set={path}" for path in paths)]
     assert main(arguments) == EXIT_USER_ERROR

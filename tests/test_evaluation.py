@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from chat_server import serving
+from conftest import SHARED_DATA, needs_shared_data
 from rich.console import Console
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -22,7 +23,7 @@ from expo_bench.recipe import validate_recipe
 from expo_bench.runner import run_experiment
 
 ROOT = Path(__file__).parent.parent
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 def hh_twin(base_url: str) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def hh_twin(base_url: str) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+@needs_shared_data()
 def test_hh_twin_is_judged_by_an_llm_against_the_chosen_responses(tmp_path: Path) -> None:
     with serving() as server:  # its judge prefers the longer response
         data = hh_twin(server.base_url)
@@ -68,7 +69,7 @@ def test_hh_twin_is_judged_by_an_llm_against_the_chosen_responses(tmp_path: Path
     assert "## Sampled evaluation" in text and "sft-reference" in text
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+@needs_shared_data()
 def test_evaluation_only_refuses_a_run_that_never_trained(tmp_path: Path) -> None:
     with serving() as server:
         data = hh_twin(server.base_url)
@@ -78,7 +79,7 @@ def test_evaluation_only_refuses_a_run_that_never_trained(tmp_path: Path) -> Non
             run_experiment(validate_recipe(data, "hh.yaml"), tmp_path, Console(quiet=True))
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+@needs_shared_data()
 def test_an_unreachable_judge_fails_before_any_work(tmp_path: Path) -> None:
     data = hh_twin("http://127.0.0.1:9/v1")  # nothing listens on the discard port
     data["task"]["sft"] = None
@@ -87,6 +88,7 @@ def test_an_unreachable_judge_fails_before_any_work(tmp_path: Path) -> None:
     assert not (tmp_path / "hh_tiny_local" / "runs").exists()  # its endpoint is asked before anything else
 
 
+@needs_shared_data()
 def test_hh_evaluation_needs_a_judge() -> None:
     data = hh_twin("http://127.0.0.1:9/v1")
     del data["task"]["evaluation"]["judge"]

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from chat_server import serving
+from conftest import SHARED_DATA, needs_shared_data
 from rich.console import Console
 
 from expo_bench.errors import DataError
@@ -28,10 +29,10 @@ from expo_bench.recipe import select, validate_recipe
 from expo_bench.runner import run_experiment
 
 ROOT = Path(__file__).parent.parent
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = SHARED_DATA
 FIXTURE = ROOT / "tests" / "data" / "ultrafeedback_tiny"
 TWIN = ROOT / "recipes" / "ultrafeedback_tiny_local.yaml"
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+pytestmark = needs_shared_data()
 CONFIG = TokenizationConfig(max_length=96, max_prompt_length=64)
 
 
