@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -94,3 +95,32 @@ def progress(console: Console | None, description: str, total: int) -> Iterator[
 def after(done: Done | None, offset: int) -> Done | None:
     """``done`` for a part of a phase that starts ``offset`` items in."""
     return None if done is None else lambda completed: done(offset + completed)
+
+
+def clock_text(seconds: float) -> str:
+    """``2:05`` or ``1:02:05``: a duration as a person reads it on a clock."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class SweepProgress:
+    """Where a whole sweep stands, printed as each of its runs starts: ``run 17 of 54: dpo λ=0.1, seed 1 · 8:12
+    elapsed, about 17:40 left``. The estimate is the mean time per run so far times the runs left (reused runs make
+    it short at first). A line per run rather than a bar: a log keeps it, and the phases' own bars stay free. Only
+    rank zero's console prints (the others are quiet)."""
+
+    def __init__(self, total: int, console: Console, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total, self.console, self.clock = total, console, clock
+        self.started = clock()
+        self.begun = 0
+
+    def start(self, what: str) -> None:
+        """Run ``what`` begins."""
+        elapsed = self.clock() - self.started
+        done, self.begun = self.begun, self.begun + 1
+        timing = ""
+        if done:
+            left = elapsed / done * (self.total - done)
+            timing = f" · {clock_text(elapsed)} elapsed, about {clock_text(left)} left"
+        self.console.print(f"run {self.begun} of {self.total}: {what}{timing}", style="bold", highlight=False)

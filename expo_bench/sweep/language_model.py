@@ -20,6 +20,7 @@ from expo_bench.lm.model import count_parameters
 from expo_bench.lm.reference import attach_reference_logps, attach_reference_samples
 from expo_bench.lm.sft import fine_tune
 from expo_bench.lm.tokenize import fingerprint_tokenizer, pad_token_id
+from expo_bench.reporting import SweepProgress
 from expo_bench.sweep import lm_report
 from expo_bench.sweep.context import SweepContext
 from expo_bench.sweep.fit import FitUnit, evaluate, fit
@@ -54,6 +55,10 @@ class LanguageModelSweep:
 
     def __init__(self, context: SweepContext, task: LanguageModelTask) -> None:
         self.context, self.task = context, task
+        experiment = context.experiment
+        self.progress = SweepProgress(
+            len(experiment.recipe.seeds) * sum(len(run.grid) for run in experiment.runs), context.console
+        )
 
     def run(self) -> list[LanguageModelRecord]:
         with rank_zero_first():
@@ -122,6 +127,7 @@ class LanguageModelSweep:
             records.append(self._evaluate_reference(evaluator, seed, provenance))
         every = None if evaluation is None else evaluation.every_n_steps
         for unit in units:
+            self.progress.start(f"{unit.name}, seed {seed}")
             tracked = self._open(unit.run.label, unit.lam, unit.identity, unit.run_dir, evaluator, unit.run.method.regularization)
             pair_data = PairData(*datasets, unit.run.train.batch_size, seed, unit.run.train.group_by_length)
             result = fit(unit, base, pair_data, evaluator, every, tracked, console)
