@@ -51,22 +51,35 @@ def column_width(title: str, cells: Sequence[str]) -> int:
 
 
 def rich_table(
-    title: str, header: Sequence[str], rows: Sequence[Sequence[str]], width: int | None = None, elsewhere: str = "the file"
+    title: str,
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    width: int | None = None,
+    elsewhere: str = "the file",
+    required: int = 1,
+    wrap: int | None = None,
 ) -> Table:
-    """A terminal table whose cells never wrap or fold: within ``width`` terminal columns (every column without a
-    width) it keeps the first column and then, in order, each column that still fits; the caption names the others,
-    which ``elsewhere`` holds."""
+    """A terminal table within ``width`` terminal columns (every column without a width): the first ``required``
+    columns always, then, in order, each other column that still fits; the caption names those left out, which
+    ``elsewhere`` holds. Cells never wrap or fold, except in column ``wrap`` (one of the required), which wraps between
+    its words where the required columns would not fit otherwise."""
     widths = [column_width(name, [row[index] for row in rows]) for index, name in enumerate(header)]
-    kept, used = [], -1  # the last column has no divider after it
-    for index, needed in enumerate(widths):
-        if width is None or index == 0 or used + needed + SEPARATION <= width:
+    kept = list(range(min(required, len(header))))
+    used = -1 + sum(widths[index] + SEPARATION for index in kept)  # the last column has no divider after it
+    if width is not None and wrap in kept and used > width:
+        words = [cell_len(word) for row in rows for word in row[wrap].split()] + [cell_len(word) for word in header[wrap].split()]
+        shrink = min(used - width, widths[wrap] - max(words, default=1))
+        widths[wrap], used = widths[wrap] - shrink, used - shrink
+    for index in range(len(kept), len(header)):
+        if width is None or used + widths[index] + SEPARATION <= width:
             kept.append(index)
-            used += needed + SEPARATION
+            used += widths[index] + SEPARATION
     left_out = [name for index, name in enumerate(header) if index not in kept]
     caption = f"Also in {elsewhere}: {', '.join(left_out)}." if left_out else None
     table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1))
     for index in kept:
-        table.add_column(header[index], min_width=widths[index], max_width=widths[index], overflow="ellipsis")
+        overflow = "fold" if index == wrap else "ellipsis"
+        table.add_column(header[index], min_width=widths[index], max_width=widths[index], overflow=overflow)
     for row in rows:
         table.add_row(*(row[index] for index in kept))
     return table

@@ -50,3 +50,21 @@ def test_sweep_progress_says_which_run_of_how_many_and_the_time_left() -> None:
     quiet = io.StringIO()
     SweepProgress(2, Console(file=quiet, quiet=True)).start("x")  # another rank's console: nothing
     assert quiet.getvalue() == ""
+
+
+def test_required_columns_stay_and_the_wrapping_one_wraps_between_words() -> None:
+    """The leaderboard's case at 80 columns: notes are kept (wrapped) and a narrow later column is left out."""
+    header = ["method", "λ", "KL(π*‖π)", "Δ vs dpo", "notes", "length"]
+    rows = [
+        ["expo_compositional", "0.1", "1.057 ± 0.044", "+0.26 ± 1.9 (p 0.62)", "≈ best; grid edge: beta", "15.6"],
+        ["dpo", "1", "5.0 ± 4.0", "—", "worse than best; grid edge: beta", "15.6"],
+    ]
+    output = io.StringIO()
+    Console(file=output, width=80).print(rich_table("t", header, rows, width=80, elsewhere="the .md", required=5, wrap=4))
+    text = output.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert all(word in text for word in ("≈", "best;", "grid", "edge:", "beta", "worse")) and "…" not in text
+    assert "Also in the .md: length." in " ".join(text.split())
+    wide = io.StringIO()
+    Console(file=wide, width=200).print(rich_table("t", header, rows, width=200, required=5, wrap=4))
+    assert any("≈ best; grid edge: beta" in line and "15.6" in line for line in wide.getvalue().splitlines())
