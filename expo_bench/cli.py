@@ -174,10 +174,24 @@ def _values(values: list[object]) -> str:
     return text[0] if len(text) == 1 else "{" + ", ".join(text) + "}"
 
 
+def _flat(settings: dict[str, object], prefix: str = "") -> dict[str, object]:
+    """``{"optimizer": {"lr": 1e-3}}`` → ``{"optimizer.lr": 1e-3}``."""
+    flat: dict[str, object] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def describe(experiment: Experiment, width: int | None = None) -> Table:
     """One row per method run: what will be trained, with which λ grid, the other hyperparameters that are not
-    defaults (a set where the grid varies them) and the budget."""
+    defaults (a set where the grid varies them) and where its budget differs from the recipe's (so that runs a grid
+    over ``train.`` settings split apart differ in that column, not only in columns a narrow terminal leaves out),
+    then the budget."""
     recipe = experiment.recipe
+    shared_budget = _flat(recipe.train.model_dump(mode="json"))
     rows = []
     for run in experiment.runs:
         dumps = [params.model_dump(exclude={run.method.regularization or ""}) for params in run.grid]
@@ -186,11 +200,20 @@ def describe(experiment: Experiment, width: int | None = None) -> Table:
         shown = {
             key: values for key, values in varying.items() if len(set(map(str, values))) > 1 or values[0] != defaults.get(key)
         }
+        budget = {
+            key: value for key, value in _flat(run.train.model_dump(mode="json")).items() if shared_budget.get(key) != value
+        }
         rows.append(
             [
                 run.label,
                 lam_summary(run.lam),
-                ", ".join(f"{key}={_values(values)}" for key, values in shown.items()) or "—",
+                ", ".join(
+                    [
+                        *(f"{key}={_values(values)}" for key, values in shown.items()),
+                        *(f"{key}={_values([value])}" for key, value in budget.items()),
+                    ]
+                )
+                or "—",
                 str(run.train.max_epochs),
                 str(run.train.batch_size),
                 f"{run.train.optimizer.name} {run.train.optimizer.lr:g}",
@@ -198,7 +221,7 @@ def describe(experiment: Experiment, width: int | None = None) -> Table:
         )
     header = ["method", "λ", "other params", "epochs", "batch", "optimizer"]
     title = f"{recipe.experiment} · recipe {recipe.fingerprint()} · seeds {recipe.seeds}"
-    return rich_table(title, header, rows, width, "--print-config")
+    return rich_table(title, header, rows, width, "--print-config", required=3, wrap=2)  # what tells the rows apart stays
 
 
 def load(args: argparse.Namespace) -> list[Experiment]:

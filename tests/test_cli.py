@@ -35,6 +35,17 @@ def test_validate_a_shipped_recipe(capsys: pytest.CaptureFixture[str], monkeypat
     assert "valid" in out and "expo_compositional" in out
 
 
+def test_validate_rows_differ_in_what_an_80_column_terminal_shows(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grid over the learning rate splits a method into one run per rate: the rows say which, even at 80 columns."""
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["validate", str(ROOT / "recipes/synthetic_tokens_tuned.yaml")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(" dpo ")]
+    assert len(rows) == 2 and len(set(rows)) == 2 and "optimizer.lr=0.0003" in rows[0]
+    assert max(len(line) for line in rows) <= 80
+
+
 def test_validate_reports_the_field_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     recipe = str(ROOT / "recipes/synthetic_interpolation.yaml")
     assert main(["validate", recipe, "--set", "methods.4.lam=[0.5, 2.0]"]) == EXIT_USER_ERROR
