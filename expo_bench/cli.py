@@ -296,7 +296,7 @@ def methods(args: argparse.Namespace, console: Console) -> None:
 def recipes(args: argparse.Namespace, console: Console) -> None:
     from expo_bench.explain import recipes_text
 
-    console.print(recipes_text(), highlight=False, markup=False, soft_wrap=True)
+    console.print(recipes_text(width=console.width), highlight=False, markup=False, soft_wrap=True)
 
 
 def show_schema(args: argparse.Namespace, console: Console) -> None:

@@ -147,16 +147,17 @@ def recipe_line(path: Path) -> str:
     return " ".join(comment).split(". ")[0].rstrip(".")
 
 
-def recipes_text(folder: Path | None = None) -> str:
+def recipes_text(folder: Path | None = None, width: int = WIDTH) -> str:
+    """One line per recipe, its description shortened only where ``width`` (the terminal's) is too narrow."""
     folder = folder or shipped_recipes()
     paths = sorted(folder.glob("*.yaml"))
     if not paths:
         raise UserError(f"no recipes (*.yaml) in {folder}")
-    width = max(len(path.name) for path in paths)
+    names = max(len(path.name) for path in paths)
     lines = [f"recipes in {folder}:"]
     for path in paths:
-        lead = f"  {path.name:<{width}}  "
-        lines.append(lead + textwrap.shorten(recipe_line(path), WIDTH - len(lead), placeholder="…"))
+        lead = f"  {path.name:<{names}}  "
+        lines.append(lead + textwrap.shorten(recipe_line(path), max(width, WIDTH) - len(lead), placeholder="…"))
     lines.append("expo-bench validate RECIPE --print-config: one resolved, with every default.")
     return "\n".join(lines)
 

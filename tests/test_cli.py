@@ -266,6 +266,16 @@ def test_recipes_lists_each_shipped_recipe_on_one_line(capsys: pytest.CaptureFix
     assert max(len(line) for line in lines) <= 80
 
 
+def test_recipes_uses_a_wide_terminal_for_the_descriptions(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    twin = next(line for line in lines if "hh_tiny_local.yaml" in line)
+    assert twin.endswith("the real Pythia tokenizer and a tiny GPT-NeoX built from a config (no hub, no GPU)")
+
+
 def test_schema_prints_sections_as_commented_yaml(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schema", "train"]) == 0
     out = capsys.readouterr().out
