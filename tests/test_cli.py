@@ -223,6 +223,8 @@ def test_help_and_validate_import_no_heavy_package() -> None:
     """``--help`` needs none of the training stack, ``validate`` only torch: Lightning alone takes ~6 s to import."""
     heavy = {"lightning", "torchmetrics", "mlflow", "sklearn", "matplotlib", "datasets", "peft", "scipy"}
     assert fresh_modules("--help") & (heavy | {"torch", "transformers"}) == set()
+    assert fresh_modules("recipes") & (heavy | {"torch", "transformers"}) == set()
+    assert fresh_modules("methods") & heavy == set() and fresh_modules("schema", "task") & heavy == set()
     require_shared_data()
     assert fresh_modules("validate", "recipes/hh_tiny_local.yaml", "recipes/imdb_tiny_local.yaml") & heavy == set()
 
