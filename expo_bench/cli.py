@@ -336,15 +336,19 @@ def ui(args: argparse.Namespace, console: Console) -> None:
         except (OSError, OverflowError) as error:
             raise UserError(f"cannot listen on {args.host}:{args.port} ({error}): pass another --port") from error
     url = f"http://{args.host}:{args.port}"
-    for name, experiment_id in leaderboard_views(uri).items():
-        console.print(f"{name}: {url}/#/experiments/{experiment_id}?viewStateShareKey={LEADERBOARD_VIEW}")
+    for name, experiment_id in leaderboard_views(uri).items():  # URLs on one line each, never folded: they are clicked
+        console.print(f"{name}: {url}/#/experiments/{experiment_id}?viewStateShareKey={LEADERBOARD_VIEW}", soft_wrap=True)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host]
-    server = subprocess.Popen(
-        [*command, "--port", str(args.port), "--workers", "1"],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job-runner processes: the UI only reads
-        start_new_session=True,  # its own process group: all of it can be killed if it does not stop when asked
-    )
-    console.print(f"MLflow UI over {uri}: {url} (Ctrl-C stops it)")
+    log = Path(tempfile.gettempdir()) / f"expo-bench-ui-{args.port}.log"
+    with log.open("w") as chatter:  # the server's own messages (gunicorn/uvicorn, migrations) go to a file
+        server = subprocess.Popen(
+            [*command, "--port", str(args.port), "--workers", "1"],
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job-runner processes: the UI only reads
+            stdout=chatter,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: all of it can be killed if it does not stop when asked
+        )
+    console.print(f"MLflow UI over {uri}: {url} (Ctrl-C stops it; the server's messages: {log})", soft_wrap=True)
     stopping: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
@@ -365,7 +369,7 @@ def ui(args: argparse.Namespace, console: Console) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if status != 0 and not stopping:
-        raise UserError(f"the MLflow server exited with status {status}: see its messages above")
+        raise UserError(f"the MLflow server exited with status {status}: see its messages in {log}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

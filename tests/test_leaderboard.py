@@ -272,6 +272,9 @@ def test_ui_serves_the_store_and_stops_without_orphans(store: dict[str, Any], tm
         ui.send_signal(signal.SIGTERM)  # to the expo-bench process only: it must stop the server and its workers
         output = ui.communicate(timeout=30)[0]
         assert f"http://127.0.0.1:{port}" in output and "viewStateShareKey=leaderboard" in output
+        view = next(line for line in output.splitlines() if "viewStateShareKey" in line)
+        assert view.endswith("viewStateShareKey=leaderboard") and f"http://127.0.0.1:{port}/#/experiments/" in view  # unfolded
+        assert "uvicorn" not in output.lower() and "gunicorn" not in output.lower() and "INFO" not in output  # no chatter
         deadline = time.monotonic() + 10
         while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.2)
