@@ -362,6 +362,33 @@ def _difference(found: PairedDifference | None) -> str:
     return f"{found.mean:+.3g}{spread}{p}"
 
 
+LC_MIN_JUDGED = 50
+"""Fewer judged comparisons than this and the length-controlled GLM (three coefficients) is mostly noise."""
+LC_SATURATED = 0.01
+"""An LC win rate this close to 0 or 1 beside a raw rate that is not: the GLM separated, it did not measure."""
+
+
+def lc_warning(row: Configuration) -> str | None:
+    """Why a row's length-controlled win rate should not be read, if it should not: too few judged comparisons, or
+    an LC at 0 or 1 beside a raw win rate away from it (a separated fit: AlpacaEval's GLM has no prior). Shown in
+    the LC cell itself, so that it goes wherever the value goes."""
+    lc, raw, judged = (row.estimates.get(key) for key in (LC_WIN_RATE.key, WIN_RATE.key, JUDGED.key))
+    if lc is None or not math.isfinite(lc.mean):
+        return None
+    reasons = []
+    if judged is not None and judged.mean < LC_MIN_JUDGED:
+        reasons.append(f"{judged.mean:g} judged")
+    if raw is not None and min(lc.mean, 1 - lc.mean) < LC_SATURATED and min(raw.mean, 1 - raw.mean) >= 5 * LC_SATURATED:
+        reasons.append(f"{lc.mean:.2f} beside {raw.mean:.2f} raw")
+    return f"unreliable: {', '.join(reasons)}" if reasons else None
+
+
+def _metric_cell(row: Configuration, metric: Metric) -> str:
+    text = _cell(_spread(row, metric.key), metric.spread)
+    warning = lc_warning(row) if metric.key == LC_WIN_RATE.key else None
+    return text if warning is None else f"{text} ({warning})"
+
+
 def _notes(verdict: RowVerdict) -> str:
     notes = ["≈ best" if verdict.indistinguishable_from_best else "worse than best"]
     notes += [f"grid edge: {edge}" for edge in verdict.edges]
@@ -393,11 +420,11 @@ def _display(table: LeaderboardTable, terminal: bool = False) -> tuple[list[str]
         [
             row.method,
             _lam(row),
-            *(_cell(_spread(row, metric.key), metric.spread) for metric in rank),
+            *(_metric_cell(row, metric) for metric in rank),
             *([] if table.baseline is None else [_difference(table.verdicts[row.method].versus_baseline)]),
             _notes(table.verdicts[row.method]),
             *([str(len(row.runs))] if seeds else []),
-            *(_cell(_spread(row, metric.key), metric.spread) for metric in others),
+            *(_metric_cell(row, metric) for metric in others),
             *(_provenance(row) if provenance else []),
         ]
         for row in table.rows
@@ -458,7 +485,17 @@ def _caption(table: LeaderboardTable) -> str:
         f"Rows ranked by `{table.rank_metric}` ({direction} is better); mean ± 95% CI over seeds (Student t), or with one "
         f"seed over the run's prompts (1.96 standard errors){versus}. "
         f'{picked}. "≈ best": a paired t-test against the best row (Holm-corrected over the rows, 5%) cannot tell them '
-        f'apart. "grid edge": the picked value is the lowest or highest its grid tried. Source: {_shown(table.store)}.'
+        f'apart. "grid edge": the picked value is the lowest or highest its grid tried.{_lc_caption(table)} '
+        f"Source: {_shown(table.store)}."
+    )
+
+
+def _lc_caption(table: LeaderboardTable) -> str:
+    if not any(lc_warning(row) for row in table.rows):
+        return ""
+    return (
+        f' LC "unreliable": fewer than {LC_MIN_JUDGED} judged comparisons, or a length-controlled win rate at 0 or 1 '
+        "beside a raw one that is not (the length GLM separated the data): read the raw win rate."
     )
 
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from rich import box
 from rich.cells import cell_len
-from rich.console import Console
+from rich.console import Console, OverflowMethod
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -78,7 +78,7 @@ def rich_table(
     caption = f"Also in {elsewhere}: {', '.join(left_out)}." if left_out else None
     table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1))
     for index in kept:
-        overflow = "fold" if index == wrap else "ellipsis"
+        overflow: OverflowMethod = "fold" if index == wrap else "ellipsis"
         table.add_column(header[index], min_width=widths[index], max_width=widths[index], overflow=overflow)
     for row in rows:
         table.add_row(*(row[index] for index in kept))

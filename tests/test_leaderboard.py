@@ -348,5 +348,20 @@ def test_terminal_table_fits_80_columns_without_folding(tmp_path: Path) -> None:
     markdown = (tmp_path / "out" / "leaderboard.md").read_text()
     assert "self-BLEU" not in markdown and "self-BLEU" not in output.getvalue()  # undefined: left out, not n/a
     assert "KL(π‖π_ref)" in markdown and "0.3198 ± 0.0082" in markdown  # the KL estimate with its standard error
+    assert "| 0.7 (unreliable: 8 judged) |" in markdown and 'LC "unreliable": fewer than 50' in markdown  # 8 prompts
     caption = " ".join(output.getvalue().split())
     assert "Also in " in caption and "length" in caption  # what did not fit is named, and is in the files
+
+
+def test_a_degenerate_length_controlled_win_rate_is_flagged() -> None:
+    from expo_bench.leaderboard import Configuration, RunRecord, lc_warning
+
+    def row(lc: float, raw: float, judged: float) -> Configuration:
+        metrics = {keys.LC_WIN_RATE.key: lc, keys.WIN_RATE.key: raw, keys.JUDGED.key: judged}
+        return Configuration("dpo", "dpo", (RunRecord("r", metrics, {}, {}),))
+
+    assert lc_warning(row(1.0, 0.19, 16)) == "unreliable: 16 judged, 1.00 beside 0.19 raw"  # the case
+    assert lc_warning(row(0.0, 0.4, 805)) == "unreliable: 0.00 beside 0.40 raw"
+    assert lc_warning(row(0.62, 0.6, 49)) == "unreliable: 49 judged"
+    assert lc_warning(row(0.62, 0.6, 805)) is None and lc_warning(row(0.999, 0.99, 805)) is None  # a real sweep
+    assert lc_warning(Configuration("dpo", "dpo", (RunRecord("r", {keys.WIN_RATE.key: 0.5}, {}, {}),))) is None
