@@ -58,7 +58,7 @@ from expo_bench.metric_keys import (
     Metric,
     at_temperature,
 )
-from expo_bench.reporting import Z_95, markdown_table, rich_table, with_interval
+from expo_bench.reporting import Z_95, markdown_table, method_style, rich_table, with_interval
 from expo_bench.tracking import (
     COMPLETE,
     CONFIG_KEY,
@@ -576,19 +576,33 @@ def _write_csv(tables: Sequence[LeaderboardTable], path: Path) -> None:
         writer.writerows([cell(table, row) for _, cell in columns] for table in tables for row in table.rows)
 
 
-MARKERS = "osD^vPX*<>"
 DODGE_POINTS = 4.0
-LINES = ("-", "--", "-.", ":")
+BOUNDS = {
+    **{key: (0.0, math.inf) for key in (KL.key, "eval/kl_target_to_policy", "eval/kl_target_to_policy_well_formed")},
+    "eval/malformed_leak": (0.0, math.inf),
+    MEAN_LENGTH.key: (0.0, math.inf),
+    **{key: (0.0, 1.0) for key in (WIN_RATE.key, LC_WIN_RATE.key, DISTINCT_2.key)},
+}
+"""The values a metric can take: an interval drawn around its mean is clipped to them (a KL's t-interval never
+reaches below zero, a win rate's never above one)."""
+
+
+def _bounds(key: str) -> tuple[float, float]:
+    """A metric's bounds, also under a temperature's key (``eval/T0.5/win_rate``)."""
+    return BOUNDS.get(key) or BOUNDS.get(f"{key.split('/')[0]}/{key.rsplit('/', 1)[-1]}", (-math.inf, math.inf))
+
+
+def _error_bars(key: str, centres: Sequence[float], half_widths: Sequence[float]) -> list[list[float]]:
+    """``[below, above]`` for matplotlib's ``yerr``/``xerr``: each half-width, clipped to the metric's bounds."""
+    low, high = _bounds(key)
+    below = [max(0.0, min(width, centre - low)) for centre, width in zip(centres, half_widths, strict=True)]
+    above = [max(0.0, min(width, high - centre)) for centre, width in zip(centres, half_widths, strict=True)]
+    return [below, above]
 
 
 def _styles(table: LeaderboardTable) -> dict[str, dict[str, Any]]:
-    """One colour, marker and line style per method, the same in every plot of a table: series that lie on top of
-    each other stay tellable apart."""
-    methods = sorted({configuration.method for configuration in table.configurations})
-    return {
-        method: {"color": f"C{index % 10}", "marker": MARKERS[index % len(MARKERS)], "linestyle": LINES[index % len(LINES)]}
-        for index, method in enumerate(methods)
-    }
+    """Each method's colour, marker and line style: fixed by its name, the same in every plot of every experiment."""
+    return {configuration.method: method_style(configuration.method) for configuration in table.configurations}
 
 
 def _axis_label(key: str) -> str:
@@ -637,7 +651,7 @@ def _plot_ranking(table: LeaderboardTable, path: Path) -> Path | None:
     ax.bar(
         range(len(found)),
         [estimate.mean for _, estimate in found],
-        yerr=[_half_width(estimate) for _, estimate in found],
+        yerr=_error_bars(table.rank_metric, [e.mean for _, e in found], [_half_width(e) for _, e in found]),
         capsize=4,
         color=[styles[method]["color"] for method, _ in found],
     )
@@ -649,7 +663,8 @@ def _plot_ranking(table: LeaderboardTable, path: Path) -> Path | None:
 
 
 def _plot_lam_sweep(table: LeaderboardTable, path: Path) -> Path | None:
-    """The rank metric against λ, every configuration of each method that has a positive ``lam`` param."""
+    """The rank metric against λ, every configuration of each method that has a positive ``lam`` param; none where no
+    method tried two values of λ (a sweep of one point is no sweep)."""
     curves: dict[str, list[tuple[float, Estimate]]] = defaultdict(list)
     for configuration in table.configurations:
         try:
@@ -659,7 +674,7 @@ def _plot_lam_sweep(table: LeaderboardTable, path: Path) -> Path | None:
         found = _spread(configuration, table.rank_metric)
         if lam > 0 and found is not None:
             curves[configuration.method].append((lam, found))
-    if not curves:
+    if not any(len({lam for lam, _ in points}) > 1 for points in curves.values()):
         return None
     styles = _styles(table)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -668,7 +683,7 @@ def _plot_lam_sweep(table: LeaderboardTable, path: Path) -> Path | None:
         series = ax.errorbar(
             [lam for lam, _ in points],
             [found.mean for _, found in points],
-            yerr=[_half_width(found) for _, found in points],
+            yerr=_error_bars(table.rank_metric, [found.mean for _, found in points], [_half_width(found) for _, found in points]),
             capsize=3,
             label=method,
             **styles[method],
@@ -694,7 +709,8 @@ def _scatter(table: LeaderboardTable, path: Path, points: dict[str, list[Point]]
     for index, (method, found) in enumerate(sorted(points.items())):
         xs, ys, x_errors, y_errors = zip(*found, strict=True)
         style = {**styles[method], "linestyle": "none"}
-        series = ax.errorbar(xs, ys, xerr=x_errors, yerr=y_errors, capsize=2, markersize=5, alpha=0.85, label=method, **style)
+        x_bars, y_bars = _error_bars(x, xs, x_errors), _error_bars(y, ys, y_errors)
+        series = ax.errorbar(xs, ys, xerr=x_bars, yerr=y_bars, capsize=2, markersize=5, alpha=0.85, label=method, **style)
         _dodge(series, fig, ax, index, len(points))
     ax.set_xlabel(_axis_label(x))
     ax.set_ylabel(_axis_label(y))
@@ -764,7 +780,11 @@ def _plot_temperature(table: LeaderboardTable, path: Path) -> Path | None:
         series = ax.errorbar(
             list(curve),
             [estimate.mean for estimate in found if estimate is not None],
-            yerr=[_half_width(estimate) for estimate in found],
+            yerr=_error_bars(
+                WIN_RATE.key,
+                [estimate.mean for estimate in found if estimate is not None],
+                [_half_width(estimate) for estimate in found if estimate is not None],
+            ),
             capsize=3,
             label=method,
             **styles[method],

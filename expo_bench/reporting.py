@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import textwrap
 import time
@@ -23,6 +24,40 @@ SEPARATION = 3
 
 Z_95 = 1.959963984540054
 """The standard normal's 97.5% quantile: a 95% interval over the prompts of one run is ± Z_95 standard errors."""
+
+
+METHOD_STYLES = {
+    "sft-reference": ("#7f7f7f", "o", ":"),
+    "dpo": ("#1f77b4", "s", "-"),
+    "ipo": ("#ff7f0e", "D", "--"),
+    "simpo": ("#2ca02c", "^", "-."),
+    "expo_compositional": ("#d62728", "o", "-"),
+    "expo_regression": ("#9467bd", "v", "--"),
+    "fdpo_js": ("#8c564b", "P", "-."),
+    "dpo_kl": ("#e377c2", "X", ":"),
+    "rpo": ("#bcbd22", "*", "-"),
+}
+"""The built-in methods' colour, marker and line style: the same in every plot of every experiment."""
+OTHER_STYLES = (
+    ("#17becf", "<", "--"),
+    ("#aec7e8", ">", "-."),
+    ("#ffbb78", "p", ":"),
+    ("#98df8a", "h", "-"),
+    ("#ff9896", "d", "--"),
+    ("#c5b0d5", "H", "-."),
+    ("#c49c94", "8", ":"),
+    ("#dbdb8d", "x", "-"),
+)
+"""Other labels (``dpo-margin``, your own methods) take one of these by a hash of the label: stable everywhere."""
+
+
+def method_style(method: str) -> dict[str, str]:
+    """Matplotlib's ``color``, ``marker`` and ``linestyle`` of a method or a recipe's label for one."""
+    found = METHOD_STYLES.get(method)
+    if found is None:
+        found = OTHER_STYLES[int(hashlib.sha256(method.encode()).hexdigest(), 16) % len(OTHER_STYLES)]
+    colour, marker, linestyle = found
+    return {"color": colour, "marker": marker, "linestyle": linestyle}
 
 
 def with_interval(mean: float, half_width: float | None = None) -> str:

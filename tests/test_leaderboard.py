@@ -351,6 +351,7 @@ def test_terminal_table_fits_80_columns_without_folding(tmp_path: Path) -> None:
     assert "| 0.7 (unreliable: 8 judged) |" in markdown and 'LC "unreliable": fewer than 50' in markdown  # 8 prompts
     caption = " ".join(output.getvalue().split())
     assert "Also in " in caption and "length" in caption  # what did not fit is named, and is in the files
+    assert not list((tmp_path / "out").glob("*lam_sweep*"))  # every method tried one λ: no sweep to plot
 
 
 def test_a_degenerate_length_controlled_win_rate_is_flagged() -> None:

@@ -81,6 +81,8 @@ class TabularSweep:
         trajectories, sweep = out_dir / "trajectories.png", out_dir / "lambda_sweep.png"
         report.plot_trajectories(records, self.task.prompts, trajectories)
         lam_labels = experiment.recipe.lam or next((run.lam for run in experiment.runs if run.lam), [0.0])
+        if len(lam_labels) < 2:  # a sweep of one λ is no sweep
+            return [table, trajectories]
         report.plot_lambda_sweep(records, self.task, lam_labels, sweep)
         return [table, trajectories, sweep]
 
