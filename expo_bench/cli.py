@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from expo_bench.recipe import Experiment
 
 EXIT_USER_ERROR = 2
+RUNS = Path("runs")
+"""Where a user's runs go by default: git-ignored, apart from the committed reference results (``--results results``)."""
 ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 """Write failures that are the machine's, not a bug: reported in one line, like a user error."""
 
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"expo-bench {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, handler, summary in (
-        ("run", run, "train and evaluate every method of each recipe; write results/<experiment>/"),
+        ("run", run, "train and evaluate every method of each recipe; write runs/<experiment>/"),
         ("validate", validate, "check a recipe (types, ranges, method names) without running it"),
     ):
         command = commands.add_parser(name, help=summary, description=summary)
@@ -90,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="print the resolved recipe (every default filled in) as YAML and exit",
         )
         if name == "run":
-            command.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results/)")
+            command.add_argument(
+                "--results",
+                type=Path,
+                default=RUNS,
+                help="results root (default: runs/, git-ignored; --results results regenerates the committed reference results)",
+            )
         else:
             command.add_argument(
                 "--any-machine",
@@ -146,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui_command.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, this machine only)")
     for command in (board, ui_command):
         command.add_argument(
-            "--results", type=Path, default=Path("results"), help="results root, home of the default store (default: results/)"
+            "--results", type=Path, default=RUNS, help="results root, home of the default store (default: runs/)"
         )
         command.add_argument(
             "--tracking-uri",

@@ -66,7 +66,7 @@ def test_user_mistake_in_a_fresh_process_has_no_traceback(tmp_path: Path) -> Non
     assert result.returncode == EXIT_USER_ERROR
     assert "Traceback" not in result.stderr
     assert "task.draws_per_promt" in result.stderr and "did you mean 'draws_per_prompt'" in result.stderr
-    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
 
 
 SHARED = SHARED_DATA

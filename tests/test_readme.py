@@ -61,7 +61,7 @@ def test_add_a_method_example_trains_from_the_working_directory(tmp_path: Path, 
     result = subprocess.run([script, "run", "hinge.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "MLflow database tables" not in result.stderr  # library chatter stays off the terminal
-    runs = json.loads((tmp_path / "results" / "hinge" / "summary.json").read_text())["runs"]
+    runs = json.loads((tmp_path / "runs" / "hinge" / "summary.json").read_text())["runs"]  # a user's runs: runs/
     assert [run["params"]["beta"] for run in runs] == [0.5, 5.0]
     assert runs[0]["final_policy"]["x"] != pytest.approx([0.4, 0.4, 0.2], abs=1e-3)  # it trained
 
