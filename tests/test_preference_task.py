@@ -125,6 +125,8 @@ def test_sharegpt_pairs_read_as_the_same_conversations(gpt2: Any) -> None:
     recipe["task"] = {key: value for key, value in recipe["task"].items() if key != "columns"} | {"format": "sharegpt"}
     task = validate_recipe(recipe, TWIN).recipe.task
     assert task.columns == PreferenceColumns(prompt="conversations")  # the format's own columns when none are named
+    recipe["task"]["columns"] = {"rejected": "worse"}
+    assert validate_recipe(recipe, TWIN).recipe.task.columns == PreferenceColumns(prompt="conversations", rejected="worse")
     shared, report = load_pairs(load_rows(str(SHAREGPT), "train"), task.columns, "sharegpt", gpt2, CONFIG, "sharegpt")
     columns = PreferenceColumns(prompt=None)
     conversational, _ = load_pairs(load_rows(str(FIXTURE), "train_prefs"), columns, "conversational", gpt2, CONFIG, "uf")

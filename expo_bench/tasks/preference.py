@@ -137,9 +137,10 @@ class PreferenceTask(PairsTask):
     @model_validator(mode="before")
     @classmethod
     def _format_columns(cls, data: Any) -> Any:
-        """A format's own prompt column where the recipe names no columns (ShareGPT's ``conversations``)."""
-        if isinstance(data, dict) and "columns" not in data and data.get("format") in FORMATS:
-            return {**data, "columns": {"prompt": FORMATS[data["format"]].prompt_column}}
+        """A format's own prompt column where the recipe names none (ShareGPT's ``conversations``)."""
+        columns = data.get("columns", {}) if isinstance(data, dict) else None
+        if isinstance(columns, dict) and "prompt" not in columns and data.get("format") in FORMATS:
+            return {**data, "columns": {"prompt": FORMATS[data["format"]].prompt_column, **columns}}
         return data
 
     @property
