@@ -57,6 +57,7 @@ def test_hh_twin_is_judged_by_an_llm_against_the_chosen_responses(tmp_path: Path
         rows = [json.loads(line) for line in judgments.read_text().splitlines()]
         assert len(rows) == 4 and {row["judge"] for row in rows} == {"llm:local-judge"}
         assert all(row["temperature"] == temperature and row["candidate_position"] in ("A", "B") for row in rows)
+        assert all(row["prompt"].startswith("\n\nHuman: ") for row in rows)  # the whole dialogue, never cut mid-sentence
         # recompute the win rate from the verdicts: the server's judge prefers the longer text
         expected = [
             0.5 if row["candidate"] == row["baseline"] else float(len(row["candidate"]) > len(row["baseline"])) for row in rows

@@ -29,6 +29,12 @@ class PairsTask(LanguageModelTask):
     max_train_pairs: int | None = Field(None, gt=0)
     max_eval_pairs: int | None = Field(None, gt=0)
     """Held-out pairs kept (validation loss and accuracy; evaluation prompts unless a test set is given)."""
+    _prompt_texts: dict[tuple[int, ...], str] = PrivateAttr(default_factory=dict)
+    """Prompt ids → the prompt as read (untruncated; a conversation as text), what an LLM judge is shown."""
+
+    def remember_prompts(self, pairs: list[TokenizedPair], texts: list[str]) -> None:
+        """Keep each pair's prompt as a person reads it, for the judge (:attr:`TaskData.prompt_texts`)."""
+        self._prompt_texts.update((tuple(pair.prompt_ids), text) for pair, text in zip(pairs, texts, strict=True))
 
     @property
     def split_names(self) -> tuple[str, str | None]:
@@ -75,7 +81,7 @@ class PairsTask(LanguageModelTask):
     def task_data(
         self, seed: int, tokenizer: Any, reference: PreTrainedModel, sft: SFTExamples, cache_dir: Path, console: Console
     ) -> TaskData:
-        return TaskData(sft.train, sft.held_out)
+        return TaskData(sft.train, sft.held_out, prompt_texts=dict(self._prompt_texts))
 
 
 class PreferenceSplits(ConfigModel):
@@ -132,7 +138,6 @@ class PreferenceTask(PairsTask):
     """Count and skip rows with a missing or mistyped column instead of stopping at the first."""
     num_proc: int | None = Field(None, ge=1)
     """Processes for ``datasets``' batched extraction and tokenization (null: this process)."""
-    _prompt_texts: dict[tuple[int, ...], str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -172,7 +177,7 @@ class PreferenceTask(PairsTask):
             self.num_proc,
             self.messages,
         )
-        self._prompt_texts.update((tuple(pair.prompt_ids), text) for pair, text in zip(pairs, report.prompts, strict=True))
+        self.remember_prompts(pairs, report.prompts)
         return pairs, report.summary()
 
     def test_prompts(self, tokenizer: Any) -> HeldOutPrompts | None:
