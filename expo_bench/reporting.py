@@ -40,13 +40,13 @@ METHOD_STYLES = {
 """The built-in methods' colour, marker and line style: the same in every plot of every experiment."""
 OTHER_STYLES = (
     ("#17becf", "<", "--"),
-    ("#aec7e8", ">", "-."),
-    ("#ffbb78", "p", ":"),
-    ("#98df8a", "h", "-"),
-    ("#ff9896", "d", "--"),
-    ("#c5b0d5", "H", "-."),
-    ("#c49c94", "8", ":"),
-    ("#dbdb8d", "x", "-"),
+    ("#393b79", ">", "-."),
+    ("#637939", "p", ":"),
+    ("#8c6d31", "h", "-"),
+    ("#843c39", "d", "--"),
+    ("#7b4173", "H", "-."),
+    ("#31a354", "8", ":"),
+    ("#756bb1", "x", "-"),
 )
 """Other labels (``dpo-margin``, your own methods) take one of these by a hash of the label: stable everywhere."""
 
