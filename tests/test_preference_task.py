@@ -192,6 +192,8 @@ def test_a_split_with_no_usable_pair_is_one_error_with_the_drop_counts(tmp_path:
 
 def test_the_wrong_format_names_what_was_found(gpt2: Any) -> None:
     rows = load_rows(str(SHAREGPT), "train")
+    with pytest.raises(DataError, match=r"no column 'prompt'; its columns: conversations, chosen, rejected \(ShareGPT-style"):
+        load_pairs(rows, PreferenceColumns(), "conversational", gpt2, CONFIG, "demo.json")
     with pytest.raises(
         DataError,
         match=r"row 1: column 'conversations' is a list of 1 item: object with keys 'from', "

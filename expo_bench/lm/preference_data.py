@@ -321,7 +321,9 @@ def load_pairs(
     named = [column for column in (columns.prompt, columns.chosen, columns.rejected, columns.label) if column is not None]
     missing = [column for column in named if column not in rows.column_names]
     if missing:
-        raise DataError(f"{where}: no column {', '.join(map(repr, missing))}; its columns: {', '.join(rows.column_names)}")
+        sharegpt = format != "sharegpt" and FORMATS["sharegpt"].prompt_column in rows.column_names
+        hint = " (ShareGPT-style data: format: sharegpt)" if sharegpt else ""
+        raise DataError(f"{where}: no column {', '.join(map(repr, missing))}; its columns: {', '.join(rows.column_names)}{hint}")
     extracted = rows.map(
         _extract,
         batched=True,
