@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                 default=RUNS,
                 help="results root (default: runs/, git-ignored; --results results regenerates the committed reference results)",
             )
+            command.add_argument(
+                "--allow-dirty",
+                action="store_true",
+                help="write into a results folder that git tracks even though the code has uncommitted changes "
+                "(refused otherwise: committed results must regenerate from a commit); recorded in summary.json",
+            )
         else:
             command.add_argument(
                 "--any-machine",
@@ -140,6 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     board.add_argument(
         "--baseline", default="dpo", metavar="METHOD", help="the method every row is paired with, seed by seed (default: dpo)"
+    )
+    board.add_argument(
+        "--equivalence-fraction",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="equivalence (TOST) margin against the best row: F × the best row's gap to the baseline (default: 0.5)",
+    )
+    board.add_argument(
+        "--equivalence-margin", type=float, metavar="M", help="an absolute TOST margin in the rank metric's units instead"
+    )
+    board.add_argument(
+        "--leave-one-seed-out",
+        action="store_true",
+        help="also report the rank metric when each seed's configuration is picked on the other seeds' selection metric",
     )
     ui_command = commands.add_parser(
         "ui",
@@ -278,20 +299,28 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if args.print_config:
         print_config(experiments, console)
         return
-    from expo_bench.runner import preflight, run_experiment, start_ranks  # imports Lightning: keep validate and --help fast
+    from expo_bench.runner import (  # imports Lightning: keep validate and --help fast
+        git_revision,
+        preflight,
+        refuse_dirty_overwrite,
+        run_experiment,
+        start_ranks,
+    )
     from expo_bench.tracking import check_store, resolve_tracking_uri
     from expo_bench.training import Machine
 
     machine = Machine.this()
+    revision = git_revision(Path(__file__).parent)
     for experiment in experiments:  # runnable here, and the places they write writable, before anything is written
         experiment.check_machine(machine)
         writable(args.results / experiment.recipe.experiment)
+        refuse_dirty_overwrite(args.results / experiment.recipe.experiment, revision, args.allow_dirty)
         check_store(resolve_tracking_uri(experiment.recipe.tracking.uri, args.results))
         preflight(experiment, args.results)  # every recipe's judge answers before the first one trains
     start_ranks(experiments, console)
     for experiment in experiments:
         console.print(describe(experiment, console.width))
-        run_experiment(experiment, args.results, console)
+        run_experiment(experiment, args.results, console, args.allow_dirty)
 
 
 def methods(args: argparse.Namespace, console: Console) -> None:
@@ -319,10 +348,23 @@ def fetch_data(args: argparse.Namespace, console: Console) -> None:
 
 
 def leaderboard(args: argparse.Namespace, console: Console) -> None:
+    from pydantic import ValidationError
+
+    from expo_bench.comparison_settings import StatisticsConfig
     from expo_bench.leaderboard import load_leaderboard, write_leaderboard  # imports MLflow and matplotlib
     from expo_bench.tracking import resolve_tracking_uri
 
-    tables = load_leaderboard(resolve_tracking_uri(args.tracking_uri, args.results), args.experiment, args.baseline)
+    try:
+        settings = StatisticsConfig(
+            equivalence_fraction=args.equivalence_fraction,
+            equivalence_margin=args.equivalence_margin,
+            leave_one_seed_out=args.leave_one_seed_out,
+        )
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise UserError(f"expo-bench leaderboard --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    uri = resolve_tracking_uri(args.tracking_uri, args.results)
+    tables = load_leaderboard(uri, args.experiment, args.baseline, settings)
     written = write_leaderboard(tables, args.results / (args.experiment or "leaderboard"), console)
     console.print(f"wrote {', '.join(str(path) for path in written)}")
 

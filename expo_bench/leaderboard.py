@@ -1,11 +1,13 @@
 """The leaderboard, generated from the tracking store and never edited by hand.
 
 One table per (experiment, dataset): each method's best configuration, every leaderboard metric as mean ± 95% CI over
-seeds (Student t), the rank metric's paired per-seed difference from a baseline method, which methods the best one is
-not distinguishable from, and where each number came from (runs, git sha, recipe hash, parameters). Where the runs
-logged a selection metric (on held-out prompts set aside for it) the best configuration is picked on that, never on
-the reported numbers; otherwise it is picked on the reported metric and the caption says it is optimistic. A pick at
-the edge of its grid is flagged.
+seeds (Student t), the rank metric's paired per-seed difference from a baseline method (Holm-adjusted over the column,
+with an exact sign-flip p), which methods a test cannot tell from the best one and which an equivalence test (TOST)
+shows within a margin of it, and where each number came from (runs, git sha, recipe hash, parameters). With several
+task instances: one table per instance and a pooled one whose unit is the instance. Where the runs logged a selection
+metric (on evaluation prompts set aside for it) the best configuration is picked on that, never on the reported
+numbers; otherwise it is picked on the reported metric and the caption says it is optimistic. A pick at the edge of
+its grid is flagged. docs/statistics.md says which test backs which mark.
 """
 
 from __future__ import annotations
@@ -37,7 +39,17 @@ from mlflow.exceptions import MlflowException
 from rich.console import Console
 from scipy import stats
 
-from expo_bench.comparison import SIGNIFICANCE, PairedDifference, grid_edges, holm, paired_difference
+from expo_bench.comparison import (
+    SIGNIFICANCE,
+    Equivalence,
+    PairedDifference,
+    equivalence,
+    grid_edges,
+    holm,
+    leave_one_out_pick,
+    paired_difference,
+)
+from expo_bench.comparison_settings import StatisticsConfig
 from expo_bench.config_model import closest
 from expo_bench.errors import UserError
 from expo_bench.metric_keys import (
@@ -64,6 +76,7 @@ from expo_bench.tracking import (
     CONFIG_KEY,
     DATASET,
     GIT_SHA,
+    INSTANCE,
     METHOD,
     RANK_GOAL,
     RANK_METRIC,
@@ -122,9 +135,17 @@ class Configuration:
     runs: tuple[RunRecord, ...]
 
     @cached_property
+    def instances(self) -> tuple[str, ...]:
+        """The task instances its runs span (none tagged: a recipe with one instance)."""
+        return tuple(sorted({run.tags[INSTANCE] for run in self.runs if INSTANCE in run.tags}))
+
+    @cached_property
     def estimates(self) -> dict[str, Estimate]:
-        """Every metric the runs logged, over the runs that logged it."""
+        """Every metric the runs logged, over the runs that logged it; where they span several task instances, over the
+        instances' means (:meth:`by_unit`)."""
         keys = dict.fromkeys(key for run in self.runs for key in run.metrics)
+        if len(self.instances) > 1:
+            return {key: estimate(list(self.by_unit(key).values())) for key in keys}
         return {key: estimate([run.metrics[key] for run in self.runs if key in run.metrics]) for key in keys}
 
     @cached_property
@@ -157,9 +178,18 @@ class Configuration:
         known = CATALOG.get(f"eval/{metric.split('/', 1)[1]}")
         return metric, known.goal if known is not None else self.rank[1]
 
-    def by_seed(self, metric: str) -> dict[str, float]:
-        """``{seed: value}`` of one metric (runs without a seed tag are left out)."""
-        return {run.tags[SEED]: run.metrics[metric] for run in self.runs if SEED in run.tags and metric in run.metrics}
+    def by_unit(self, metric: str) -> dict[str, float]:
+        """``{replication unit: value}`` of one metric, what paired tests pair: the seed (runs without a seed tag are
+        left out); where the runs span several task instances, the instance, valued at the mean over its seeds. Seeds
+        are nested in an instance (seed 0 of two instances shares nothing), so across instances the instance is what
+        replicates the task."""
+        if len(self.instances) <= 1:
+            return {run.tags[SEED]: run.metrics[metric] for run in self.runs if SEED in run.tags and metric in run.metrics}
+        grouped: dict[str, list[float]] = defaultdict(list)
+        for run in self.runs:
+            if INSTANCE in run.tags and metric in run.metrics:
+                grouped[run.tags[INSTANCE]].append(run.metrics[metric])
+        return {instance: statistics.fmean(values) for instance, values in sorted(grouped.items())}
 
     def provenance(self, tag: str) -> list[str]:
         return list(dict.fromkeys(run.tags[tag] for run in self.runs if tag in run.tags))
@@ -178,15 +208,22 @@ class RowVerdict:
     edges: list[str]
     """Hyperparameters whose picked value is the lowest or highest its grid tried."""
     versus_baseline: PairedDifference | None
-    """Rank metric, this method − the baseline method, paired by seed."""
+    """Rank metric, this method − the baseline method, paired by unit (seed, or task instance)."""
+    baseline_p_holm: float | None
+    """Holm-adjusted p-value of ``versus_baseline`` over the column (every row compared with the baseline)."""
     versus_best: PairedDifference | None
-    """Rank metric, this method − the best row, paired by seed (None for the best row itself)."""
+    """Rank metric, this method − the best row, paired by unit (None for the best row itself)."""
     best_p_holm: float | None
     """Holm-adjusted p-value of ``versus_best`` over every row compared with the best."""
+    equivalent_to_best: Equivalence | None = None
+    """TOST of this row and the best at the table's equivalence margin (None: the best row, or no margin)."""
+    leave_one_seed_out: Estimate | None = None
+    """The rank metric when each seed's configuration is picked on the other seeds' selection metric (where asked)."""
 
     @property
-    def indistinguishable_from_best(self) -> bool:
-        """True for the best row, and for rows the paired tests (Holm-corrected, 5%) cannot tell from it."""
+    def not_distinguishable_from_best(self) -> bool:
+        """True for the best row, and for rows the paired tests (Holm-corrected, 5%) cannot tell from it. A failure to
+        reject, not a finding of equality: that is :attr:`equivalent_to_best`'s to show."""
         return self.versus_best is None or self.best_p_holm is None or self.best_p_holm >= SIGNIFICANCE
 
 
@@ -217,6 +254,10 @@ class LeaderboardTable:
     """By method."""
     baseline: str | None
     """The method every row is paired with (None: not in this table)."""
+    equivalence_margin: float | None = None
+    """The ± margin of the equivalence tests against the best row, in the rank metric's units (None: none run)."""
+    instances: tuple[str, ...] = ()
+    """The task instances its runs span (several: a pooled table whose unit is the instance; none: not tagged)."""
 
 
 def _pick(candidates: list[Configuration], rank: tuple[str, Goal]) -> tuple[Configuration, str]:
@@ -228,7 +269,12 @@ def _pick(candidates: list[Configuration], rank: tuple[str, Goal]) -> tuple[Conf
 
 
 def build_table(
-    store: str, experiment: str, dataset: str, runs: Sequence[RunRecord], baseline: str | None = "dpo"
+    store: str,
+    experiment: str,
+    dataset: str,
+    runs: Sequence[RunRecord],
+    baseline: str | None = "dpo",
+    settings: StatisticsConfig | None = None,
 ) -> LeaderboardTable:
     groups: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
     for run in runs:
@@ -245,9 +291,17 @@ def build_table(
     columns = tuple(column for column in LEADERBOARD_COLUMNS if column.key in logged)
     if rank_metric not in {column.key for column in columns}:
         columns = (Metric(rank_metric, rank_metric, rank_goal), *columns)
+    settings = settings or StatisticsConfig()
     baseline_row = next((row for row in rows if row.method == baseline), None)
-    versus_best = {row.method: paired_difference(row.by_seed(rank_metric), rows[0].by_seed(rank_metric)) for row in rows[1:]}
-    adjusted = holm({method: found.p_value for method, found in versus_best.items() if found and found.p_value is not None})
+    versus_best = {row.method: paired_difference(row.by_unit(rank_metric), rows[0].by_unit(rank_metric)) for row in rows[1:]}
+    versus_baseline = {
+        row.method: paired_difference(row.by_unit(rank_metric), baseline_row.by_unit(rank_metric))
+        for row in rows
+        if baseline_row is not None and row is not baseline_row
+    }
+    best_gap = versus_baseline.get(rows[0].method)
+    margin = settings.margin(None if best_gap is None else best_gap.mean)
+    baseline_adjusted, best_adjusted = _holm(versus_baseline), _holm(versus_best)
     verdicts = {
         row.method: RowVerdict(
             selected_by=picked[row.method][1],
@@ -255,11 +309,16 @@ def build_table(
                 {key: value for key, value in row.params.items() if key.startswith(GRID_PARAMS)},
                 [candidate.params for candidate in by_method[row.method]],
             ),
-            versus_baseline=None
-            if baseline_row is None or row is baseline_row
-            else paired_difference(row.by_seed(rank_metric), baseline_row.by_seed(rank_metric)),
+            versus_baseline=versus_baseline.get(row.method),
+            baseline_p_holm=baseline_adjusted.get(row.method),
             versus_best=versus_best.get(row.method),
-            best_p_holm=adjusted.get(row.method),
+            best_p_holm=best_adjusted.get(row.method),
+            equivalent_to_best=None
+            if margin is None or row is rows[0]
+            else equivalence(row.by_unit(rank_metric), rows[0].by_unit(rank_metric), margin),
+            leave_one_seed_out=_leave_one_seed_out(by_method[row.method], rank_metric, rank_goal)
+            if settings.leave_one_seed_out
+            else None,
         )
         for row in rows
     }
@@ -274,7 +333,51 @@ def build_table(
         tuple(configurations),
         verdicts,
         None if baseline_row is None else baseline,
+        margin,
+        tuple(sorted({instance for row in rows for instance in row.instances})),
     )
+
+
+def _holm(column: dict[str, PairedDifference | None]) -> dict[str, float]:
+    """Holm-adjusted p-values of a column of paired comparisons (those with a p-value)."""
+    return holm({method: found.p_value for method, found in column.items() if found and found.p_value is not None})
+
+
+def _leave_one_seed_out(candidates: list[Configuration], rank_metric: str, goal: Goal) -> Estimate | None:
+    """The rank metric over units when each unit's configuration is picked on the others' selection metric (in a pooled
+    table the unit is the task instance: one instance is left out at a time)."""
+    selections = {configuration.selection for configuration in candidates}
+    selection = selections.pop() if len(selections) == 1 else None
+    if selection is None:
+        return None
+    picked = leave_one_out_pick(
+        {c.config_key: c.by_unit(selection[0]) for c in candidates},
+        {c.config_key: c.by_unit(rank_metric) for c in candidates},
+        selection[1],
+    )
+    return estimate(list(picked.values())) if picked else None
+
+
+def experiment_tables(
+    store: str, experiment: str, runs: Sequence[RunRecord], baseline: str | None, settings: StatisticsConfig | None = None
+) -> list[LeaderboardTable]:
+    """One table per dataset; where a dataset's runs span several task instances, one per instance (seeds paired
+    within it) before the pooled one (instances paired)."""
+    by_dataset: dict[str, list[RunRecord]] = defaultdict(list)
+    for run in runs:
+        by_dataset[run.tags.get(DATASET, "unknown")].append(run)
+    tables = []
+    for dataset, members in sorted(by_dataset.items()):
+        by_instance: dict[str, list[RunRecord]] = defaultdict(list)
+        for run in members:
+            by_instance[run.tags.get(INSTANCE, "")].append(run)
+        if len(by_instance) > 1:
+            tables += [
+                build_table(store, experiment, dataset, by_instance[instance], baseline, settings)
+                for instance in sorted(by_instance, key=lambda name: (len(name), name))  # 2 before 10
+            ]
+        tables.append(build_table(store, experiment, dataset, members, baseline, settings))
+    return tables
 
 
 def _experiments(client: MlflowClient, uri: str, name: str | None) -> list[tuple[str, str]]:
@@ -292,9 +395,12 @@ def _experiments(client: MlflowClient, uri: str, name: str | None) -> list[tuple
     return found
 
 
-def load_leaderboard(uri: str, experiment: str | None, baseline: str | None = "dpo") -> list[LeaderboardTable]:
+def load_leaderboard(
+    uri: str, experiment: str | None, baseline: str | None = "dpo", settings: StatisticsConfig | None = None
+) -> list[LeaderboardTable]:
     """The tables of one experiment (None: of every experiment) from the complete child runs in the store, each row
-    paired with the ``baseline`` method's row."""
+    paired with the ``baseline`` method's row. Where the runs span several task instances: one table per instance
+    (seeds paired within it), then the pooled table (instances paired)."""
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
         raise UserError(f"no tracking store at {database} (URI {uri}): run a recipe first (expo-bench run RECIPE)")
@@ -305,10 +411,7 @@ def load_leaderboard(uri: str, experiment: str | None, baseline: str | None = "d
     tables = []
     for experiment_id, name in _experiments(client, uri, experiment):
         runs = [RunRecord.of(run) for run in search_all(client, [experiment_id], f"tags.`{COMPLETE}` = 'true'")]
-        by_dataset: dict[str, list[RunRecord]] = defaultdict(list)
-        for run in runs:
-            by_dataset[run.tags.get(DATASET, "unknown")].append(run)
-        tables += [build_table(uri, name, dataset, members, baseline) for dataset, members in sorted(by_dataset.items())]
+        tables += experiment_tables(uri, name, runs, baseline, settings)
     if not tables:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
         raise UserError(
@@ -353,13 +456,14 @@ def _params_text(params: dict[str, str]) -> str:
     return ", ".join(f"{key}={value}" for key, value in shown.items()) or "—"
 
 
-def _difference(found: PairedDifference | None) -> str:
-    """``-1.2 ± 0.4 (p 0.003)``: a paired difference, its CI half-width and p-value."""
+def _difference(found: PairedDifference | None, p_holm: float | None) -> str:
+    """``-0.51 ± 0.48 (Holm p 0.13; sign-flip p 0.12)``: a paired difference, its CI half-width, the t-test's p-value
+    Holm-adjusted over the column and the exact sign-flip p-value (the raw t-test p is in the CSV)."""
     if found is None:
         return "—"
     spread = "" if found.half_width is None else f" ± {found.half_width:.2g}"
-    p = "" if found.p_value is None else f" (p {found.p_value:.2g})"
-    return f"{found.mean:+.3g}{spread}{p}"
+    tests = [f"{name} p {p:.2g}" for name, p in (("Holm", p_holm), ("sign-flip", found.sign_flip_p)) if p is not None]
+    return f"{found.mean:+.3g}{spread}" + (f" ({'; '.join(tests)})" if tests else "")
 
 
 LC_MIN_JUDGED = 50
@@ -390,9 +494,20 @@ def _metric_cell(row: Configuration, metric: Metric) -> str:
 
 
 def _notes(verdict: RowVerdict) -> str:
-    notes = ["≈ best" if verdict.indistinguishable_from_best else "worse than best"]
+    if verdict.versus_best is None:
+        notes = ["best"]
+    else:
+        notes = ["not distinguishable from best" if verdict.not_distinguishable_from_best else "worse than best"]
     notes += [f"grid edge: {edge}" for edge in verdict.edges]
     return "; ".join(notes)
+
+
+def _equivalence(verdict: RowVerdict) -> str:
+    """``shown (p 0.045)`` where TOST shows the row within the margin of the best, ``not shown (p 0.11)`` otherwise."""
+    found = verdict.equivalent_to_best
+    if found is None or found.p_value is None:
+        return "—"
+    return f"{'shown' if found.equivalent else 'not shown'} (p {found.p_value:.2g})"
 
 
 def _defined(table: LeaderboardTable) -> list[Metric]:
@@ -413,21 +528,39 @@ def _display(table: LeaderboardTable, terminal: bool = False) -> tuple[list[str]
     rank = [metric for metric in metrics if metric.key == table.rank_metric]
     others = [metric for metric in metrics if metric.key != table.rank_metric]
     versus = [] if table.baseline is None else [f"Δ vs {table.baseline}" + ("" if terminal else " (paired)")]
+    margin = table.equivalence_margin
+    equivalent = [] if margin is None else [f"within ±{margin:.2g} of best (TOST)"]
+    held_out = any(verdict.leave_one_seed_out for verdict in table.verdicts.values())
+    picked_apart = [f"{title}, leave-one-seed-out pick" for title in (m.title for m in rank) if held_out]
     seeds = ["seeds"] if not terminal or len(_seed_counts(table)) > 1 else []
     provenance = [] if terminal else ["params", "runs", "git", "recipe"]
-    header = ["method", "λ", *(m.title for m in rank), *versus, "notes", *seeds, *(m.title for m in others), *provenance]
+    header = [
+        "method",
+        "λ",
+        *(m.title for m in rank),
+        *versus,
+        "notes",
+        *equivalent,
+        *picked_apart,
+        *seeds,
+        *(m.title for m in others),
+        *provenance,
+    ]
     rows = [
         [
             row.method,
             _lam(row),
             *(_metric_cell(row, metric) for metric in rank),
-            *([] if table.baseline is None else [_difference(table.verdicts[row.method].versus_baseline)]),
-            _notes(table.verdicts[row.method]),
+            *([] if table.baseline is None else [_difference(verdict.versus_baseline, verdict.baseline_p_holm)]),
+            _notes(verdict),
+            *([_equivalence(verdict)] if equivalent else []),
+            *([_cell(verdict.leave_one_seed_out)] if picked_apart else []),
             *([str(len(row.runs))] if seeds else []),
             *(_metric_cell(row, metric) for metric in others),
             *(_provenance(row) if provenance else []),
         ]
         for row in table.rows
+        for verdict in [table.verdicts[row.method]]
     ]
     return header, rows
 
@@ -446,7 +579,9 @@ def _seed_counts(table: LeaderboardTable) -> set[int]:
 
 
 def _title(table: LeaderboardTable) -> str:
-    return f"{table.experiment} · {table.dataset}"
+    count = len(table.instances)
+    scope = "" if not count else f" · instance {table.instances[0]}" if count == 1 else f" · pooled over {count} instances"
+    return f"{table.experiment} · {table.dataset}{scope}"
 
 
 def _terminal_title(table: LeaderboardTable) -> str:
@@ -474,18 +609,36 @@ def _caption(table: LeaderboardTable) -> str:
     else:
         picked = (
             f"Each method's configuration is picked on {', '.join(f'`{key}`' for key in sorted(selected))}, computed on "
-            "held-out prompts set aside for selection and never reported"
+            "the evaluation prompts set aside for selection and never reported (whether they are also training prompts "
+            "depends on the task: see docs/statistics.md)"
+        )
+    unit = "seed"
+    if len(table.instances) > 1:
+        unit = "task instance"
+        picked += (
+            f"; pooled over {len(table.instances)} task instances: every statistic treats an instance (the mean over its "
+            "seeds) as one replication, and pairs instances"
         )
     versus = (
         ""
         if table.baseline is None
-        else f"; Δ: the paired per-seed difference from `{table.baseline}` (mean ± 95% CI, paired t-test p)"
+        else f"; Δ: the paired per-{unit} difference from `{table.baseline}` (mean ± 95% CI; the paired t-test's p "
+        "Holm-adjusted over the column, raw p in the CSV; the exact sign-flip test's p, which at n pairs cannot go below "
+        "2/2^n)"
+    )
+    equivalent = (
+        ""
+        if table.equivalence_margin is None
+        else f' "within ±{table.equivalence_margin:.2g} of best": two one-sided paired t-tests (TOST, 5%) show the row\'s '
+        "difference from the best row inside that margin (shown) or fail to (not shown); the margin is a stated fraction "
+        "of the best row's gap to the baseline, or the recipe's `statistics.equivalence_margin`."
     )
     return (
-        f"Rows ranked by `{table.rank_metric}` ({direction} is better); mean ± 95% CI over seeds (Student t), or with one "
+        f"Rows ranked by `{table.rank_metric}` ({direction} is better); mean ± 95% CI over {unit}s (Student t), or with one "
         f"seed over the run's prompts (1.96 standard errors){versus}. "
-        f'{picked}. "≈ best": a paired t-test against the best row (Holm-corrected over the rows, 5%) cannot tell them '
-        f'apart. "grid edge": the picked value is the lowest or highest its grid tried.{_lc_caption(table)} '
+        f'{picked}. "not distinguishable from best": a paired t-test against the best row (Holm-corrected over the rows, '
+        f"5%) does not reject equality; that is no evidence the two are equal.{equivalent} "
+        f'"grid edge": the picked value is the lowest or highest its grid tried.{_lc_caption(table)} '
         f"Source: {_shown(table.store)}."
     )
 
@@ -513,6 +666,11 @@ def _number_or_blank(value: float | int | None) -> str:
 
 def _paired(found: PairedDifference | None, field: str) -> str:
     return "" if found is None else _number_or_blank(getattr(found, field))
+
+
+def _equivalence_field(verdict: RowVerdict, field: str) -> str:
+    found = verdict.equivalent_to_best
+    return "" if found is None or found.p_value is None else str(getattr(found, field))
 
 
 def _mean(key: str) -> Cell:
@@ -553,10 +711,24 @@ def _csv_columns(tables: Sequence[LeaderboardTable]) -> list[tuple[str, Cell]]:
         ("vs_baseline_difference", lambda table, row: _paired(table.verdicts[row.method].versus_baseline, "mean")),
         ("vs_baseline_ci95", lambda table, row: _paired(table.verdicts[row.method].versus_baseline, "half_width")),
         ("vs_baseline_p", lambda table, row: _paired(table.verdicts[row.method].versus_baseline, "p_value")),
+        ("vs_baseline_p_holm", lambda table, row: _number_or_blank(table.verdicts[row.method].baseline_p_holm)),
+        ("vs_baseline_sign_flip_p", lambda table, row: _paired(table.verdicts[row.method].versus_baseline, "sign_flip_p")),
+        ("vs_best_difference", lambda table, row: _paired(table.verdicts[row.method].versus_best, "mean")),
+        ("vs_best_p", lambda table, row: _paired(table.verdicts[row.method].versus_best, "p_value")),
         ("vs_best_p_holm", lambda table, row: _number_or_blank(table.verdicts[row.method].best_p_holm)),
-        ("indistinguishable_from_best", lambda table, row: str(table.verdicts[row.method].indistinguishable_from_best)),
+        ("vs_best_sign_flip_p", lambda table, row: _paired(table.verdicts[row.method].versus_best, "sign_flip_p")),
+        ("not_distinguishable_from_best", lambda table, row: str(table.verdicts[row.method].not_distinguishable_from_best)),
+        ("equivalence_margin", lambda table, row: _number_or_blank(table.equivalence_margin)),
+        ("equivalence_p", lambda table, row: _equivalence_field(table.verdicts[row.method], "p_value")),
+        ("equivalent_to_best", lambda table, row: _equivalence_field(table.verdicts[row.method], "equivalent")),
+        ("rank_leave_one_seed_out", lambda table, row: _number(table.verdicts[row.method].leave_one_seed_out)),
+        (
+            "rank_leave_one_seed_out_ci95",
+            lambda table, row: _number(table.verdicts[row.method].leave_one_seed_out, half_width=True),
+        ),
         ("grid_edges", lambda table, row: "; ".join(table.verdicts[row.method].edges)),
         ("n_seeds", lambda table, row: str(len(row.runs))),
+        ("instances", lambda table, row: " ".join(row.instances)),
         ("rank_metric", lambda table, row: table.rank_metric),
         ("experiment", lambda table, row: table.experiment),
         ("dataset", lambda table, row: table.dataset),

@@ -72,6 +72,9 @@ NLL = "nll"
 """Supervised fine-tuning: mean negative log-likelihood per response token (``sft/train_nll``, ``sft/val_nll``)."""
 
 TRAIN_LOSS = stage_key(TRAIN, LOSS)
+GRAD_NORM = "grad_norm"
+"""The gradients' joint 2-norm before clipping (logged where the stage clips: ``train/grad_norm``, ``sft/grad_norm``)."""
+TRAIN_GRAD_NORM = stage_key(TRAIN, GRAD_NORM)
 VAL_LOSS = Metric(stage_key(VAL, LOSS), "loss", "min")
 VAL_REWARDS_ACCURACY = Metric(stage_key(VAL, REWARDS_ACCURACY), "reward acc.", "max")
 VAL_REWARDS_MARGIN = Metric(stage_key(VAL, REWARDS_MARGIN), "log-ratio margin", "max")
@@ -79,6 +82,7 @@ VAL_PREFERENCE_ACCURACY = Metric(stage_key(VAL, PREFERENCE_ACCURACY), "pref. acc
 VAL_LOGPS_CHOSEN = Metric(stage_key(VAL, LOGPS_CHOSEN), "log π(y_w)", "max")
 SFT_VAL_NLL = stage_key(SFT, f"val_{NLL}")
 SFT_TRAIN_NLL = stage_key(SFT, f"train_{NLL}")
+SFT_GRAD_NORM = stage_key(SFT, GRAD_NORM)
 
 # Evaluation of sampled responses.
 WIN_RATE = Metric("eval/win_rate", "win rate", "max")
@@ -98,12 +102,13 @@ ENTROPY_2 = Metric("eval/entropy_2_across_prompts", "2-gram entropy", "max")
 MEAN_LENGTH = Metric("eval/mean_length", "length", "max", spread=False)
 
 # Tasks with an exactly known target policy.
-KL_TO_TARGET = Metric("eval/kl_target_to_policy", "KL(π*‖π)", "min")
-"""KL(π_target ‖ π) summed over prompts: the synthetic tasks' distance to the optimal policy."""
-KL_WELL_FORMED = Metric("eval/kl_target_to_policy_well_formed", "KL(π*‖π̃) well-formed", "min")
+KL_TO_TARGET = Metric("eval/kl_target_to_policy", "Σ_x KL(π*‖π)", "min")
+"""KL(π_target ‖ π) summed (not averaged) over the reported prompts x: the synthetic tasks' distance to the optimal
+policy, over every response (in the synthetic-token task, the held-out ones and those training pairs contain)."""
+KL_WELL_FORMED = Metric("eval/kl_target_to_policy_well_formed", "Σ_x KL(π*‖π̃) well-formed", "min")
 """KL(π_target ‖ π̃), π̃ the policy renormalised over well-formed responses, summed over prompts: the distance among
 well-formed responses. With :data:`MALFORMED_LEAK` it sums to :data:`KL_TO_TARGET`."""
-MALFORMED_LEAK = Metric("eval/malformed_leak", "leak −log π(W)", "min")
+MALFORMED_LEAK = Metric("eval/malformed_leak", "Σ_x leak −log π(W)", "min")
 """−log π(W) summed over prompts, π(W) the probability of a well-formed response: the part of KL(π_target ‖ π) that
 is probability leaked to malformed sequences."""
 TOP_RESPONSE_MASS = Metric("eval/top_response_mass", "top-response mass", "max")

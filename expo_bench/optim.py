@@ -64,3 +64,19 @@ class OptimizerConfig(ConfigModel):
             return optimizer
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (self.warmup_steps + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+
+def clip_gradient_norm(root: torch.nn.Module | None, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Scale the gradients of ``optimizer``'s parameters so that their joint 2-norm is at most ``max_norm``; the norm
+    before clipping.
+
+    Under FSDP each rank holds a shard of every gradient, and ``torch.nn.utils.clip_grad_norm_`` would scale each shard
+    by that shard's own norm (why Lightning refuses norm clipping under FSDP): the root FSDP module (``root``) sums the
+    squared norms over the ranks first, so every rank scales by the one factor a single process would use.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(root, FullyShardedDataParallel):
+        return root.clip_grad_norm_(max_norm)
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm)

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from expo_bench.comparison_settings import StatisticsConfig
 from expo_bench.config_model import ConfigModel, closest
 from expo_bench.errors import RecipeError, UserError
 from expo_bench.methods import MethodParams, PreferenceMethod, UnknownMethodError, default_label, method_class
@@ -63,6 +64,8 @@ class Recipe(ConfigModel):
     methods: list[MethodEntry] = Field(min_length=1)
     baseline_method: str | None = "dpo"
     """The method label the leaderboard pairs every row with (per-seed differences); null for none."""
+    statistics: StatisticsConfig = StatisticsConfig()
+    """How the leaderboard compares methods: the equivalence margin, leave-one-seed-out selection."""
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")
@@ -83,8 +86,9 @@ class Recipe(ConfigModel):
         return seeds
 
     def fingerprint(self) -> str:
-        """sha256 of the validated recipe (defaults filled in; where it is tracked aside), the same for equal content."""
-        canonical = json.dumps(self.model_dump(mode="json", exclude={"tracking"}), sort_keys=True)
+        """sha256 of the validated recipe (defaults filled in; where it is tracked and how the leaderboard compares aside:
+        neither changes a run), the same for equal content."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"tracking", "statistics"}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -164,8 +168,32 @@ class Experiment:
             raise RecipeError(self.source, list(dict.fromkeys(problems)))
 
 
+ONE_PROCESS: dict[str, tuple[Any, ...]] = {
+    "accelerator": ("auto", "cpu"),
+    "devices": ("auto", 1),
+    "num_nodes": (1,),
+    "strategy": ("auto",),
+}
+"""The hardware settings a task that trains in one CPU process (tabular) accepts: anything else would be ignored."""
+
+
+def _one_process_problems(experiment: Experiment) -> list[tuple[str, str]]:
+    """Hardware settings a tabular task would ignore, named where they are set (a method inherits the recipe's)."""
+    recipe_train = experiment.recipe.train
+    budgets = [("train", recipe_train)] + [(f"methods[{run.entry}].train", run.train) for run in experiment.runs]
+    return [
+        (f"{path}.{field}", f"{value!r}: a {experiment.recipe.task.kind} task trains in one CPU process; leave {field} unset")
+        for path, train in budgets
+        for field, accepted in ONE_PROCESS.items()
+        if (value := getattr(train, field)) not in accepted and (path == "train" or value != getattr(recipe_train, field))
+    ]
+
+
 def _hardware_problems(experiment: Experiment) -> list[tuple[str, str]]:
-    """One world for every stage, and fp32 master weights under mixed precision."""
+    """One world for every stage, and fp32 master weights under mixed precision; a task that trains in one process
+    takes no hardware settings."""
+    if not experiment.stages:
+        return _one_process_problems(experiment)
     problems = []
     world = experiment.world
     for path, train in experiment.stages:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -81,11 +83,22 @@ class FSDPOnCPU(FSDPStrategy):
                 self.kwargs["auto_wrap_policy"] = policy
 
 
+class FSDPPrecisionOnCPU(FSDPPrecision):
+    """Lightning's FSDP precision autocasts on CUDA only: on CPU ranks ``bf16-mixed`` would run every op in FSDP's bf16
+    copies of the weights, without the float32 ops autocast keeps (softmax, log-softmax, norms), unlike on a GPU."""
+
+    def forward_context(self) -> AbstractContextManager:
+        if self.precision == "bf16-mixed":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return super().forward_context()
+
+
 def _fsdp(train: TrainConfig, blocks: set[type[nn.Module]], machine: Machine) -> Strategy:
     # use_orig_params: the frozen reference copy and LoRA's frozen base share FSDP units with trainable weights
-    return (FSDPStrategy if train.on_gpu(machine) else FSDPOnCPU)(
-        auto_wrap_policy=blocks or None, use_orig_params=True, state_dict_type="full"
-    )
+    settings: dict[str, Any] = {"auto_wrap_policy": blocks or None, "use_orig_params": True, "state_dict_type": "full"}
+    if train.on_gpu(machine):
+        return FSDPStrategy(**settings)
+    return FSDPOnCPU(precision_plugin=FSDPPrecisionOnCPU(train.precision), **settings)
 
 
 def _deepspeed(stage: int) -> Callable[[TrainConfig, set[type[nn.Module]], Machine], Strategy]:
@@ -169,23 +182,29 @@ def gathered_state_dict(trainer: L.Trainer) -> dict[str, Tensor] | None:
 
 
 class LossHistory(Callback):
-    """``(step, train/loss)`` whenever the module logged its training loss; kept in checkpoints."""
+    """``(step, train/loss)`` whenever the module logged its training loss, and ``(step, train/grad_norm)`` whenever it
+    logged the gradient norm before clipping; kept in checkpoints."""
 
     def __init__(self) -> None:
         self.losses: list[tuple[int, float]] = []
+        self.grad_norms: list[tuple[int, float]] = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"losses": self.losses}
+        return {"losses": self.losses, "grad_norms": self.grad_norms}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.losses = [(int(step), float(loss)) for step, loss in state_dict["losses"]]
+        self.grad_norms = [(int(step), float(norm)) for step, norm in state_dict.get("grad_norms", [])]
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loss = trainer.callback_metrics.get(metric_keys.TRAIN_LOSS)
-        if loss is not None and trainer.global_step % trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
-            self.losses.append((trainer.global_step, float(loss)))
+        if trainer.global_step % trainer.log_every_n_steps:  # type: ignore[attr-defined]
+            return
+        for key, history in ((metric_keys.TRAIN_LOSS, self.losses), (metric_keys.TRAIN_GRAD_NORM, self.grad_norms)):
+            value = trainer.callback_metrics.get(key)
+            if value is not None and (not history or history[-1][0] != trainer.global_step):
+                history.append((trainer.global_step, float(value)))
 
 
 class RandomState(Callback):

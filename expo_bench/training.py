@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from expo_bench.config_model import ConfigModel
 from expo_bench.optim import OptimizerConfig
@@ -54,6 +54,15 @@ class TrainConfig(ConfigModel):
     """What a finished run keeps (language models): its final ``weights`` (safetensors, no optimizer state); ``full``:
     also the final Lightning checkpoint with optimizer and loop state; ``none``: nothing once it is evaluated (another
     evaluation of it later means training it again)."""
+
+    @model_validator(mode="after")
+    def _clipping_sees_unscaled_gradients(self) -> TrainConfig:
+        if self.precision == "16-mixed" and self.gradient_clip_val is not None and self.optimizer.kwargs.get("fused"):
+            raise ValueError(
+                "gradient_clip_val with a fused optimizer under 16-mixed: the fused step unscales fp16 gradients itself, "
+                "after clipping would have scaled them (drop optimizer.kwargs.fused, or use bf16-mixed)"
+            )
+        return self
 
     def identity(self) -> dict[str, Any]:
         """What the numbers of a run depend on: everything but what it keeps on disk."""

@@ -117,8 +117,8 @@ class ChatServer:
 
 
 @contextmanager
-def serving() -> Iterator[ChatServer]:
-    chat = ChatServer()
+def serving(models: tuple[str, ...] = ("local-judge",)) -> Iterator[ChatServer]:
+    chat = ChatServer(models=models)
     thread = threading.Thread(target=chat.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:

@@ -344,3 +344,9 @@ def test_run_checks_the_judge_before_training_anything(tmp_path: Path, capsys: p
     err = " ".join(capsys.readouterr().err.split())
     assert "is not reachable" in err and "--set task.evaluation=null" in err
     assert not (tmp_path / "hh_tiny_local" / "runs").exists()  # nothing trained
+
+
+def test_leaderboard_statistics_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["leaderboard", "x", "--results", str(tmp_path), "--equivalence-fraction", "0"]) == EXIT_USER_ERROR
+    assert "--equivalence-fraction: Input should be greater than 0" in " ".join(capsys.readouterr().err.split())
+    assert not list(tmp_path.iterdir())

@@ -58,3 +58,16 @@ def test_imdb_prompt_range_is_checked() -> None:
         validate_recipe(data, "imdb.yaml")
     [(path, message)] = caught.value.problems
     assert path == "task" and "prompt_tokens" in message
+
+
+def test_a_margin_no_pair_clears_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from expo_bench.cli import main
+
+    data = twin()
+    data["task"] |= {"sft_reviews": 16, "train_prompts": 4, "eval_prompts": 2, "margin": 1.0, "evaluation": None}
+    recipe = tmp_path / "imdb.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    assert main(["run", str(recipe), "--results", str(tmp_path / "results")]) == 2
+    error = capsys.readouterr().err
+    assert "task.margin: no train pair left from 4 prompts" in error and "lower task.margin" in error
+    assert "Traceback" not in error

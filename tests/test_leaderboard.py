@@ -157,10 +157,12 @@ def test_markdown_csv_and_plots(store: dict[str, Any], tmp_path: Path) -> None:
     markdown = (tmp_path / "leaderboard.md").read_text()
     assert "## exp · hh" in markdown and "## exp · synthetic" in markdown
     assert (
-        "| method | λ | win rate | Δ vs dpo (paired) | notes | seeds | LC win rate | reward | KL(π‖π_ref) | length | params "
-        "| runs | git | recipe |" in markdown
+        "| method | λ | win rate | Δ vs dpo (paired) | notes | within ±0.05 of best (TOST) | seeds | LC win rate | reward "
+        "| KL(π‖π_ref) | length | params | runs | git | recipe |" in markdown
     )
-    assert f"| expo | 0.1 | {expo_cell} | +0.1 ± 0.075 (p 0.029) | ≈ best | 3 |" in markdown and "0123456789ab" in markdown
+    # one comparison with the baseline: Holm leaves its p as it is; three seeds: the sign-flip p cannot go below 2/8
+    assert f"| expo | 0.1 | {expo_cell} | +0.1 ± 0.075 (Holm p 0.029; sign-flip p 0.25) | best | — | 3 |" in markdown
+    assert "| dpo | 1 | 0.64 ± 0.13 | — | worse than best | not shown (p 0.95) | 3 |" in markdown and "0123456789ab" in markdown
     assert "![leaderboard-hh-ranking](leaderboard-hh-ranking.png)" in markdown
     assert expo_cell in console.export_text()
 

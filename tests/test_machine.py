@@ -85,6 +85,27 @@ def test_fsdp_on_cpu_ranks_is_accepted_and_built_as_cpu_fsdp() -> None:
     assert type(STRATEGIES["fsdp"](train.model_copy(update={"accelerator": "gpu"}), set(), EIGHT_GPUS)) is FSDPStrategy
 
 
+@pytest.mark.parametrize("recipe", ["synthetic_interpolation.yaml", "synthetic_preservation.yaml"])
+def test_a_tabular_task_refuses_hardware_settings_it_would_ignore(recipe: str) -> None:
+    """It trains in one CPU process: a strategy, devices or nodes are refused by field, not silently dropped."""
+    found = problems(["train.strategy=fsdp", "train.devices=2", "train.num_nodes=2"], CPU_ONLY, ROOT / "recipes" / recipe)
+    assert fields(found) == ["train.devices", "train.num_nodes", "train.strategy"]
+    assert "trains in one CPU process" in dict(found)["train.strategy"]
+    assert problems([], CPU_ONLY, ROOT / "recipes" / recipe) == []
+
+
+def test_clipping_with_a_fused_optimizer_under_fp16_is_refused() -> None:
+    """The fused step unscales fp16 gradients itself: clipping before it would clip scaled gradients (Lightning refuses
+    it in its own clipping, which the harness's FSDP-aware clipping replaces)."""
+    fused = "train.optimizer={name: AdamW, lr: 1.0e-6, kwargs: {fused: true}}"
+    overrides = ["train.precision=16-mixed", fused, "train.gradient_clip_val=1.0"]
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(PYTHIA, overrides)
+    [(field, message)] = caught.value.problems
+    assert field == "train" and "fused" in message and "16-mixed" in message
+    assert problems([*overrides[:2], "train.gradient_clip_val=null", "task.sft.precision=16-mixed"], EIGHT_GPUS) == []
+
+
 def test_every_stage_trains_in_one_world_and_keeps_fp32_masters_under_mixed_precision() -> None:
     data: dict[str, Any] = yaml.safe_load(PYTHIA.read_text())
     data["task"]["sft"]["devices"] = 4

@@ -53,6 +53,29 @@ def test_every_shipped_recipe_validates(path: Path, monkeypatch: pytest.MonkeyPa
     assert experiment.runs and all(run.grid for run in experiment.runs)
 
 
+def test_the_instances_recipe_is_the_tuned_comparison_on_three_instances(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(RECIPES[0].parent.parent)
+    tuned, instances = (
+        load_recipe(Path("recipes") / name).recipe for name in ("synthetic_tokens_tuned.yaml", "synthetic_tokens_instances.yaml")
+    )
+    task = instances.task
+    assert len(getattr(task, "instances", None) or []) >= 3 and len(instances.seeds) >= 5
+    assert [entry.grid for entry in instances.methods] == [entry.grid for entry in tuned.methods]
+    assert task.model_copy(update={"instances": None}) == tuned.task and instances.train == tuned.train
+    assert instances.statistics.equivalence_fraction == 0.5 and instances.statistics.leave_one_seed_out
+
+
+def test_statistics_settings_do_not_change_the_recipe_fingerprint() -> None:
+    """They change only how the leaderboard compares, never a run: a store's sweep stays the same sweep."""
+    data = yaml.safe_load((RECIPES[0].parent / "synthetic_tokens_tuned.yaml").read_text())
+    first = validate_recipe(data, "a.yaml").recipe.fingerprint()
+    data["statistics"] = {"equivalence_margin": 0.2, "leave_one_seed_out": True}
+    assert validate_recipe(data, "a.yaml").recipe.fingerprint() == first
+    data["statistics"] = {"equivalence_fraction": 0}
+    with pytest.raises(RecipeError, match=r"statistics\.equivalence_fraction"):
+        validate_recipe(data, "a.yaml")
+
+
 def test_lambda_grid_lands_on_each_methods_own_parameter() -> None:
     experiment = validate_recipe(base(), "my.yaml")
     dpo, expo, regression = experiment.runs

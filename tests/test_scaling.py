@@ -1,6 +1,6 @@
-"""The HH twin on several CPU ranks (gloo): FSDP on 2 ranks trains to the weights and gathered metrics of one process,
-samples and scores the same, resumes from its checkpoint, and leaves every side effect to one owner; 2 "nodes" × 1
-process equal 1 node × 2."""
+"""The HH twin on several CPU ranks (gloo): FSDP on 2 ranks trains to the weights and gathered metrics of one process
+(with gradient-norm clipping active on every step), samples and scores the same, resumes from its checkpoint, and
+leaves every side effect to one owner; 2 "nodes" × 1 process equal 1 node × 2."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ TINY = {"model_type": "gpt_neox", "hidden_size": 16, "num_hidden_layers": 2, "nu
         "intermediate_size": 32, "max_position_embeddings": 64}  # fmt: skip
 GLOBAL_BATCH = 8
 SGD = {"name": "SGD", "lr": 0.5, "kwargs": {"momentum": 0.5}}  # with state: Lightning's FSDP resume needs some
+CLIP = 0.05
+"""Below every gradient norm of the twin: clipping scales every step of SFT and of the method."""
 
 
 def twin(judge_url: str, devices: int, num_nodes: int = 1) -> dict[str, Any]:
@@ -66,7 +68,7 @@ def twin(judge_url: str, devices: int, num_nodes: int = 1) -> dict[str, Any]:
             "tokenization": {"max_length": 32, "max_prompt_length": 24},
             "model": {"tiny": TINY},
             "reference_samples": {"samples_per_prompt": 2, "max_new_tokens": 6, "batch_size": 3},
-            "sft": {"max_epochs": 1, "batch_size": per_rank, "optimizer": SGD},
+            "sft": {"max_epochs": 1, "batch_size": per_rank, "optimizer": SGD, "gradient_clip_val": CLIP},
             "evaluation": {
                 "temperatures": [1.0],
                 "prompts": 5,
@@ -77,7 +79,8 @@ def twin(judge_url: str, devices: int, num_nodes: int = 1) -> dict[str, Any]:
                 "judge": {"kind": "llm", "base_url": judge_url, "model": "local-judge", "api_key_env": None},
             },
         },
-        "train": {"max_epochs": 2, "batch_size": per_rank, "optimizer": SGD, "log_every_n_steps": 1} | hardware,
+        "train": {"max_epochs": 2, "batch_size": per_rank, "optimizer": SGD, "gradient_clip_val": CLIP, "log_every_n_steps": 1}
+        | hardware,
         "methods": [{"method": "expo_compositional", "params": {"lam": 0.1}}],
     }
 
@@ -193,6 +196,11 @@ def assert_same_training(one: dict[str, Any], other: dict[str, Any]) -> None:
     assert [loss for _, loss in other["record"]["loss_history"]] == pytest.approx(
         [loss for _, loss in one["record"]["loss_history"]], abs=2e-5
     )
+    # the norm before clipping: over the whole model on every rank, not over each rank's shard
+    norms, norms_alone = (dict(run["record"]["grad_norm_history"]) for run in (other, one))
+    assert list(norms) == list(norms_alone) == list(range(1, one["record"]["steps"] + 1))
+    assert list(norms.values()) == pytest.approx(list(norms_alone.values()), rel=2e-5)
+    assert min(norms.values()) > CLIP  # clipping scaled every step
 
 
 def test_fsdp_on_two_cpu_ranks_trains_and_evaluates_like_one_process(runs: dict[str, Any]) -> None:

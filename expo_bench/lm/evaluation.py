@@ -40,11 +40,13 @@ ExactMetrics = Callable[["PreTrainedModel", Sequence[list[int]]], dict[str, floa
 
 
 class SelectionConfig(ConfigModel):
-    """Held-out prompts set aside to pick each method's configuration, so that the prompts a leaderboard reports on
-    never chose what is reported (a configuration picked on the reported metric itself is optimistic)."""
+    """Evaluation prompts set aside to pick each method's configuration, so that the prompts a leaderboard reports on
+    never chose what is reported (a configuration picked on the reported metric itself is optimistic). They are held
+    out from training where the task holds prompts out (HH, IMDb, preference data); the synthetic-token task holds out
+    responses, not prompts: its selection prompts are training prompts too."""
 
     prompts: int = Field(gt=0)
-    """The first this many held-out prompts; the leaderboard reports on the others."""
+    """The first this many evaluation prompts; the leaderboard reports on the others."""
     metric: str | None = None
     """The evaluation metric (a name after ``eval/``, e.g. ``win_rate``) computed on them that picks; default: the
     task's rank metric."""
@@ -73,9 +75,9 @@ class EvaluationConfig(ConfigModel):
     """Keep only the k most likely tokens; 0 keeps them all. The KL estimate scores samples under the whole tempered
     policy, so it is an unbiased estimate of KL(π_T‖π_ref) only with top_p = 1 and top_k = 0."""
     prompts: int | None = Field(None, gt=0)
-    """Report on this many held-out prompts (all the rest when unset), after those set aside for selection."""
+    """Report on this many evaluation prompts (all the rest when unset), after those set aside for selection."""
     selection: SelectionConfig | None = None
-    """Held-out prompts that pick each method's configuration and are never reported on (unset: the leaderboard picks
+    """Evaluation prompts that pick each method's configuration and are never reported on (unset: the leaderboard picks
     on the reported metric itself, and says so)."""
     batch_size: int = Field(16, ge=1)
     baseline: Literal["reference", "chosen"] = "reference"

@@ -24,7 +24,7 @@ from expo_bench.distributed import mean_over_ranks
 from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, fingerprint_pairs
 from expo_bench.lm.model import CausalLMScorer, enable_gradient_checkpointing, transformer_blocks
 from expo_bench.lm.tokenize import TokenizedPair
-from expo_bench.optim import OptimizerConfig
+from expo_bench.optim import OptimizerConfig, clip_gradient_norm
 from expo_bench.trainer import build_trainer, gathered_state_dict
 from expo_bench.training import TrainConfig
 
@@ -55,6 +55,17 @@ class SupervisedFineTuning(L.LightningModule):
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
         return self.optimizer_config.build(self.scorer.parameters())
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Norm clipping that is right under every strategy (FSDP included), logging the norm before clipping."""
+        if gradient_clip_val is not None:
+            norm = clip_gradient_norm(self.trainer.strategy.model, optimizer, gradient_clip_val)
+            self.log(keys.SFT_GRAD_NORM, norm.detach())
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ so the SimPO-style margin γ, soft labels and the symmetry "a flipped pair with 
 hold for every such method by construction. A method may regress onto another target than z (cDPO,
 EXPO-regression) and add regularizers (EXPO's λ·KL(π_ref ‖ π)). The base also does the single concatenated policy
 forward pass, the reference log-probs (cached in the batch, or computed without gradients), the log-probs of
-reference samples for methods that estimate a KL on them, length normalization, optimization, per-replica
-gradient clipping and logging.
+reference samples for methods that estimate a KL on them, length normalization, optimization, gradient
+clipping (per replica, and across ranks under FSDP) and logging.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from expo_bench import metric_keys as keys
 from expo_bench.config_model import ConfigModel
 from expo_bench.contracts import PairLogps, PreferenceBatch, SampleLogps, Sequences, SequenceScorer, concat_sequences
-from expo_bench.optim import OptimizerConfig
+from expo_bench.optim import OptimizerConfig, clip_gradient_norm
 
 if TYPE_CHECKING:
     from lightning import LightningModule
@@ -269,14 +269,17 @@ class PreferenceMethod(LightningModule):
         terms = self.objective(logps, batch)
         self._require_finite(terms)
         per_replica = torch.stack(list(terms.values())).sum(0)
-        # Lightning's log() costs more than a tabular step; call it only on the steps a logger would keep.
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
+        if self._logging_step():
             metrics = pair_metrics(keys.TRAIN, logps, terms)
             entropy = self.policy.response_entropy(concat_sequences(batch.chosen, batch.rejected))  # type: ignore[operator]
             metrics[keys.stage_key(keys.TRAIN, keys.ENTROPY)] = entropy.mean()
             self.log_dict(metrics, batch_size=len(batch), sync_dist=True)
         # Summing over replicas keeps each replica's gradient what it would be if trained alone.
         return per_replica.sum()
+
+    def _logging_step(self) -> bool:
+        """Whether a logger keeps this step's values: Lightning's log() costs more than a tabular step."""
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0  # type: ignore[attr-defined]
 
     def _require_finite(self, terms: dict[str, Tensor]) -> None:
         """Stop at the first non-finite loss term (one host sync per step; every rank takes the same decision)."""
@@ -307,10 +310,16 @@ class PreferenceMethod(LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        if self.replicas == 1 or gradient_clip_val is None:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        """Norm clipping that is right under every strategy (:func:`~expo_bench.optim.clip_gradient_norm`; each replica
+        on its own where there are several), logging the norm before clipping."""
+        if gradient_clip_val is None:
             return
-        clip_per_replica([p for p in self.policy.parameters() if p.grad is not None], gradient_clip_val)
+        if self.replicas == 1:
+            norm = clip_gradient_norm(self.trainer.strategy.model, optimizer, gradient_clip_val)
+        else:
+            norm = clip_per_replica([p for p in self.policy.parameters() if p.grad is not None], gradient_clip_val).mean()
+        if self._logging_step():
+            self.log(keys.TRAIN_GRAD_NORM, norm.detach())
 
 
 def pair_metrics(stage: str, logps: PairLogps, terms: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -338,10 +347,12 @@ def pair_metrics(stage: str, logps: PairLogps, terms: dict[str, Tensor]) -> dict
     return {name: value.detach() for name, value in metrics.items()}
 
 
-def clip_per_replica(parameters: list[nn.Parameter], max_norm: float) -> None:
-    """``torch.nn.utils.clip_grad_norm_`` applied to each replica (leading dim) on its own."""
+def clip_per_replica(parameters: list[nn.Parameter], max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` applied to each replica (leading dim) on its own; each replica's norm before
+    clipping. (Replicas train in one process: a grid of language models is one run per λ.)"""
     grads = [p.grad for p in parameters if p.grad is not None]
     norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
     scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for grad in grads:
         grad.mul_(scale.view(-1, *([1] * (grad.dim() - 1))))
+    return norms

@@ -246,6 +246,7 @@ def _train(
         eval_history=[] if periodic is None else periodic.history,
         weights=WEIGHTS,
         weights_step=trainer.global_step,
+        grad_norm_history=history.grad_norms,
     )
     if is_global_zero():
         record = {"method": unit.run.label, "lam": unit.lam, **unit.identity.as_json(), **asdict(training)}

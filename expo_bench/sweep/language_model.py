@@ -63,13 +63,19 @@ class LanguageModelSweep:
     def run(self) -> list[LanguageModelRecord]:
         with rank_zero_first():
             tokenizer = self.task.load_tokenizer()
-        return [record for seed in self.context.experiment.recipe.seeds for record in self._seed(tokenizer, seed)]
+        return [
+            record
+            for instance, task in self.task.task_instances()
+            for seed in self.context.experiment.recipe.seeds
+            for record in self._seed(tokenizer, seed, task, instance)
+        ]
 
     def report(self, records: list[LanguageModelRecord], out_dir: Path) -> list[Path]:
         return lm_report.write(self.context.experiment.recipe.experiment, records, out_dir, self.context.console)
 
-    def _seed(self, tokenizer: Any, seed: int) -> list[LanguageModelRecord]:
-        task, console, cache_dir = self.task, self.context.console, self.context.cache_dir
+    def _seed(self, tokenizer: Any, seed: int, task: LanguageModelTask, instance: str | None) -> list[LanguageModelRecord]:
+        """One seed of one task instance (``instance`` None: the recipe's one instance)."""
+        console, cache_dir = self.context.console, self.context.cache_dir
         pad = pad_token_id(tokenizer)
         L.seed_everything(seed, verbose=False)
         with rank_zero_first():  # one rank downloads the weights and the data, the others then read its copies
@@ -89,7 +95,7 @@ class LanguageModelSweep:
             truncated_responses=sum(pair.response_truncated for pair in pairs),
             reference_fingerprint=fingerprint_module(base),
             parameters=count_parameters(base),
-            facts={**sft, **data.provenance},
+            facts={**sft, **data.provenance, **({} if instance is None else {"instance": instance})},
         )
         console.print(seed_line(seed, provenance), highlight=False)
         datasets = PairDataset(data.train, pad), PairDataset(data.evaluation, pad)
@@ -124,11 +130,13 @@ class LanguageModelSweep:
         evaluator = None if evaluation is None else self._evaluator(data, tokenizer, base, seed)
         records = []
         if evaluator is not None:
-            records.append(self._evaluate_reference(evaluator, seed, provenance))
+            records.append(self._evaluate_reference(evaluator, seed, provenance, instance))
         every = None if evaluation is None else evaluation.every_n_steps
         for unit in units:
             self.progress.start(f"{unit.name}, seed {seed}")
-            tracked = self._open(unit.run.label, unit.lam, unit.identity, unit.run_dir, evaluator, unit.run.method.regularization)
+            tracked = self._open(
+                unit.run.label, unit.lam, unit.identity, unit.run_dir, evaluator, instance, unit.run.method.regularization
+            )
             pair_data = PairData(*datasets, unit.run.train.batch_size, seed, unit.run.train.group_by_length)
             result = fit(unit, base, pair_data, evaluator, every, tracked, console)
             if result is not None:  # a diverged run is recorded as failed in the store, and left out here
@@ -185,11 +193,13 @@ class LanguageModelSweep:
             [strip_eos(pair.chosen_ids, eos) for pair in pairs],
         )
 
-    def _evaluate_reference(self, evaluator: Evaluator, seed: int, provenance: SeedProvenance) -> LanguageModelRecord:
+    def _evaluate_reference(
+        self, evaluator: Evaluator, seed: int, provenance: SeedProvenance, instance: str | None
+    ) -> LanguageModelRecord:
         """The SFT reference evaluated like a method: the frontier's origin and the win rate of "no optimization"."""
         identity = LanguageModelIdentity("reference", seed, provenance.data_fingerprint, provenance.reference_fingerprint)
         run_dir = self.context.runs_dir / f"{REFERENCE_LABEL}-{digest(identity.as_json())}"
-        tracked = self._open(REFERENCE_LABEL, None, identity, run_dir, evaluator)
+        tracked = self._open(REFERENCE_LABEL, None, identity, run_dir, evaluator, instance)
         metrics = evaluate(evaluator, REFERENCE_LABEL, evaluator.reference, run_dir, self.context.console)
         if not tracked.complete:
             tracked.log_metrics(metrics)
@@ -204,6 +214,7 @@ class LanguageModelSweep:
         identity: LanguageModelIdentity,
         run_dir: Path,
         evaluator: Evaluator | None,
+        instance: str | None,
         regularization: str | None = None,
     ) -> TrackedRun:
         """The tracking-store run of one trained (or reference) policy under one evaluation."""
@@ -235,5 +246,6 @@ class LanguageModelSweep:
                 data_fingerprint=identity.data_fingerprint,
                 model_fingerprint=identity.reference_fingerprint,
                 regularization=regularization,
+                instance=instance,
             ),
         )

@@ -33,6 +33,12 @@ def _lam(record: LanguageModelRecord) -> str:
     return "—" if params is None or field is None or field not in params else f"{params[field]:g}"
 
 
+def _seed(record: LanguageModelRecord) -> str:
+    """The run's seed, and its task instance where the recipe runs several (seed 0 of two instances are two runs)."""
+    instance = record.provenance.facts.get("instance")
+    return str(record.seed) if instance is None else f"{record.seed} (instance {instance})"
+
+
 def metric_rows(records: Sequence[LanguageModelRecord]) -> list[list[str]]:
     """One row per trained run: held-out metrics after training, with the value before training in brackets."""
     rows = []
@@ -47,7 +53,7 @@ def metric_rows(records: Sequence[LanguageModelRecord]) -> list[list[str]]:
             [
                 record.method,
                 _lam(record),
-                str(record.seed),
+                _seed(record),
                 str(record.training.steps),
                 *(cell(metric.key) for metric in metric_keys.HELD_OUT_COLUMNS),
             ]
@@ -74,7 +80,7 @@ def evaluation_table(records: Sequence[LanguageModelRecord]) -> tuple[list[str],
         if any(math.isfinite(metrics.get(metric.key, math.nan)) for _, metrics in evaluated)
     ]
     rows = [
-        [record.method, _lam(record), str(record.seed), *(_with_stderr(metrics, metric) for metric in columns)]
+        [record.method, _lam(record), _seed(record), *(_with_stderr(metrics, metric) for metric in columns)]
         for record, metrics in evaluated
     ]
     return ["method", "λ", "seed", *(metric.title for metric in columns)], rows

@@ -38,6 +38,8 @@ class RunIdentity:
     model_fingerprint: str | None = None
     regularization: str | None = None
     """The name of the hyperparameter that is the method's λ (``beta``), if it has one."""
+    instance: str | None = None
+    """The task instance, where the recipe runs several (seeds pair within one)."""
 
 
 def open_run(runs: RunLog, identity: RunIdentity) -> TrackedRun:
@@ -60,9 +62,12 @@ def open_run(runs: RunLog, identity: RunIdentity) -> TrackedRun:
         tracking.MODEL_FINGERPRINT: identity.model_fingerprint,
         tracking.SELECTION_METRIC: identity.selection_by,
         tracking.REGULARIZATION: identity.regularization,
+        tracking.INSTANCE: identity.instance,
     }
     tags |= {tag: value for tag, value in optional.items() if value is not None}
     run = runs.child(identity.key, identity.name, identity.params, tags) if is_global_zero() else None
+    if run is not None and run.complete and identity.instance is not None:
+        run.set_tags({tracking.INSTANCE: identity.instance})  # a run finished before its recipe named instances: it is one
     uri, run_id, complete = broadcast((run.uri, run.run_id, run.complete) if run else ("", "", False))
     return run or RankMirror(uri, run_id, identity.key, complete)
 
@@ -167,6 +172,8 @@ class TrainingResult:
     """The final weights' file in the run directory (empty in records written before they were kept)."""
     weights_step: int
     """The optimizer step of those weights: the run's last (-1: unknown, an older record)."""
+    grad_norm_history: list[tuple[int, float]]
+    """``(step, gradient norm before clipping)`` where the run clips (empty where it does not, or in an older record)."""
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> TrainingResult:
@@ -179,6 +186,7 @@ class TrainingResult:
             [(int(step), dict(metrics)) for step, metrics in record["eval_history"]],
             str(record.get("weights", "")),
             int(record.get("weights_step", -1)),
+            [(int(step), float(norm)) for step, norm in record.get("grad_norm_history", [])],
         )
 
 

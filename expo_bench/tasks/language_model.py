@@ -76,7 +76,8 @@ class LanguageModelTask(ConfigModel):
     with its LoRA adapter switched off (needs ``lora``), no second copy."""
 
     evaluation: EvaluationConfig | None = None
-    """Sample every trained policy on held-out prompts and judge the samples (win rate, diversity, reward, KL)."""
+    """Sample every trained policy on the evaluation prompts (held out from training, except in the synthetic-token
+    task, which holds out responses) and judge the samples (win rate, diversity, reward, KL)."""
     has_own_judge: ClassVar[bool] = False
     """Whether :meth:`task_data` supplies a ground-truth judge, so ``evaluation.judge`` may be left unset."""
     rank_by: ClassVar[Metric] = metric_keys.WIN_RATE
@@ -117,6 +118,11 @@ class LanguageModelTask(ConfigModel):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.tokenizer)
+
+    def task_instances(self) -> list[tuple[str | None, LanguageModelTask]]:
+        """The task instances a recipe runs, each with its name: by default the task itself, unnamed (one instance,
+        runs untagged). Seeds are nested in an instance; the leaderboard pairs seeds within one and instances across."""
+        return [(None, self)]
 
     def provides(self) -> frozenset[str]:
         """Optional batch fields the data carries: reference samples when ``reference_samples`` is set."""
