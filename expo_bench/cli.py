@@ -249,7 +249,7 @@ def describe(experiment: Experiment, width: int | None = None) -> Table:
         )
     header = ["method", "λ", "other params", "epochs", "batch", "optimizer"]
     title = f"{recipe.experiment} · recipe {recipe.fingerprint()} · seeds {recipe.seeds}"
-    return rich_table(title, header, rows, width, "--print-config", required=3, wrap=2)  # what tells the rows apart stays
+    return rich_table(title, header, rows, width, "--print-config", required=3, wrap=[2])  # what tells the rows apart stays
 
 
 def load(args: argparse.Namespace) -> list[Experiment]:

@@ -989,8 +989,10 @@ def write_leaderboard(tables: Sequence[LeaderboardTable], out_dir: Path, console
     written = []
     for table in tables:
         header, rows = _display(table, terminal=True)
-        notes = header.index("notes")  # the verdict and the grid edges are kept, wrapped if need be: they qualify the rows
-        console.print(rich_table(_terminal_title(table), header, rows, console.width, "leaderboard.md", notes + 1, notes))
+        # the verdict and the grid edges qualify the rows: kept, with Δ and its tests, wrapped between words if need be
+        notes = header.index("notes")
+        wrap = [*(index for index, name in enumerate(header) if name.startswith("Δ vs")), notes]
+        console.print(rich_table(_terminal_title(table), header, rows, console.width, "leaderboard.md", notes + 1, wrap))
         console.print(_caption(table), style="dim", highlight=False)
         header, rows = _display(table)
         slug = _slug(f"{table.experiment}-{table.dataset}" if several else table.dataset)

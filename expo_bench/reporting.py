@@ -6,7 +6,7 @@ import hashlib
 import math
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 from rich import box
@@ -92,19 +92,26 @@ def rich_table(
     width: int | None = None,
     elsewhere: str = "the file",
     required: int = 1,
-    wrap: int | None = None,
+    wrap: Collection[int] = (),
 ) -> Table:
     """A terminal table within ``width`` terminal columns (every column without a width): the first ``required``
     columns always, then, in order, each other column that still fits; the caption names those left out, which
-    ``elsewhere`` holds. Cells never wrap or fold, except in column ``wrap`` (one of the required), which wraps between
-    its words where the required columns would not fit otherwise."""
+    ``elsewhere`` holds. Cells never wrap or fold, except in the ``wrap`` columns (among the required), which wrap
+    between their words, the widest first, where the required columns would not fit otherwise."""
     widths = [column_width(name, [row[index] for row in rows]) for index, name in enumerate(header)]
     kept = list(range(min(required, len(header))))
     used = -1 + sum(widths[index] + SEPARATION for index in kept)  # the last column has no divider after it
-    if width is not None and wrap in kept and used > width:
-        words = [cell_len(word) for row in rows for word in row[wrap].split()] + [cell_len(word) for word in header[wrap].split()]
-        shrink = min(used - width, widths[wrap] - max(words, default=1))
-        widths[wrap], used = widths[wrap] - shrink, used - shrink
+    narrowest = {
+        index: max(cell_len(word) for text in [header[index], *(row[index] for row in rows)] for word in text.split() or [""])
+        for index in wrap
+        if index in kept
+    }
+    while width is not None and used > width:
+        shrinkable = [index for index, least in narrowest.items() if widths[index] > least]
+        if not shrinkable:
+            break
+        widths[max(shrinkable, key=widths.__getitem__)] -= 1
+        used -= 1
     for index in range(len(kept), len(header)):
         if width is None or used + widths[index] + SEPARATION <= width:
             kept.append(index)
@@ -113,7 +120,7 @@ def rich_table(
     caption = f"Also in {elsewhere}: {', '.join(left_out)}." if left_out else None
     table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1))
     for index in kept:
-        overflow: OverflowMethod = "fold" if index == wrap else "ellipsis"
+        overflow: OverflowMethod = "fold" if index in narrowest else "ellipsis"
         table.add_column(header[index], min_width=widths[index], max_width=widths[index], overflow=overflow)
     for row in rows:
         table.add_row(*(row[index] for index in kept))

@@ -368,3 +368,16 @@ def test_a_degenerate_length_controlled_win_rate_is_flagged() -> None:
     assert lc_warning(row(0.62, 0.6, 49)) == "unreliable: 49 judged"
     assert lc_warning(row(0.62, 0.6, 805)) is None and lc_warning(row(0.999, 0.99, 805)) is None  # a real sweep
     assert lc_warning(Configuration("dpo", "dpo", (RunRecord("r", {keys.WIN_RATE.key: 0.5}, {}, {}),))) is None
+
+
+def test_the_notes_stay_at_80_columns_beside_a_wide_paired_difference(store: dict[str, Any], tmp_path: Path) -> None:
+    """Δ with its tests is ~46 characters: Δ and the notes wrap between words, and a later column is left out instead."""
+    from rich.console import Console
+
+    output = io.StringIO()
+    write_leaderboard(store["tables"], tmp_path / "out", Console(file=output, width=80, force_terminal=False))
+    lines = output.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    rows = {line.split()[0]: line for line in lines if line.strip() and line.split()[0] in ("expo", "dpo")}
+    assert rows["dpo"].rstrip().endswith("worse than best") and rows["expo"].rstrip().endswith("best")
+    assert "sign-flip" in output.getvalue()  # Δ's tests wrapped onto a second line, not cut

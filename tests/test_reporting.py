@@ -60,11 +60,11 @@ def test_required_columns_stay_and_the_wrapping_one_wraps_between_words() -> Non
         ["dpo", "1", "5.0 ± 4.0", "—", "worse than best; grid edge: beta", "15.6"],
     ]
     output = io.StringIO()
-    Console(file=output, width=80).print(rich_table("t", header, rows, width=80, elsewhere="the .md", required=5, wrap=4))
+    Console(file=output, width=80).print(rich_table("t", header, rows, width=80, elsewhere="the .md", required=5, wrap=[4]))
     text = output.getvalue()
     assert max(len(line) for line in text.splitlines()) <= 80
     assert all(word in text for word in ("≈", "best;", "grid", "edge:", "beta", "worse")) and "…" not in text
     assert "Also in the .md: length." in " ".join(text.split())
     wide = io.StringIO()
-    Console(file=wide, width=200).print(rich_table("t", header, rows, width=200, required=5, wrap=4))
+    Console(file=wide, width=200).print(rich_table("t", header, rows, width=200, required=5, wrap=[4]))
     assert any("≈ best; grid edge: beta" in line and "15.6" in line for line in wide.getvalue().splitlines())
