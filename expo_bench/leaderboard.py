@@ -70,7 +70,7 @@ from expo_bench.metric_keys import (
     panel_columns,
     standard_error_key,
 )
-from expo_bench.reporting import Z_95, markdown_table, rich_table, with_interval
+from expo_bench.reporting import Z_95, markdown_table, method_style, rich_table, with_interval
 from expo_bench.tracking import (
     COMPLETE,
     CONFIG_KEY,
@@ -465,6 +465,33 @@ def _difference(found: PairedDifference | None, p_holm: float | None) -> str:
     return f"{found.mean:+.3g}{spread}" + (f" ({'; '.join(tests)})" if tests else "")
 
 
+LC_MIN_JUDGED = 50
+"""Fewer judged comparisons than this and the length-controlled GLM (three coefficients) is mostly noise."""
+LC_SATURATED = 0.01
+"""An LC win rate this close to 0 or 1 beside a raw rate that is not: the GLM separated, it did not measure."""
+
+
+def lc_warning(row: Configuration) -> str | None:
+    """Why a row's length-controlled win rate should not be read, if it should not: too few judged comparisons, or
+    an LC at 0 or 1 beside a raw win rate away from it (a separated fit: AlpacaEval's GLM has no prior). Shown in
+    the LC cell itself, so that it goes wherever the value goes."""
+    lc, raw, judged = (row.estimates.get(key) for key in (LC_WIN_RATE.key, WIN_RATE.key, JUDGED.key))
+    if lc is None or not math.isfinite(lc.mean):
+        return None
+    reasons = []
+    if judged is not None and judged.mean < LC_MIN_JUDGED:
+        reasons.append(f"{judged.mean:g} judged")
+    if raw is not None and min(lc.mean, 1 - lc.mean) < LC_SATURATED and min(raw.mean, 1 - raw.mean) >= 5 * LC_SATURATED:
+        reasons.append(f"{lc.mean:.2f} beside {raw.mean:.2f} raw")
+    return f"unreliable: {', '.join(reasons)}" if reasons else None
+
+
+def _metric_cell(row: Configuration, metric: Metric) -> str:
+    text = _cell(_spread(row, metric.key), metric.spread)
+    warning = lc_warning(row) if metric.key == LC_WIN_RATE.key else None
+    return text if warning is None else f"{text} ({warning})"
+
+
 def _notes(verdict: RowVerdict) -> str:
     if verdict.versus_best is None:
         notes = ["best"]
@@ -522,13 +549,13 @@ def _display(table: LeaderboardTable, terminal: bool = False) -> tuple[list[str]
         [
             row.method,
             _lam(row),
-            *(_cell(_spread(row, metric.key), metric.spread) for metric in rank),
+            *(_metric_cell(row, metric) for metric in rank),
             *([] if table.baseline is None else [_difference(verdict.versus_baseline, verdict.baseline_p_holm)]),
             _notes(verdict),
             *([_equivalence(verdict)] if equivalent else []),
             *([_cell(verdict.leave_one_seed_out)] if picked_apart else []),
             *([str(len(row.runs))] if seeds else []),
-            *(_cell(_spread(row, metric.key), metric.spread) for metric in others),
+            *(_metric_cell(row, metric) for metric in others),
             *(_provenance(row) if provenance else []),
         ]
         for row in table.rows
@@ -610,8 +637,17 @@ def _caption(table: LeaderboardTable) -> str:
         f"seed over the run's prompts (1.96 standard errors){versus}. "
         f'{picked}. "not distinguishable from best": a paired t-test against the best row (Holm-corrected over the rows, '
         f"5%) does not reject equality; that is no evidence the two are equal.{equivalent} "
-        f'"grid edge": the picked value is the lowest or highest its grid tried. Source: {_shown(table.store)}.'
-        + _judges_note(table)
+        f'"grid edge": the picked value is the lowest or highest its grid tried.{_lc_caption(table)} '
+        f"Source: {_shown(table.store)}." + _judges_note(table)
+    )
+
+
+def _lc_caption(table: LeaderboardTable) -> str:
+    if not any(lc_warning(row) for row in table.rows):
+        return ""
+    return (
+        f' LC "unreliable": fewer than {LC_MIN_JUDGED} judged comparisons, or a length-controlled win rate at 0 or 1 '
+        "beside a raw one that is not (the length GLM separated the data): read the raw win rate."
     )
 
 
@@ -718,19 +754,33 @@ def _write_csv(tables: Sequence[LeaderboardTable], path: Path) -> None:
         writer.writerows([cell(table, row) for _, cell in columns] for table in tables for row in table.rows)
 
 
-MARKERS = "osD^vPX*<>"
 DODGE_POINTS = 4.0
-LINES = ("-", "--", "-.", ":")
+BOUNDS = {
+    **{key: (0.0, math.inf) for key in (KL.key, "eval/kl_target_to_policy", "eval/kl_target_to_policy_well_formed")},
+    "eval/malformed_leak": (0.0, math.inf),
+    MEAN_LENGTH.key: (0.0, math.inf),
+    **{key: (0.0, 1.0) for key in (WIN_RATE.key, LC_WIN_RATE.key, DISTINCT_2.key)},
+}
+"""The values a metric can take: an interval drawn around its mean is clipped to them (a KL's t-interval never
+reaches below zero, a win rate's never above one)."""
+
+
+def _bounds(key: str) -> tuple[float, float]:
+    """A metric's bounds, also under a temperature's key (``eval/T0.5/win_rate``)."""
+    return BOUNDS.get(key) or BOUNDS.get(f"{key.split('/')[0]}/{key.rsplit('/', 1)[-1]}", (-math.inf, math.inf))
+
+
+def _error_bars(key: str, centres: Sequence[float], half_widths: Sequence[float]) -> list[list[float]]:
+    """``[below, above]`` for matplotlib's ``yerr``/``xerr``: each half-width, clipped to the metric's bounds."""
+    low, high = _bounds(key)
+    below = [max(0.0, min(width, centre - low)) for centre, width in zip(centres, half_widths, strict=True)]
+    above = [max(0.0, min(width, high - centre)) for centre, width in zip(centres, half_widths, strict=True)]
+    return [below, above]
 
 
 def _styles(table: LeaderboardTable) -> dict[str, dict[str, Any]]:
-    """One colour, marker and line style per method, the same in every plot of a table: series that lie on top of
-    each other stay tellable apart."""
-    methods = sorted({configuration.method for configuration in table.configurations})
-    return {
-        method: {"color": f"C{index % 10}", "marker": MARKERS[index % len(MARKERS)], "linestyle": LINES[index % len(LINES)]}
-        for index, method in enumerate(methods)
-    }
+    """Each method's colour, marker and line style: fixed by its name, the same in every plot of every experiment."""
+    return {configuration.method: method_style(configuration.method) for configuration in table.configurations}
 
 
 def _axis_label(key: str) -> str:
@@ -779,7 +829,7 @@ def _plot_ranking(table: LeaderboardTable, path: Path) -> Path | None:
     ax.bar(
         range(len(found)),
         [estimate.mean for _, estimate in found],
-        yerr=[_half_width(estimate) for _, estimate in found],
+        yerr=_error_bars(table.rank_metric, [e.mean for _, e in found], [_half_width(e) for _, e in found]),
         capsize=4,
         color=[styles[method]["color"] for method, _ in found],
     )
@@ -791,7 +841,8 @@ def _plot_ranking(table: LeaderboardTable, path: Path) -> Path | None:
 
 
 def _plot_lam_sweep(table: LeaderboardTable, path: Path) -> Path | None:
-    """The rank metric against λ, every configuration of each method that has a positive ``lam`` param."""
+    """The rank metric against λ, every configuration of each method that has a positive ``lam`` param; none where no
+    method tried two values of λ (a sweep of one point is no sweep)."""
     curves: dict[str, list[tuple[float, Estimate]]] = defaultdict(list)
     for configuration in table.configurations:
         try:
@@ -801,7 +852,7 @@ def _plot_lam_sweep(table: LeaderboardTable, path: Path) -> Path | None:
         found = _spread(configuration, table.rank_metric)
         if lam > 0 and found is not None:
             curves[configuration.method].append((lam, found))
-    if not curves:
+    if not any(len({lam for lam, _ in points}) > 1 for points in curves.values()):
         return None
     styles = _styles(table)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -810,7 +861,7 @@ def _plot_lam_sweep(table: LeaderboardTable, path: Path) -> Path | None:
         series = ax.errorbar(
             [lam for lam, _ in points],
             [found.mean for _, found in points],
-            yerr=[_half_width(found) for _, found in points],
+            yerr=_error_bars(table.rank_metric, [found.mean for _, found in points], [_half_width(found) for _, found in points]),
             capsize=3,
             label=method,
             **styles[method],
@@ -836,7 +887,8 @@ def _scatter(table: LeaderboardTable, path: Path, points: dict[str, list[Point]]
     for index, (method, found) in enumerate(sorted(points.items())):
         xs, ys, x_errors, y_errors = zip(*found, strict=True)
         style = {**styles[method], "linestyle": "none"}
-        series = ax.errorbar(xs, ys, xerr=x_errors, yerr=y_errors, capsize=2, markersize=5, alpha=0.85, label=method, **style)
+        x_bars, y_bars = _error_bars(x, xs, x_errors), _error_bars(y, ys, y_errors)
+        series = ax.errorbar(xs, ys, xerr=x_bars, yerr=y_bars, capsize=2, markersize=5, alpha=0.85, label=method, **style)
         _dodge(series, fig, ax, index, len(points))
     ax.set_xlabel(_axis_label(x))
     ax.set_ylabel(_axis_label(y))
@@ -910,7 +962,11 @@ def _plot_temperature(table: LeaderboardTable, path: Path) -> Path | None:
         series = ax.errorbar(
             list(curve),
             [estimate.mean for estimate in found if estimate is not None],
-            yerr=[_half_width(estimate) for estimate in found],
+            yerr=_error_bars(
+                WIN_RATE.key,
+                [estimate.mean for estimate in found if estimate is not None],
+                [_half_width(estimate) for estimate in found if estimate is not None],
+            ),
             capsize=3,
             label=method,
             **styles[method],
@@ -942,7 +998,11 @@ def write_leaderboard(tables: Sequence[LeaderboardTable], out_dir: Path, console
     sections = ["# Leaderboard\n\nGenerated by `expo-bench leaderboard` from the tracking store: do not edit.\n"]
     written = []
     for table in tables:
-        console.print(rich_table(_terminal_title(table), *_display(table, terminal=True), console.width, "leaderboard.md"))
+        header, rows = _display(table, terminal=True)
+        # the verdict and the grid edges qualify the rows: kept, with Δ and its tests, wrapped between words if need be
+        notes = header.index("notes")
+        wrap = [*(index for index, name in enumerate(header) if name.startswith("Δ vs")), notes]
+        console.print(rich_table(_terminal_title(table), header, rows, console.width, "leaderboard.md", notes + 1, wrap))
         console.print(_caption(table), style="dim", highlight=False)
         header, rows = _display(table)
         slug = _slug(f"{table.experiment}-{table.dataset}" if several else table.dataset)

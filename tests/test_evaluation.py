@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from chat_server import serving
+from conftest import SHARED_DATA, needs_shared_data
 from rich.console import Console
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -22,7 +23,7 @@ from expo_bench.recipe import validate_recipe
 from expo_bench.runner import run_experiment
 
 ROOT = Path(__file__).parent.parent
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 def hh_twin(base_url: str) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def hh_twin(base_url: str) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+@needs_shared_data()
 def test_hh_twin_is_judged_by_an_llm_against_the_chosen_responses(tmp_path: Path) -> None:
     with serving() as server:  # its judge prefers the longer response
         data = hh_twin(server.base_url)
@@ -56,6 +57,7 @@ def test_hh_twin_is_judged_by_an_llm_against_the_chosen_responses(tmp_path: Path
         rows = [json.loads(line) for line in judgments.read_text().splitlines()]
         assert len(rows) == 4 and {row["judge"] for row in rows} == {"llm:local-judge"}
         assert all(row["temperature"] == temperature and row["candidate_position"] in ("A", "B") for row in rows)
+        assert all(row["prompt"].startswith("\n\nHuman: ") for row in rows)  # the whole dialogue, never cut mid-sentence
         # recompute the win rate from the verdicts: the server's judge prefers the longer text
         expected = [
             0.5 if row["candidate"] == row["baseline"] else float(len(row["candidate"]) > len(row["baseline"])) for row in rows
@@ -82,7 +84,7 @@ def first_position_share(rows: list[dict[str, Any]]) -> float:
     return choices.count("A") / len(choices)
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+@needs_shared_data()
 def test_two_judges_score_the_same_comparisons_and_their_agreement_is_reported(tmp_path: Path) -> None:
     cohen_kappa_score = pytest.importorskip("sklearn.metrics").cohen_kappa_score
     with serving() as plain, serving(first_bias=0.5) as biased:  # two endpoints; the second favours position A
@@ -115,7 +117,7 @@ def test_two_judges_score_the_same_comparisons_and_their_agreement_is_reported(t
     assert single["eval/win_rate"] == dpo["eval/j2/win_rate"] and "eval/j1_j2/kappa" not in single
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+@needs_shared_data()
 def test_evaluation_only_refuses_a_run_that_never_trained(tmp_path: Path) -> None:
     with serving() as server:
         data = hh_twin(server.base_url)
@@ -125,7 +127,7 @@ def test_evaluation_only_refuses_a_run_that_never_trained(tmp_path: Path) -> Non
             run_experiment(validate_recipe(data, "hh.yaml"), tmp_path, Console(quiet=True))
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+@needs_shared_data()
 def test_an_unreachable_judge_fails_before_any_work(tmp_path: Path) -> None:
     data = hh_twin("http://127.0.0.1:9/v1")  # nothing listens on the discard port
     data["task"]["sft"] = None
@@ -134,6 +136,7 @@ def test_an_unreachable_judge_fails_before_any_work(tmp_path: Path) -> None:
     assert not (tmp_path / "hh_tiny_local" / "runs").exists()  # its endpoint is asked before anything else
 
 
+@needs_shared_data()
 def test_hh_evaluation_needs_a_judge() -> None:
     data = hh_twin("http://127.0.0.1:9/v1")
     del data["task"]["evaluation"]["judge"]

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import SHARED_DATA, needs_shared_data
 from rich.console import Console
 
 from expo_bench.errors import RecipeError
@@ -16,8 +17,8 @@ from expo_bench.recipe import validate_recipe
 from expo_bench.runner import run_experiment
 
 ROOT = Path(__file__).parent.parent
-SHARED = ROOT.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+SHARED = SHARED_DATA
+pytestmark = needs_shared_data()
 
 
 def twin() -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from chat_server import ChatServer, Scripted, first_bias_draw, serving
+from conftest import SHARED_DATA, missing
 from network import free_port
 from pydantic import TypeAdapter, ValidationError
 
@@ -32,7 +33,7 @@ from expo_bench.evaluation.metrics import position_bias_summary
 from expo_bench.evaluation.reward_models import HFRewardModel
 from expo_bench.evaluation.types import Comparison
 
-GPT2 = Path(__file__).parents[2] / "shared" / "data" / "tokenizers" / "gpt2"
+GPT2 = SHARED_DATA / "tokenizers" / "gpt2"
 KEY = "sk-test-S3CRET-0123456789abcdef"
 KEY_ENV = "EXPO_BENCH_TEST_JUDGE_KEY"
 
@@ -415,7 +416,7 @@ def test_reward_model_judge_scores_prompt_and_response_together() -> None:
 @pytest.fixture(scope="module")
 def tiny_reward_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not GPT2.is_dir():
-        pytest.skip(f"shared GPT-2 tokenizer not found at {GPT2}")
+        pytest.skip(missing(GPT2))
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(str(GPT2))
@@ -456,7 +457,7 @@ def test_reward_model_judge_config_builds_an_hf_reward_model(tiny_reward_model: 
 
 def test_hf_reward_model_needs_one_output(tmp_path: Path) -> None:
     if not GPT2.is_dir():
-        pytest.skip(f"shared GPT-2 tokenizer not found at {GPT2}")
+        pytest.skip(missing(GPT2))
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(str(GPT2))

@@ -274,6 +274,9 @@ def test_ui_serves_the_store_and_stops_without_orphans(store: dict[str, Any], tm
         ui.send_signal(signal.SIGTERM)  # to the expo-bench process only: it must stop the server and its workers
         output = ui.communicate(timeout=30)[0]
         assert f"http://127.0.0.1:{port}" in output and "viewStateShareKey=leaderboard" in output
+        view = next(line for line in output.splitlines() if "viewStateShareKey" in line)
+        assert view.endswith("viewStateShareKey=leaderboard") and f"http://127.0.0.1:{port}/#/experiments/" in view  # unfolded
+        assert "uvicorn" not in output.lower() and "gunicorn" not in output.lower() and "INFO" not in output  # no chatter
         deadline = time.monotonic() + 10
         while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -347,8 +350,10 @@ def test_terminal_table_fits_80_columns_without_folding(tmp_path: Path) -> None:
     markdown = (tmp_path / "out" / "leaderboard.md").read_text()
     assert "self-BLEU" not in markdown and "self-BLEU" not in output.getvalue()  # undefined: left out, not n/a
     assert "KL(π‖π_ref)" in markdown and "0.3198 ± 0.0082" in markdown  # the KL estimate with its standard error
+    assert "| 0.7 (unreliable: 8 judged) |" in markdown and 'LC "unreliable": fewer than 50' in markdown  # 8 prompts
     caption = " ".join(output.getvalue().split())
     assert "Also in " in caption and "length" in caption  # what did not fit is named, and is in the files
+    assert not list((tmp_path / "out").glob("*lam_sweep*"))  # every method tried one λ: no sweep to plot
 
 
 def test_an_llm_judged_run_shows_kl_and_its_judges_audit(tmp_path: Path) -> None:
@@ -393,3 +398,30 @@ def test_an_llm_judged_run_shows_kl_and_its_judges_audit(tmp_path: Path) -> None
     assert any(path.name.endswith("-reward_kl.png") for path in written), "without rewards: win rate against KL"
     header = next(csv.reader(io.StringIO((tmp_path / "out" / "leaderboard.csv").read_text())))
     assert {"eval/first_position_wins", "eval/j2/win_rate", "eval/j1_j2/kappa_ci95"} <= set(header)
+
+
+def test_a_degenerate_length_controlled_win_rate_is_flagged() -> None:
+    from expo_bench.leaderboard import Configuration, RunRecord, lc_warning
+
+    def row(lc: float, raw: float, judged: float) -> Configuration:
+        metrics = {keys.LC_WIN_RATE.key: lc, keys.WIN_RATE.key: raw, keys.JUDGED.key: judged}
+        return Configuration("dpo", "dpo", (RunRecord("r", metrics, {}, {}),))
+
+    assert lc_warning(row(1.0, 0.19, 16)) == "unreliable: 16 judged, 1.00 beside 0.19 raw"  # the issue's case
+    assert lc_warning(row(0.0, 0.4, 805)) == "unreliable: 0.00 beside 0.40 raw"
+    assert lc_warning(row(0.62, 0.6, 49)) == "unreliable: 49 judged"
+    assert lc_warning(row(0.62, 0.6, 805)) is None and lc_warning(row(0.999, 0.99, 805)) is None  # a real sweep
+    assert lc_warning(Configuration("dpo", "dpo", (RunRecord("r", {keys.WIN_RATE.key: 0.5}, {}, {}),))) is None
+
+
+def test_the_notes_stay_at_80_columns_beside_a_wide_paired_difference(store: dict[str, Any], tmp_path: Path) -> None:
+    """Δ with its tests is ~46 characters: Δ and the notes wrap between words, and a later column is left out instead."""
+    from rich.console import Console
+
+    output = io.StringIO()
+    write_leaderboard(store["tables"], tmp_path / "out", Console(file=output, width=80, force_terminal=False))
+    lines = output.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    rows = {line.split()[0]: line for line in lines if line.strip() and line.split()[0] in ("expo", "dpo")}
+    assert rows["dpo"].rstrip().endswith("worse than best") and rows["expo"].rstrip().endswith("best")
+    assert "sign-flip" in output.getvalue()  # Δ's tests wrapped onto a second line, not cut

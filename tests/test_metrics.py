@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import SHARED_DATA, missing
 from network import free_port
 
 from expo_bench import metric_keys
@@ -32,7 +33,7 @@ from expo_bench.evaluation.metrics import (
     word_ids,
 )
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 IMDB_TEST_SAMPLE = DATA / "imdb" / "test_sample.jsonl.gz"
 NAN = math.nan
 
@@ -41,7 +42,7 @@ NAN = math.nan
 def reviews() -> list[str]:
     """The first 40 IMDb test-sample reviews, HTML line breaks removed, cut to 80 words to keep NLTK quick."""
     if not IMDB_TEST_SAMPLE.is_file():
-        pytest.skip(f"shared IMDb data not found at {IMDB_TEST_SAMPLE}")
+        pytest.skip(missing(IMDB_TEST_SAMPLE))
     with gzip.open(IMDB_TEST_SAMPLE, "rt", encoding="utf-8") as lines:
         texts = [json.loads(line)["text"] for _, line in zip(range(40), lines, strict=False)]
     return [" ".join(text.replace("<br />", " ").split()[:80]) for text in texts]

@@ -21,6 +21,7 @@ from expo_bench.lm.model import count_parameters
 from expo_bench.lm.reference import attach_reference_logps, attach_reference_samples
 from expo_bench.lm.sft import fine_tune
 from expo_bench.lm.tokenize import fingerprint_tokenizer, pad_token_id
+from expo_bench.reporting import SweepProgress
 from expo_bench.sweep import lm_report
 from expo_bench.sweep.context import SweepContext
 from expo_bench.sweep.fit import FitUnit, evaluate, fit
@@ -55,6 +56,10 @@ class LanguageModelSweep:
 
     def __init__(self, context: SweepContext, task: LanguageModelTask) -> None:
         self.context, self.task = context, task
+        experiment = context.experiment
+        self.progress = SweepProgress(
+            len(experiment.recipe.seeds) * sum(len(run.grid) for run in experiment.runs), context.console
+        )
 
     def run(self) -> list[LanguageModelRecord]:
         with rank_zero_first():
@@ -129,6 +134,7 @@ class LanguageModelSweep:
             records.append(self._evaluate_reference(evaluator, seed, provenance, instance))
         every = None if evaluation is None else evaluation.every_n_steps
         for unit in units:
+            self.progress.start(f"{unit.name}, seed {seed}")
             tracked = self._open(
                 unit.run.label, unit.lam, unit.identity, unit.run_dir, evaluator, instance, unit.run.method.regularization
             )
@@ -187,7 +193,7 @@ class LanguageModelSweep:
         eos = tokenizer.eos_token_id
         return HeldOutPrompts(
             [pair.prompt_ids for pair in pairs],
-            [tokenizer.decode(pair.prompt_ids) for pair in pairs],
+            [data.prompt_texts.get(tuple(pair.prompt_ids)) or tokenizer.decode(pair.prompt_ids) for pair in pairs],
             [strip_eos(pair.chosen_ids, eos) for pair in pairs],
         )
 

@@ -48,6 +48,9 @@ class TaskData:
     test: HeldOutPrompts | None = None
     """Evaluation prompts with reference responses of their own (AlpacaEval-style); None: each distinct held-out
     prompt with its first chosen response."""
+    prompt_texts: Mapping[tuple[int, ...], str] = field(default_factory=dict)
+    """Prompt ids → the prompt as a person reads it (a conversation as ``User: ...`` paragraphs, untruncated): what
+    an LLM judge is shown of a held-out prompt instead of its decoded, chat-templated ids."""
 
 
 class LanguageModelTask(ConfigModel):
