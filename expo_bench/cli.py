@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from expo_bench.recipe import Experiment
 
 EXIT_USER_ERROR = 2
+RUNS = Path("runs")
+"""Where a user's runs go by default: git-ignored, apart from the committed reference results (``--results results``)."""
 ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 """Write failures that are the machine's, not a bug: reported in one line, like a user error."""
 DISK_FULL = re.compile(r"No space left on device|database or disk is full|Disk quota exceeded")
@@ -52,7 +54,8 @@ EXAMPLES = """examples:
   expo-bench schema task.preference       a section's fields, defaults, meaning
   expo-bench validate RECIPE --print-config
   expo-bench run RECIPE --only method=dpo --only seed=0 --set train.max_epochs=2
-  expo-bench leaderboard EXPERIMENT       the leaderboard again, from the store"""
+  expo-bench leaderboard EXPERIMENT       the leaderboard again, from the store
+  expo-bench data fetch                   the files the local twins read, into ../shared/data"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"expo-bench {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, handler, summary in (
-        ("run", run, "train and evaluate every method of each recipe; write results/<experiment>/"),
+        ("run", run, "train and evaluate every method of each recipe; write runs/<experiment>/"),
         ("validate", validate, "check a recipe (types, ranges, method names) without running it"),
     ):
         command = commands.add_parser(name, help=summary, description=summary)
@@ -96,7 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
             help="print the resolved recipe (every default filled in) as YAML and exit",
         )
         if name == "run":
-            command.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results/)")
+            command.add_argument(
+                "--results",
+                type=Path,
+                default=RUNS,
+                help="results root (default: runs/, git-ignored; --results results regenerates the committed reference results)",
+            )
+            command.add_argument(
+                "--allow-dirty",
+                action="store_true",
+                help="write into a results folder that git tracks even though the code has uncommitted changes "
+                "(refused otherwise: committed results must regenerate from a commit); recorded in summary.json",
+            )
             command.add_argument(
                 "--yes",
                 action="store_true",
@@ -122,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     schema.set_defaults(handler=show_schema)
     schema.add_argument("section", nargs="?", default="", metavar="SECTION", help="e.g. train, task.hh.evaluation")
+    data = commands.add_parser(
+        "data",
+        help="fetch the public files the local twins and the tests read (needs the hub)",
+        description="fetch: HH-RLHF's test splits, IMDb and the Pythia and GPT-2 tokenizers from the Hugging Face hub "
+        "into a data folder (default ../shared/data, the folder the shipped recipes name); files already there are kept.",
+    )
+    data.set_defaults(handler=fetch_data)
+    data.add_argument("action", choices=["fetch"], help="fetch the missing files")
+    data.add_argument("--to", type=Path, default=None, metavar="DIR", help="the data folder (default: ../shared/data)")
     board = commands.add_parser(
         "leaderboard",
         help="tables and plots of the best configuration per method, from the tracking store",
@@ -135,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     board.add_argument(
         "--baseline", default="dpo", metavar="METHOD", help="the method every row is paired with, seed by seed (default: dpo)"
+    )
+    board.add_argument(
+        "--equivalence-fraction",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="equivalence (TOST) margin against the best row: F × the best row's gap to the baseline (default: 0.5)",
+    )
+    board.add_argument(
+        "--equivalence-margin", type=float, metavar="M", help="an absolute TOST margin in the rank metric's units instead"
+    )
+    board.add_argument(
+        "--leave-one-seed-out",
+        action="store_true",
+        help="also report the rank metric when each seed's configuration is picked on the other seeds' selection metric",
     )
     ui_command = commands.add_parser(
         "ui",
@@ -153,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for command in (board, ui_command):
         command.add_argument(
-            "--results", type=Path, default=Path("results"), help="results root, home of the default store (default: results/)"
+            "--results", type=Path, default=RUNS, help="results root, home of the default store (default: runs/)"
         )
         command.add_argument(
             "--tracking-uri",
@@ -181,10 +219,24 @@ def _values(values: list[object]) -> str:
     return text[0] if len(text) == 1 else "{" + ", ".join(text) + "}"
 
 
+def _flat(settings: dict[str, object], prefix: str = "") -> dict[str, object]:
+    """``{"optimizer": {"lr": 1e-3}}`` → ``{"optimizer.lr": 1e-3}``."""
+    flat: dict[str, object] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def describe(experiment: Experiment, width: int | None = None) -> Table:
     """One row per method run: what will be trained, with which λ grid, the other hyperparameters that are not
-    defaults (a set where the grid varies them) and the budget."""
+    defaults (a set where the grid varies them) and where its budget differs from the recipe's (so that runs a grid
+    over ``train.`` settings split apart differ in that column, not only in columns a narrow terminal leaves out),
+    then the budget."""
     recipe = experiment.recipe
+    shared_budget = _flat(recipe.train.model_dump(mode="json"))
     rows = []
     for run in experiment.runs:
         dumps = [params.model_dump(exclude={run.method.regularization or ""}) for params in run.grid]
@@ -193,11 +245,20 @@ def describe(experiment: Experiment, width: int | None = None) -> Table:
         shown = {
             key: values for key, values in varying.items() if len(set(map(str, values))) > 1 or values[0] != defaults.get(key)
         }
+        budget = {
+            key: value for key, value in _flat(run.train.model_dump(mode="json")).items() if shared_budget.get(key) != value
+        }
         rows.append(
             [
                 run.label,
                 lam_summary(run.lam),
-                ", ".join(f"{key}={_values(values)}" for key, values in shown.items()) or "—",
+                ", ".join(
+                    [
+                        *(f"{key}={_values(values)}" for key, values in shown.items()),
+                        *(f"{key}={_values([value])}" for key, value in budget.items()),
+                    ]
+                )
+                or "—",
                 str(run.train.max_epochs),
                 str(run.train.batch_size),
                 f"{run.train.optimizer.name} {run.train.optimizer.lr:g}",
@@ -208,7 +269,7 @@ def describe(experiment: Experiment, width: int | None = None) -> Table:
     seeds = len(recipe.seeds)
     runs = f"{experiment.run_count:,} runs ({configurations:,} configurations × {seeds} seed{'s' * (seeds != 1)})"
     title = f"{recipe.experiment} · recipe {recipe.fingerprint()} · seeds {recipe.seeds} · {runs}"
-    return rich_table(title, header, rows, width, "--print-config")
+    return rich_table(title, header, rows, width, "--print-config", required=3, wrap=[2])  # what tells the rows apart stays
 
 
 def load(args: argparse.Namespace) -> list[Experiment]:
@@ -284,20 +345,28 @@ def run(args: argparse.Namespace, console: Console) -> None:
         print_config(experiments, console)
         return
     confirm_size(experiments, args.yes, console)
-    from expo_bench.runner import preflight, run_experiment, start_ranks  # imports Lightning: keep validate and --help fast
+    from expo_bench.runner import (  # imports Lightning: keep validate and --help fast
+        git_revision,
+        preflight,
+        refuse_dirty_overwrite,
+        run_experiment,
+        start_ranks,
+    )
     from expo_bench.tracking import check_store, resolve_tracking_uri
     from expo_bench.training import Machine
 
     machine = Machine.this()
+    revision = git_revision(Path(__file__).parent)
     for experiment in experiments:  # runnable here, and the places they write writable, before anything is written
         experiment.check_machine(machine)
         writable(args.results / experiment.recipe.experiment)
+        refuse_dirty_overwrite(args.results / experiment.recipe.experiment, revision, args.allow_dirty)
         check_store(resolve_tracking_uri(experiment.recipe.tracking.uri, args.results))
         preflight(experiment, args.results)  # every recipe's judge answers before the first one trains
     start_ranks(experiments, console)
     for experiment in experiments:
         console.print(describe(experiment, console.width))
-        run_experiment(experiment, args.results, console)
+        run_experiment(experiment, args.results, console, args.allow_dirty)
 
 
 def methods(args: argparse.Namespace, console: Console) -> None:
@@ -309,7 +378,7 @@ def methods(args: argparse.Namespace, console: Console) -> None:
 def recipes(args: argparse.Namespace, console: Console) -> None:
     from expo_bench.explain import recipes_text
 
-    console.print(recipes_text(), highlight=False, markup=False, soft_wrap=True)
+    console.print(recipes_text(width=console.width), highlight=False, markup=False, soft_wrap=True)
 
 
 def show_schema(args: argparse.Namespace, console: Console) -> None:
@@ -318,11 +387,30 @@ def show_schema(args: argparse.Namespace, console: Console) -> None:
     console.print(schema_text(args.section), highlight=False, markup=False, soft_wrap=True)
 
 
+def fetch_data(args: argparse.Namespace, console: Console) -> None:
+    from expo_bench.datafiles import DEFAULT_FOLDER, fetch
+
+    fetch(args.to or DEFAULT_FOLDER, console)
+
+
 def leaderboard(args: argparse.Namespace, console: Console) -> None:
+    from pydantic import ValidationError
+
+    from expo_bench.comparison_settings import StatisticsConfig
     from expo_bench.leaderboard import load_leaderboard, write_leaderboard  # imports MLflow and matplotlib
     from expo_bench.tracking import resolve_tracking_uri
 
-    tables = load_leaderboard(resolve_tracking_uri(args.tracking_uri, args.results), args.experiment, args.baseline)
+    try:
+        settings = StatisticsConfig(
+            equivalence_fraction=args.equivalence_fraction,
+            equivalence_margin=args.equivalence_margin,
+            leave_one_seed_out=args.leave_one_seed_out,
+        )
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise UserError(f"expo-bench leaderboard --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    uri = resolve_tracking_uri(args.tracking_uri, args.results)
+    tables = load_leaderboard(uri, args.experiment, args.baseline, settings)
     written = write_leaderboard(tables, args.results / (args.experiment or "leaderboard"), console)
     console.print(f"wrote {', '.join(str(path) for path in written)}")
 
@@ -353,8 +441,8 @@ def ui(args: argparse.Namespace, console: Console) -> None:
         except (OSError, OverflowError) as error:
             raise UserError(f"cannot listen on {args.host}:{args.port} ({error}): pass another --port") from error
     url = f"http://{args.host}:{args.port}"
-    for name, experiment_id in leaderboard_views(uri).items():
-        console.print(f"{name}: {url}/#/experiments/{experiment_id}?viewStateShareKey={LEADERBOARD_VIEW}")
+    for name, experiment_id in leaderboard_views(uri).items():  # URLs on one line each, never folded: they are clicked
+        console.print(f"{name}: {url}/#/experiments/{experiment_id}?viewStateShareKey={LEADERBOARD_VIEW}", soft_wrap=True)
     if not loopback(args.host):
         Console(stderr=True).print(
             Text("warning: ", style="bold yellow")
@@ -366,12 +454,16 @@ def ui(args: argparse.Namespace, console: Console) -> None:
     server_module = "mlflow" if args.allow_writes else "expo_bench.ui_server"  # ui_server: mlflow server, read-only
     command = [sys.executable, "-m", server_module, *(["server"] if args.allow_writes else [])]
     command += ["--backend-store-uri", uri, "--host", args.host]
-    server = subprocess.Popen(
-        [*command, "--port", str(args.port), "--workers", "1"],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job-runner processes: the UI only reads
-        start_new_session=True,  # its own process group: all of it can be killed if it does not stop when asked
-    )
-    console.print(f"MLflow UI over {uri}: {url} (Ctrl-C stops it)")
+    log = Path(tempfile.gettempdir()) / f"expo-bench-ui-{args.port}.log"
+    with log.open("w") as chatter:  # the server's own messages (gunicorn/uvicorn, migrations) go to a file
+        server = subprocess.Popen(
+            [*command, "--port", str(args.port), "--workers", "1"],
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job-runner processes: the UI only reads
+            stdout=chatter,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: all of it can be killed if it does not stop when asked
+        )
+    console.print(f"MLflow UI over {uri}: {url} (Ctrl-C stops it; the server's messages: {log})", soft_wrap=True)
     stopping: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
@@ -392,7 +484,7 @@ def ui(args: argparse.Namespace, console: Console) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if status != 0 and not stopping:
-        raise UserError(f"the MLflow server exited with status {status}: see its messages above")
+        raise UserError(f"the MLflow server exited with status {status}: see its messages in {log}")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)

@@ -8,9 +8,9 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -73,6 +73,21 @@ class ConfigModel(BaseModel):
     """A frozen pydantic model that rejects unknown keys by name, with a suggestion, and non-finite floats."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    added_later: ClassVar[frozenset[str]] = frozenset()
+    """Fields added after results were stored: left out of dumps while at their defaults, so an earlier recipe's
+    digests (its evaluations' identities, the recipe hash) stay the same and its stored results are reused."""
+
+    @model_serializer(mode="wrap")
+    def _omit_later_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
+        dumped = handler(self)
+        if not self.added_later or not isinstance(dumped, dict):
+            return dumped
+        fields = type(self).model_fields
+        return {
+            key: value
+            for key, value in dumped.items()
+            if key not in self.added_later or getattr(self, key) != fields[key].get_default(call_default_factory=True)
+        }
 
     @model_validator(mode="before")
     @classmethod

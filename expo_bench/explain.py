@@ -12,7 +12,7 @@ import textwrap
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel
@@ -20,9 +20,11 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from expo_bench.errors import UserError
-from expo_bench.methods import PreferenceMethod, available_methods
-from expo_bench.recipe import Experiment, Recipe
-from expo_bench.training import TrainConfig
+
+if TYPE_CHECKING:  # the methods and the recipe import PyTorch: `expo-bench recipes` reads files only
+    from expo_bench.methods import PreferenceMethod
+    from expo_bench.recipe import Experiment
+    from expo_bench.training import TrainConfig
 
 WIDTH = 80
 BOUNDS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤", "min_length": "length ≥"}
@@ -119,6 +121,8 @@ def method_lines(name: str, method: type[PreferenceMethod]) -> list[str]:
 
 
 def methods_text() -> str:
+    from expo_bench.methods import available_methods
+
     blocks = ["\n".join(method_lines(name, method)) for name, method in available_methods().items()]
     footer = (
         "A recipe names a method by its name or by an import path (my_package.my_module:MyMethod, found from the "
@@ -147,16 +151,17 @@ def recipe_line(path: Path) -> str:
     return " ".join(comment).split(". ")[0].rstrip(".")
 
 
-def recipes_text(folder: Path | None = None) -> str:
+def recipes_text(folder: Path | None = None, width: int = WIDTH) -> str:
+    """One line per recipe, its description shortened only where ``width`` (the terminal's) is too narrow."""
     folder = folder or shipped_recipes()
     paths = sorted(folder.glob("*.yaml"))
     if not paths:
         raise UserError(f"no recipes (*.yaml) in {folder}")
-    width = max(len(path.name) for path in paths)
+    names = max(len(path.name) for path in paths)
     lines = [f"recipes in {folder}:"]
     for path in paths:
-        lead = f"  {path.name:<{width}}  "
-        lines.append(lead + textwrap.shorten(recipe_line(path), WIDTH - len(lead), placeholder="…"))
+        lead = f"  {path.name:<{names}}  "
+        lines.append(lead + textwrap.shorten(recipe_line(path), max(width, WIDTH) - len(lead), placeholder="…"))
     lines.append("expo-bench validate RECIPE --print-config: one resolved, with every default.")
     return "\n".join(lines)
 
@@ -281,6 +286,8 @@ def _list_item(lines: Iterator[str]) -> Iterator[str]:
 
 def section(path: str) -> tuple[type[BaseModel] | list[type[BaseModel]], str]:
     """The model (or the kinds of a discriminated union) at a dotted path such as ``task.hh.evaluation``."""
+    from expo_bench.recipe import Recipe
+
     current: type[BaseModel] | list[type[BaseModel]] = Recipe
     walked: list[str] = []
     for part in [part for part in path.split(".") if part]:
@@ -321,6 +328,8 @@ def _all_kinds() -> list[type[BaseModel]]:
                 if member not in found:
                     found.append(member)
                     walk(member)
+
+    from expo_bench.recipe import Recipe
 
     walk(Recipe)
     return [member for member in found if _kind(member) is not None]

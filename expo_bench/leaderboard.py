@@ -1,11 +1,13 @@
 """The leaderboard, generated from the tracking store and never edited by hand.
 
 One table per (experiment, dataset): each method's best configuration, every leaderboard metric as mean ± 95% CI over
-seeds (Student t), the rank metric's paired per-seed difference from a baseline method, which methods the best one is
-not distinguishable from, and where each number came from (runs, git sha, recipe hash, parameters). Where the runs
-logged a selection metric (on held-out prompts set aside for it) the best configuration is picked on that, never on
-the reported numbers; otherwise it is picked on the reported metric and the caption says it is optimistic. A pick at
-the edge of its grid is flagged.
+seeds (Student t), the rank metric's paired per-seed difference from a baseline method (Holm-adjusted over the column,
+with an exact sign-flip p), which methods a test cannot tell from the best one and which an equivalence test (TOST)
+shows within a margin of it, and where each number came from (runs, git sha, recipe hash, parameters). With several
+task instances: one table per instance and a pooled one whose unit is the instance. Where the runs logged a selection
+metric (on evaluation prompts set aside for it) the best configuration is picked on that, never on the reported
+numbers; otherwise it is picked on the reported metric and the caption says it is optimistic. A pick at the edge of
+its grid is flagged. docs/statistics.md says which test backs which mark.
 """
 
 from __future__ import annotations
@@ -37,7 +39,17 @@ from mlflow.exceptions import MlflowException
 from rich.console import Console
 from scipy import stats
 
-from expo_bench.comparison import SIGNIFICANCE, PairedDifference, grid_edges, holm, paired_difference
+from expo_bench.comparison import (
+    SIGNIFICANCE,
+    Equivalence,
+    PairedDifference,
+    equivalence,
+    grid_edges,
+    holm,
+    leave_one_out_pick,
+    paired_difference,
+)
+from expo_bench.comparison_settings import StatisticsConfig
 from expo_bench.config_model import closest
 from expo_bench.errors import UserError
 from expo_bench.metric_keys import (
@@ -50,20 +62,22 @@ from expo_bench.metric_keys import (
     LEADERBOARD_COLUMNS,
     MEAN_LENGTH,
     REWARD,
-    REWARD_STDERR,
-    STANDARD_ERRORS,
     WIN_RATE,
     WIN_RATE_STDERR,
     Goal,
     Metric,
     at_temperature,
+    panel_columns,
+    standard_error_key,
 )
-from expo_bench.reporting import Z_95, markdown_table, rich_table, with_interval
+from expo_bench.reporting import Z_95, markdown_table, method_style, rich_table, with_interval
 from expo_bench.tracking import (
     COMPLETE,
     CONFIG_KEY,
     DATASET,
     GIT_SHA,
+    INSTANCE,
+    JUDGE,
     METHOD,
     RANK_GOAL,
     RANK_METRIC,
@@ -122,9 +136,17 @@ class Configuration:
     runs: tuple[RunRecord, ...]
 
     @cached_property
+    def instances(self) -> tuple[str, ...]:
+        """The task instances its runs span (none tagged: a recipe with one instance)."""
+        return tuple(sorted({run.tags[INSTANCE] for run in self.runs if INSTANCE in run.tags}))
+
+    @cached_property
     def estimates(self) -> dict[str, Estimate]:
-        """Every metric the runs logged, over the runs that logged it."""
+        """Every metric the runs logged, over the runs that logged it; where they span several task instances, over the
+        instances' means (:meth:`by_unit`)."""
         keys = dict.fromkeys(key for run in self.runs for key in run.metrics)
+        if len(self.instances) > 1:
+            return {key: estimate(list(self.by_unit(key).values())) for key in keys}
         return {key: estimate([run.metrics[key] for run in self.runs if key in run.metrics]) for key in keys}
 
     @cached_property
@@ -157,9 +179,18 @@ class Configuration:
         known = CATALOG.get(f"eval/{metric.split('/', 1)[1]}")
         return metric, known.goal if known is not None else self.rank[1]
 
-    def by_seed(self, metric: str) -> dict[str, float]:
-        """``{seed: value}`` of one metric (runs without a seed tag are left out)."""
-        return {run.tags[SEED]: run.metrics[metric] for run in self.runs if SEED in run.tags and metric in run.metrics}
+    def by_unit(self, metric: str) -> dict[str, float]:
+        """``{replication unit: value}`` of one metric, what paired tests pair: the seed (runs without a seed tag are
+        left out); where the runs span several task instances, the instance, valued at the mean over its seeds. Seeds
+        are nested in an instance (seed 0 of two instances shares nothing), so across instances the instance is what
+        replicates the task."""
+        if len(self.instances) <= 1:
+            return {run.tags[SEED]: run.metrics[metric] for run in self.runs if SEED in run.tags and metric in run.metrics}
+        grouped: dict[str, list[float]] = defaultdict(list)
+        for run in self.runs:
+            if INSTANCE in run.tags and metric in run.metrics:
+                grouped[run.tags[INSTANCE]].append(run.metrics[metric])
+        return {instance: statistics.fmean(values) for instance, values in sorted(grouped.items())}
 
     def provenance(self, tag: str) -> list[str]:
         return list(dict.fromkeys(run.tags[tag] for run in self.runs if tag in run.tags))
@@ -178,15 +209,22 @@ class RowVerdict:
     edges: list[str]
     """Hyperparameters whose picked value is the lowest or highest its grid tried."""
     versus_baseline: PairedDifference | None
-    """Rank metric, this method − the baseline method, paired by seed."""
+    """Rank metric, this method − the baseline method, paired by unit (seed, or task instance)."""
+    baseline_p_holm: float | None
+    """Holm-adjusted p-value of ``versus_baseline`` over the column (every row compared with the baseline)."""
     versus_best: PairedDifference | None
-    """Rank metric, this method − the best row, paired by seed (None for the best row itself)."""
+    """Rank metric, this method − the best row, paired by unit (None for the best row itself)."""
     best_p_holm: float | None
     """Holm-adjusted p-value of ``versus_best`` over every row compared with the best."""
+    equivalent_to_best: Equivalence | None = None
+    """TOST of this row and the best at the table's equivalence margin (None: the best row, or no margin)."""
+    leave_one_seed_out: Estimate | None = None
+    """The rank metric when each seed's configuration is picked on the other seeds' selection metric (where asked)."""
 
     @property
-    def indistinguishable_from_best(self) -> bool:
-        """True for the best row, and for rows the paired tests (Holm-corrected, 5%) cannot tell from it."""
+    def not_distinguishable_from_best(self) -> bool:
+        """True for the best row, and for rows the paired tests (Holm-corrected, 5%) cannot tell from it. A failure to
+        reject, not a finding of equality: that is :attr:`equivalent_to_best`'s to show."""
         return self.versus_best is None or self.best_p_holm is None or self.best_p_holm >= SIGNIFICANCE
 
 
@@ -217,6 +255,10 @@ class LeaderboardTable:
     """By method."""
     baseline: str | None
     """The method every row is paired with (None: not in this table)."""
+    equivalence_margin: float | None = None
+    """The ± margin of the equivalence tests against the best row, in the rank metric's units (None: none run)."""
+    instances: tuple[str, ...] = ()
+    """The task instances its runs span (several: a pooled table whose unit is the instance; none: not tagged)."""
 
 
 def _pick(candidates: list[Configuration], rank: tuple[str, Goal]) -> tuple[Configuration, str]:
@@ -228,7 +270,12 @@ def _pick(candidates: list[Configuration], rank: tuple[str, Goal]) -> tuple[Conf
 
 
 def build_table(
-    store: str, experiment: str, dataset: str, runs: Sequence[RunRecord], baseline: str | None = "dpo"
+    store: str,
+    experiment: str,
+    dataset: str,
+    runs: Sequence[RunRecord],
+    baseline: str | None = "dpo",
+    settings: StatisticsConfig | None = None,
 ) -> LeaderboardTable:
     groups: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
     for run in runs:
@@ -242,12 +289,20 @@ def build_table(
     rank_metric, rank_goal = Counter(ranks.values()).most_common(1)[0][0]  # methods may disagree: the majority sorts
     rows = sorted((best for best, _ in picked.values()), key=_sort_key(rank_metric, rank_goal))
     logged = {key for row in rows for key in row.estimates}
-    columns = tuple(column for column in LEADERBOARD_COLUMNS if column.key in logged)
+    columns = (*(column for column in LEADERBOARD_COLUMNS if column.key in logged), *panel_columns(logged))
     if rank_metric not in {column.key for column in columns}:
         columns = (Metric(rank_metric, rank_metric, rank_goal), *columns)
+    settings = settings or StatisticsConfig()
     baseline_row = next((row for row in rows if row.method == baseline), None)
-    versus_best = {row.method: paired_difference(row.by_seed(rank_metric), rows[0].by_seed(rank_metric)) for row in rows[1:]}
-    adjusted = holm({method: found.p_value for method, found in versus_best.items() if found and found.p_value is not None})
+    versus_best = {row.method: paired_difference(row.by_unit(rank_metric), rows[0].by_unit(rank_metric)) for row in rows[1:]}
+    versus_baseline = {
+        row.method: paired_difference(row.by_unit(rank_metric), baseline_row.by_unit(rank_metric))
+        for row in rows
+        if baseline_row is not None and row is not baseline_row
+    }
+    best_gap = versus_baseline.get(rows[0].method)
+    margin = settings.margin(None if best_gap is None else best_gap.mean)
+    baseline_adjusted, best_adjusted = _holm(versus_baseline), _holm(versus_best)
     verdicts = {
         row.method: RowVerdict(
             selected_by=picked[row.method][1],
@@ -255,11 +310,16 @@ def build_table(
                 {key: value for key, value in row.params.items() if key.startswith(GRID_PARAMS)},
                 [candidate.params for candidate in by_method[row.method]],
             ),
-            versus_baseline=None
-            if baseline_row is None or row is baseline_row
-            else paired_difference(row.by_seed(rank_metric), baseline_row.by_seed(rank_metric)),
+            versus_baseline=versus_baseline.get(row.method),
+            baseline_p_holm=baseline_adjusted.get(row.method),
             versus_best=versus_best.get(row.method),
-            best_p_holm=adjusted.get(row.method),
+            best_p_holm=best_adjusted.get(row.method),
+            equivalent_to_best=None
+            if margin is None or row is rows[0]
+            else equivalence(row.by_unit(rank_metric), rows[0].by_unit(rank_metric), margin),
+            leave_one_seed_out=_leave_one_seed_out(by_method[row.method], rank_metric, rank_goal)
+            if settings.leave_one_seed_out
+            else None,
         )
         for row in rows
     }
@@ -274,7 +334,51 @@ def build_table(
         tuple(configurations),
         verdicts,
         None if baseline_row is None else baseline,
+        margin,
+        tuple(sorted({instance for row in rows for instance in row.instances})),
     )
+
+
+def _holm(column: dict[str, PairedDifference | None]) -> dict[str, float]:
+    """Holm-adjusted p-values of a column of paired comparisons (those with a p-value)."""
+    return holm({method: found.p_value for method, found in column.items() if found and found.p_value is not None})
+
+
+def _leave_one_seed_out(candidates: list[Configuration], rank_metric: str, goal: Goal) -> Estimate | None:
+    """The rank metric over units when each unit's configuration is picked on the others' selection metric (in a pooled
+    table the unit is the task instance: one instance is left out at a time)."""
+    selections = {configuration.selection for configuration in candidates}
+    selection = selections.pop() if len(selections) == 1 else None
+    if selection is None:
+        return None
+    picked = leave_one_out_pick(
+        {c.config_key: c.by_unit(selection[0]) for c in candidates},
+        {c.config_key: c.by_unit(rank_metric) for c in candidates},
+        selection[1],
+    )
+    return estimate(list(picked.values())) if picked else None
+
+
+def experiment_tables(
+    store: str, experiment: str, runs: Sequence[RunRecord], baseline: str | None, settings: StatisticsConfig | None = None
+) -> list[LeaderboardTable]:
+    """One table per dataset; where a dataset's runs span several task instances, one per instance (seeds paired
+    within it) before the pooled one (instances paired)."""
+    by_dataset: dict[str, list[RunRecord]] = defaultdict(list)
+    for run in runs:
+        by_dataset[run.tags.get(DATASET, "unknown")].append(run)
+    tables = []
+    for dataset, members in sorted(by_dataset.items()):
+        by_instance: dict[str, list[RunRecord]] = defaultdict(list)
+        for run in members:
+            by_instance[run.tags.get(INSTANCE, "")].append(run)
+        if len(by_instance) > 1:
+            tables += [
+                build_table(store, experiment, dataset, by_instance[instance], baseline, settings)
+                for instance in sorted(by_instance, key=lambda name: (len(name), name))  # 2 before 10
+            ]
+        tables.append(build_table(store, experiment, dataset, members, baseline, settings))
+    return tables
 
 
 def _experiments(client: MlflowClient, uri: str, name: str | None) -> list[tuple[str, str]]:
@@ -292,9 +396,12 @@ def _experiments(client: MlflowClient, uri: str, name: str | None) -> list[tuple
     return found
 
 
-def load_leaderboard(uri: str, experiment: str | None, baseline: str | None = "dpo") -> list[LeaderboardTable]:
+def load_leaderboard(
+    uri: str, experiment: str | None, baseline: str | None = "dpo", settings: StatisticsConfig | None = None
+) -> list[LeaderboardTable]:
     """The tables of one experiment (None: of every experiment) from the complete child runs in the store, each row
-    paired with the ``baseline`` method's row."""
+    paired with the ``baseline`` method's row. Where the runs span several task instances: one table per instance
+    (seeds paired within it), then the pooled table (instances paired)."""
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
         raise UserError(f"no tracking store at {database} (URI {uri}): run a recipe first (expo-bench run RECIPE)")
@@ -305,10 +412,7 @@ def load_leaderboard(uri: str, experiment: str | None, baseline: str | None = "d
     tables = []
     for experiment_id, name in _experiments(client, uri, experiment):
         runs = [RunRecord.of(run) for run in search_all(client, [experiment_id], f"tags.`{COMPLETE}` = 'true'")]
-        by_dataset: dict[str, list[RunRecord]] = defaultdict(list)
-        for run in runs:
-            by_dataset[run.tags.get(DATASET, "unknown")].append(run)
-        tables += [build_table(uri, name, dataset, members, baseline) for dataset, members in sorted(by_dataset.items())]
+        tables += experiment_tables(uri, name, runs, baseline, settings)
     if not tables:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
         raise UserError(
@@ -319,14 +423,12 @@ def load_leaderboard(uri: str, experiment: str | None, baseline: str | None = "d
 
 def _spread(row: Configuration, key: str, stderr_key: str | None = None) -> Estimate | None:
     """A metric's mean ± half-width over seeds (Student t), or with one seed ± Z_95 × the run's own standard error
-    over prompts where it logged one (win rate, reward, KL: ``stderr_key`` or the metric's in
-    :data:`~expo_bench.metric_keys.STANDARD_ERRORS`), so that a single seed still shows its uncertainty."""
+    over prompts where it logged one (win rate, reward, KL, a judge's audit: ``stderr_key`` or the metric's
+    :func:`~expo_bench.metric_keys.standard_error_key`), so that a single seed still shows its uncertainty."""
     found = row.estimates.get(key)
     if found is None or found.half_width is not None:
         return found
-    if stderr_key is None and key in STANDARD_ERRORS:
-        stderr_key = STANDARD_ERRORS[key].key
-    within = None if stderr_key is None else row.estimates.get(stderr_key)
+    within = row.estimates.get(stderr_key or standard_error_key(key))
     if within is None or not math.isfinite(within.mean):
         return found
     return Estimate(found.mean, Z_95 * within.mean, found.n)
@@ -353,19 +455,58 @@ def _params_text(params: dict[str, str]) -> str:
     return ", ".join(f"{key}={value}" for key, value in shown.items()) or "—"
 
 
-def _difference(found: PairedDifference | None) -> str:
-    """``-1.2 ± 0.4 (p 0.003)``: a paired difference, its CI half-width and p-value."""
+def _difference(found: PairedDifference | None, p_holm: float | None) -> str:
+    """``-0.51 ± 0.48 (Holm p 0.13; sign-flip p 0.12)``: a paired difference, its CI half-width, the t-test's p-value
+    Holm-adjusted over the column and the exact sign-flip p-value (the raw t-test p is in the CSV)."""
     if found is None:
         return "—"
     spread = "" if found.half_width is None else f" ± {found.half_width:.2g}"
-    p = "" if found.p_value is None else f" (p {found.p_value:.2g})"
-    return f"{found.mean:+.3g}{spread}{p}"
+    tests = [f"{name} p {p:.2g}" for name, p in (("Holm", p_holm), ("sign-flip", found.sign_flip_p)) if p is not None]
+    return f"{found.mean:+.3g}{spread}" + (f" ({'; '.join(tests)})" if tests else "")
+
+
+LC_MIN_JUDGED = 50
+"""Fewer judged comparisons than this and the length-controlled GLM (three coefficients) is mostly noise."""
+LC_SATURATED = 0.01
+"""An LC win rate this close to 0 or 1 beside a raw rate that is not: the GLM separated, it did not measure."""
+
+
+def lc_warning(row: Configuration) -> str | None:
+    """Why a row's length-controlled win rate should not be read, if it should not: too few judged comparisons, or
+    an LC at 0 or 1 beside a raw win rate away from it (a separated fit: AlpacaEval's GLM has no prior). Shown in
+    the LC cell itself, so that it goes wherever the value goes."""
+    lc, raw, judged = (row.estimates.get(key) for key in (LC_WIN_RATE.key, WIN_RATE.key, JUDGED.key))
+    if lc is None or not math.isfinite(lc.mean):
+        return None
+    reasons = []
+    if judged is not None and judged.mean < LC_MIN_JUDGED:
+        reasons.append(f"{judged.mean:g} judged")
+    if raw is not None and min(lc.mean, 1 - lc.mean) < LC_SATURATED and min(raw.mean, 1 - raw.mean) >= 5 * LC_SATURATED:
+        reasons.append(f"{lc.mean:.2f} beside {raw.mean:.2f} raw")
+    return f"unreliable: {', '.join(reasons)}" if reasons else None
+
+
+def _metric_cell(row: Configuration, metric: Metric) -> str:
+    text = _cell(_spread(row, metric.key), metric.spread)
+    warning = lc_warning(row) if metric.key == LC_WIN_RATE.key else None
+    return text if warning is None else f"{text} ({warning})"
 
 
 def _notes(verdict: RowVerdict) -> str:
-    notes = ["≈ best" if verdict.indistinguishable_from_best else "worse than best"]
+    if verdict.versus_best is None:
+        notes = ["best"]
+    else:
+        notes = ["not distinguishable from best" if verdict.not_distinguishable_from_best else "worse than best"]
     notes += [f"grid edge: {edge}" for edge in verdict.edges]
     return "; ".join(notes)
+
+
+def _equivalence(verdict: RowVerdict) -> str:
+    """``shown (p 0.045)`` where TOST shows the row within the margin of the best, ``not shown (p 0.11)`` otherwise."""
+    found = verdict.equivalent_to_best
+    if found is None or found.p_value is None:
+        return "—"
+    return f"{'shown' if found.equivalent else 'not shown'} (p {found.p_value:.2g})"
 
 
 def _defined(table: LeaderboardTable) -> list[Metric]:
@@ -386,21 +527,39 @@ def _display(table: LeaderboardTable, terminal: bool = False) -> tuple[list[str]
     rank = [metric for metric in metrics if metric.key == table.rank_metric]
     others = [metric for metric in metrics if metric.key != table.rank_metric]
     versus = [] if table.baseline is None else [f"Δ vs {table.baseline}" + ("" if terminal else " (paired)")]
+    margin = table.equivalence_margin
+    equivalent = [] if margin is None else [f"within ±{margin:.2g} of best (TOST)"]
+    held_out = any(verdict.leave_one_seed_out for verdict in table.verdicts.values())
+    picked_apart = [f"{title}, leave-one-seed-out pick" for title in (m.title for m in rank) if held_out]
     seeds = ["seeds"] if not terminal or len(_seed_counts(table)) > 1 else []
     provenance = [] if terminal else ["params", "runs", "git", "recipe"]
-    header = ["method", "λ", *(m.title for m in rank), *versus, "notes", *seeds, *(m.title for m in others), *provenance]
+    header = [
+        "method",
+        "λ",
+        *(m.title for m in rank),
+        *versus,
+        "notes",
+        *equivalent,
+        *picked_apart,
+        *seeds,
+        *(m.title for m in others),
+        *provenance,
+    ]
     rows = [
         [
             row.method,
             _lam(row),
-            *(_cell(_spread(row, metric.key), metric.spread) for metric in rank),
-            *([] if table.baseline is None else [_difference(table.verdicts[row.method].versus_baseline)]),
-            _notes(table.verdicts[row.method]),
+            *(_metric_cell(row, metric) for metric in rank),
+            *([] if table.baseline is None else [_difference(verdict.versus_baseline, verdict.baseline_p_holm)]),
+            _notes(verdict),
+            *([_equivalence(verdict)] if equivalent else []),
+            *([_cell(verdict.leave_one_seed_out)] if picked_apart else []),
             *([str(len(row.runs))] if seeds else []),
-            *(_cell(_spread(row, metric.key), metric.spread) for metric in others),
+            *(_metric_cell(row, metric) for metric in others),
             *(_provenance(row) if provenance else []),
         ]
         for row in table.rows
+        for verdict in [table.verdicts[row.method]]
     ]
     return header, rows
 
@@ -419,7 +578,9 @@ def _seed_counts(table: LeaderboardTable) -> set[int]:
 
 
 def _title(table: LeaderboardTable) -> str:
-    return f"{table.experiment} · {table.dataset}"
+    count = len(table.instances)
+    scope = "" if not count else f" · instance {table.instances[0]}" if count == 1 else f" · pooled over {count} instances"
+    return f"{table.experiment} · {table.dataset}{scope}"
 
 
 def _terminal_title(table: LeaderboardTable) -> str:
@@ -447,19 +608,53 @@ def _caption(table: LeaderboardTable) -> str:
     else:
         picked = (
             f"Each method's configuration is picked on {', '.join(f'`{key}`' for key in sorted(selected))}, computed on "
-            "held-out prompts set aside for selection and never reported"
+            "the evaluation prompts set aside for selection and never reported (whether they are also training prompts "
+            "depends on the task: see docs/statistics.md)"
+        )
+    unit = "seed"
+    if len(table.instances) > 1:
+        unit = "task instance"
+        picked += (
+            f"; pooled over {len(table.instances)} task instances: every statistic treats an instance (the mean over its "
+            "seeds) as one replication, and pairs instances"
         )
     versus = (
         ""
         if table.baseline is None
-        else f"; Δ: the paired per-seed difference from `{table.baseline}` (mean ± 95% CI, paired t-test p)"
+        else f"; Δ: the paired per-{unit} difference from `{table.baseline}` (mean ± 95% CI; the paired t-test's p "
+        "Holm-adjusted over the column, raw p in the CSV; the exact sign-flip test's p, which at n pairs cannot go below "
+        "2/2^n)"
+    )
+    equivalent = (
+        ""
+        if table.equivalence_margin is None
+        else f' "within ±{table.equivalence_margin:.2g} of best": two one-sided paired t-tests (TOST, 5%) show the row\'s '
+        "difference from the best row inside that margin (shown) or fail to (not shown); the margin is a stated fraction "
+        "of the best row's gap to the baseline, or the recipe's `statistics.equivalence_margin`."
     )
     return (
-        f"Rows ranked by `{table.rank_metric}` ({direction} is better); mean ± 95% CI over seeds (Student t), or with one "
+        f"Rows ranked by `{table.rank_metric}` ({direction} is better); mean ± 95% CI over {unit}s (Student t), or with one "
         f"seed over the run's prompts (1.96 standard errors){versus}. "
-        f'{picked}. "≈ best": a paired t-test against the best row (Holm-corrected over the rows, 5%) cannot tell them '
-        f'apart. "grid edge": the picked value is the lowest or highest its grid tried. Source: {_shown(table.store)}.'
+        f'{picked}. "not distinguishable from best": a paired t-test against the best row (Holm-corrected over the rows, '
+        f"5%) does not reject equality; that is no evidence the two are equal.{equivalent} "
+        f'"grid edge": the picked value is the lowest or highest its grid tried.{_lc_caption(table)} '
+        f"Source: {_shown(table.store)}." + _judges_note(table)
     )
+
+
+def _lc_caption(table: LeaderboardTable) -> str:
+    if not any(lc_warning(row) for row in table.rows):
+        return ""
+    return (
+        f' LC "unreliable": fewer than {LC_MIN_JUDGED} judged comparisons, or a length-controlled win rate at 0 or 1 '
+        "beside a raw one that is not (the length GLM separated the data): read the raw win rate."
+    )
+
+
+def _judges_note(table: LeaderboardTable) -> str:
+    """Which judge each label in the columns is (``j2``, ``truth``), where the runs had several."""
+    panels = {judges for row in table.rows for judges in row.provenance(JUDGE) if "=" in judges}
+    return f" Judges: {'; '.join(sorted(panels))} (docs/judges.md)." if panels else ""
 
 
 Cell = Callable[[LeaderboardTable, Configuration], str]
@@ -476,6 +671,11 @@ def _number_or_blank(value: float | int | None) -> str:
 
 def _paired(found: PairedDifference | None, field: str) -> str:
     return "" if found is None else _number_or_blank(getattr(found, field))
+
+
+def _equivalence_field(verdict: RowVerdict, field: str) -> str:
+    found = verdict.equivalent_to_best
+    return "" if found is None or found.p_value is None else str(getattr(found, field))
 
 
 def _mean(key: str) -> Cell:
@@ -505,6 +705,7 @@ def _csv_columns(tables: Sequence[LeaderboardTable]) -> list[tuple[str, Cell]]:
     logged = {key for table in tables for row in table.rows for key in row.estimates}
     leading = {WIN_RATE.key, LC_WIN_RATE.key, MEAN_LENGTH.key}
     rest = [column.key for column in LEADERBOARD_COLUMNS if column.key not in leading]
+    rest += [column.key for column in panel_columns(logged)]
     rest += sorted({table.rank_metric for table in tables} - {column.key for column in LEADERBOARD_COLUMNS})
     for key in rest:
         if key in logged:
@@ -516,10 +717,24 @@ def _csv_columns(tables: Sequence[LeaderboardTable]) -> list[tuple[str, Cell]]:
         ("vs_baseline_difference", lambda table, row: _paired(table.verdicts[row.method].versus_baseline, "mean")),
         ("vs_baseline_ci95", lambda table, row: _paired(table.verdicts[row.method].versus_baseline, "half_width")),
         ("vs_baseline_p", lambda table, row: _paired(table.verdicts[row.method].versus_baseline, "p_value")),
+        ("vs_baseline_p_holm", lambda table, row: _number_or_blank(table.verdicts[row.method].baseline_p_holm)),
+        ("vs_baseline_sign_flip_p", lambda table, row: _paired(table.verdicts[row.method].versus_baseline, "sign_flip_p")),
+        ("vs_best_difference", lambda table, row: _paired(table.verdicts[row.method].versus_best, "mean")),
+        ("vs_best_p", lambda table, row: _paired(table.verdicts[row.method].versus_best, "p_value")),
         ("vs_best_p_holm", lambda table, row: _number_or_blank(table.verdicts[row.method].best_p_holm)),
-        ("indistinguishable_from_best", lambda table, row: str(table.verdicts[row.method].indistinguishable_from_best)),
+        ("vs_best_sign_flip_p", lambda table, row: _paired(table.verdicts[row.method].versus_best, "sign_flip_p")),
+        ("not_distinguishable_from_best", lambda table, row: str(table.verdicts[row.method].not_distinguishable_from_best)),
+        ("equivalence_margin", lambda table, row: _number_or_blank(table.equivalence_margin)),
+        ("equivalence_p", lambda table, row: _equivalence_field(table.verdicts[row.method], "p_value")),
+        ("equivalent_to_best", lambda table, row: _equivalence_field(table.verdicts[row.method], "equivalent")),
+        ("rank_leave_one_seed_out", lambda table, row: _number(table.verdicts[row.method].leave_one_seed_out)),
+        (
+            "rank_leave_one_seed_out_ci95",
+            lambda table, row: _number(table.verdicts[row.method].leave_one_seed_out, half_width=True),
+        ),
         ("grid_edges", lambda table, row: "; ".join(table.verdicts[row.method].edges)),
         ("n_seeds", lambda table, row: str(len(row.runs))),
+        ("instances", lambda table, row: " ".join(row.instances)),
         ("rank_metric", lambda table, row: table.rank_metric),
         ("experiment", lambda table, row: table.experiment),
         ("dataset", lambda table, row: table.dataset),
@@ -539,19 +754,33 @@ def _write_csv(tables: Sequence[LeaderboardTable], path: Path) -> None:
         writer.writerows([cell(table, row) for _, cell in columns] for table in tables for row in table.rows)
 
 
-MARKERS = "osD^vPX*<>"
 DODGE_POINTS = 4.0
-LINES = ("-", "--", "-.", ":")
+BOUNDS = {
+    **{key: (0.0, math.inf) for key in (KL.key, "eval/kl_target_to_policy", "eval/kl_target_to_policy_well_formed")},
+    "eval/malformed_leak": (0.0, math.inf),
+    MEAN_LENGTH.key: (0.0, math.inf),
+    **{key: (0.0, 1.0) for key in (WIN_RATE.key, LC_WIN_RATE.key, DISTINCT_2.key)},
+}
+"""The values a metric can take: an interval drawn around its mean is clipped to them (a KL's t-interval never
+reaches below zero, a win rate's never above one)."""
+
+
+def _bounds(key: str) -> tuple[float, float]:
+    """A metric's bounds, also under a temperature's key (``eval/T0.5/win_rate``)."""
+    return BOUNDS.get(key) or BOUNDS.get(f"{key.split('/')[0]}/{key.rsplit('/', 1)[-1]}", (-math.inf, math.inf))
+
+
+def _error_bars(key: str, centres: Sequence[float], half_widths: Sequence[float]) -> list[list[float]]:
+    """``[below, above]`` for matplotlib's ``yerr``/``xerr``: each half-width, clipped to the metric's bounds."""
+    low, high = _bounds(key)
+    below = [max(0.0, min(width, centre - low)) for centre, width in zip(centres, half_widths, strict=True)]
+    above = [max(0.0, min(width, high - centre)) for centre, width in zip(centres, half_widths, strict=True)]
+    return [below, above]
 
 
 def _styles(table: LeaderboardTable) -> dict[str, dict[str, Any]]:
-    """One colour, marker and line style per method, the same in every plot of a table: series that lie on top of
-    each other stay tellable apart."""
-    methods = sorted({configuration.method for configuration in table.configurations})
-    return {
-        method: {"color": f"C{index % 10}", "marker": MARKERS[index % len(MARKERS)], "linestyle": LINES[index % len(LINES)]}
-        for index, method in enumerate(methods)
-    }
+    """Each method's colour, marker and line style: fixed by its name, the same in every plot of every experiment."""
+    return {configuration.method: method_style(configuration.method) for configuration in table.configurations}
 
 
 def _axis_label(key: str) -> str:
@@ -559,7 +788,7 @@ def _axis_label(key: str) -> str:
     metric = CATALOG.get(key)
     if metric is None:
         return key
-    return f"{metric.title} ({'higher' if metric.goal == 'max' else 'lower'} is better)"
+    return metric.title if not metric.directed else f"{metric.title} ({'higher' if metric.goal == 'max' else 'lower'} is better)"
 
 
 def _dodge(series: ErrorbarContainer, fig: Figure, ax: Axes, index: int, count: int) -> None:
@@ -600,7 +829,7 @@ def _plot_ranking(table: LeaderboardTable, path: Path) -> Path | None:
     ax.bar(
         range(len(found)),
         [estimate.mean for _, estimate in found],
-        yerr=[_half_width(estimate) for _, estimate in found],
+        yerr=_error_bars(table.rank_metric, [e.mean for _, e in found], [_half_width(e) for _, e in found]),
         capsize=4,
         color=[styles[method]["color"] for method, _ in found],
     )
@@ -612,7 +841,8 @@ def _plot_ranking(table: LeaderboardTable, path: Path) -> Path | None:
 
 
 def _plot_lam_sweep(table: LeaderboardTable, path: Path) -> Path | None:
-    """The rank metric against λ, every configuration of each method that has a positive ``lam`` param."""
+    """The rank metric against λ, every configuration of each method that has a positive ``lam`` param; none where no
+    method tried two values of λ (a sweep of one point is no sweep)."""
     curves: dict[str, list[tuple[float, Estimate]]] = defaultdict(list)
     for configuration in table.configurations:
         try:
@@ -622,7 +852,7 @@ def _plot_lam_sweep(table: LeaderboardTable, path: Path) -> Path | None:
         found = _spread(configuration, table.rank_metric)
         if lam > 0 and found is not None:
             curves[configuration.method].append((lam, found))
-    if not curves:
+    if not any(len({lam for lam, _ in points}) > 1 for points in curves.values()):
         return None
     styles = _styles(table)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -631,7 +861,7 @@ def _plot_lam_sweep(table: LeaderboardTable, path: Path) -> Path | None:
         series = ax.errorbar(
             [lam for lam, _ in points],
             [found.mean for _, found in points],
-            yerr=[_half_width(found) for _, found in points],
+            yerr=_error_bars(table.rank_metric, [found.mean for _, found in points], [_half_width(found) for _, found in points]),
             capsize=3,
             label=method,
             **styles[method],
@@ -657,7 +887,8 @@ def _scatter(table: LeaderboardTable, path: Path, points: dict[str, list[Point]]
     for index, (method, found) in enumerate(sorted(points.items())):
         xs, ys, x_errors, y_errors = zip(*found, strict=True)
         style = {**styles[method], "linestyle": "none"}
-        series = ax.errorbar(xs, ys, xerr=x_errors, yerr=y_errors, capsize=2, markersize=5, alpha=0.85, label=method, **style)
+        x_bars, y_bars = _error_bars(x, xs, x_errors), _error_bars(y, ys, y_errors)
+        series = ax.errorbar(xs, ys, xerr=x_bars, yerr=y_bars, capsize=2, markersize=5, alpha=0.85, label=method, **style)
         _dodge(series, fig, ax, index, len(points))
     ax.set_xlabel(_axis_label(x))
     ax.set_ylabel(_axis_label(y))
@@ -672,13 +903,17 @@ def _run_point(run: RunRecord, x: str, y: str, stderrs: tuple[str | None, str | 
 
 
 def _plot_frontier(table: LeaderboardTable, path: Path) -> Path | None:
-    """Reward against KL(π‖π_ref), one point per run of every configuration, with 95% intervals over prompts."""
+    """Reward (or, from a judge without rewards, win rate) against KL(π‖π_ref), one point per run of every
+    configuration, with 95% intervals over prompts."""
+    rewarded = any(REWARD.key in run.metrics for configuration in table.configurations for run in configuration.runs)
+    y = REWARD if rewarded else WIN_RATE
     points: dict[str, list[Point]] = defaultdict(list)
     for configuration in table.configurations:
         for run in configuration.runs:
-            if (point := _run_point(run, KL.key, REWARD.key, (KL_STDERR.key, REWARD_STDERR.key))) is not None:
+            if (point := _run_point(run, KL.key, y.key, (KL_STDERR.key, standard_error_key(y.key)))) is not None:
                 points[configuration.method].append(point)
-    return _scatter(table, path, points, KL.key, REWARD.key, "reward–KL frontier (one point per run, 95% CI over prompts)")
+    title = f"{y.title}–KL frontier (one point per run, 95% CI over prompts)"
+    return _scatter(table, path, points, KL.key, y.key, title)
 
 
 def _plot_diversity(table: LeaderboardTable, path: Path) -> Path | None:
@@ -727,7 +962,11 @@ def _plot_temperature(table: LeaderboardTable, path: Path) -> Path | None:
         series = ax.errorbar(
             list(curve),
             [estimate.mean for estimate in found if estimate is not None],
-            yerr=[_half_width(estimate) for estimate in found],
+            yerr=_error_bars(
+                WIN_RATE.key,
+                [estimate.mean for estimate in found if estimate is not None],
+                [_half_width(estimate) for estimate in found if estimate is not None],
+            ),
             capsize=3,
             label=method,
             **styles[method],
@@ -759,7 +998,11 @@ def write_leaderboard(tables: Sequence[LeaderboardTable], out_dir: Path, console
     sections = ["# Leaderboard\n\nGenerated by `expo-bench leaderboard` from the tracking store: do not edit.\n"]
     written = []
     for table in tables:
-        console.print(rich_table(_terminal_title(table), *_display(table, terminal=True), console.width, "leaderboard.md"))
+        header, rows = _display(table, terminal=True)
+        # the verdict and the grid edges qualify the rows: kept, with Δ and its tests, wrapped between words if need be
+        notes = header.index("notes")
+        wrap = [*(index for index, name in enumerate(header) if name.startswith("Δ vs")), notes]
+        console.print(rich_table(_terminal_title(table), header, rows, console.width, "leaderboard.md", notes + 1, wrap))
         console.print(_caption(table), style="dim", highlight=False)
         header, rows = _display(table)
         slug = _slug(f"{table.experiment}-{table.dataset}" if several else table.dataset)

@@ -9,6 +9,8 @@ after ``eval/``.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +31,9 @@ class Metric:
     goal: Goal
     spread: bool = True
     """Show mean ± CI over seeds (False: just the mean, e.g. counts)."""
+    directed: bool = True
+    """Whether ``goal`` holds; False: neither direction is better (a judge's position bias is best at ½), so the
+    metric never ranks or picks configurations."""
 
     @property
     def name(self) -> str:
@@ -101,13 +106,66 @@ SELF_BLEU = Metric("eval/self_bleu_within_prompt", "self-BLEU", "min")
 ENTROPY_2 = Metric("eval/entropy_2_across_prompts", "2-gram entropy", "max")
 MEAN_LENGTH = Metric("eval/mean_length", "length", "max", spread=False)
 
+# The judges' audit (see ``expo_bench.evaluation.metrics.position_bias_summary`` and ``agreement_summary``).
+FIRST_POSITION_WINS = Metric("eval/first_position_wins", "P(first wins)", "max", directed=False)
+"""On comparisons judged in both orders: the share of answers that picked the response shown first (½: no bias)."""
+SELF_CONSISTENCY = Metric("eval/self_consistency", "self-consistency", "max")
+"""On comparisons judged in both orders: the share whose two answers pick the same response."""
+SWAPPED = Metric("eval/swapped", "judged both ways", "max", spread=False)
+
+TRUTH = "truth"
+"""The label of the task's own ground truth (the synthetic oracle, IMDb's reward model) when it judges alongside."""
+
+
+def judge_label(index: int) -> str:
+    """Several judges are ``j1``, ``j2``, ... in the recipe's order: ``eval/j2/win_rate``, ``eval/j1_j2/kappa``."""
+    return f"j{index + 1}"
+
+
+PER_JUDGE = (WIN_RATE, FIRST_POSITION_WINS, SELF_CONSISTENCY)
+"""What the leaderboard shows of each judge after the first (``eval/<label>/<name>``)."""
+AGREEMENT = Metric("eval/agreement", "agreement", "max")
+KAPPA = Metric("eval/kappa", "κ", "max")
+BETWEEN_JUDGES = (AGREEMENT, KAPPA)
+"""What the leaderboard shows of each pair of judges (``eval/<label>_<label>/<name>``)."""
+_LABEL = rf"(?:j\d+|{TRUTH})"
+
+
+def panel_columns(keys: Iterable[str]) -> list[Metric]:
+    """Leaderboard columns for the metrics of several judges among ``keys``: each later judge's win rate and audit,
+    then each pair's agreement and κ; titled by the judges' labels."""
+    per_judge = {metric.name: metric for metric in PER_JUDGE}
+    between = {metric.name: metric for metric in BETWEEN_JUDGES}
+    found: list[tuple[int, str, Metric]] = []
+    for key in keys:
+        if match := re.fullmatch(rf"{EVAL}/({_LABEL})/(\w+)", key):
+            label, name = match.groups()
+            if name in per_judge:
+                known = per_judge[name]
+                found.append((0, key, Metric(key, f"{known.title} {label}", known.goal, directed=known.directed)))
+        elif match := re.fullmatch(rf"{EVAL}/({_LABEL})_({_LABEL})/(\w+)", key):
+            first, second, name = match.groups()
+            if name in between:
+                known = between[name]
+                found.append((1, key, Metric(key, f"{known.title} {first}–{second}", known.goal)))
+    return [metric for _, _, metric in sorted(found, key=lambda entry: entry[:2])]
+
+
+def standard_error_key(key: str) -> str:
+    """The key of a metric's standard error within one run: ``.../win_rate`` -> ``.../stderr`` (AlpacaEval's name),
+    any other ``key`` -> ``key_stderr``."""
+    head, _, name = key.rpartition("/")
+    return f"{head}/stderr" if name == WIN_RATE.name else f"{key}_stderr"
+
+
 # Tasks with an exactly known target policy.
-KL_TO_TARGET = Metric("eval/kl_target_to_policy", "KL(π*‖π)", "min")
-"""KL(π_target ‖ π) summed over prompts: the synthetic tasks' distance to the optimal policy."""
-KL_WELL_FORMED = Metric("eval/kl_target_to_policy_well_formed", "KL(π*‖π̃) well-formed", "min")
+KL_TO_TARGET = Metric("eval/kl_target_to_policy", "Σ_x KL(π*‖π)", "min")
+"""KL(π_target ‖ π) summed (not averaged) over the reported prompts x: the synthetic tasks' distance to the optimal
+policy, over every response (in the synthetic-token task, the held-out ones and those training pairs contain)."""
+KL_WELL_FORMED = Metric("eval/kl_target_to_policy_well_formed", "Σ_x KL(π*‖π̃) well-formed", "min")
 """KL(π_target ‖ π̃), π̃ the policy renormalised over well-formed responses, summed over prompts: the distance among
 well-formed responses. With :data:`MALFORMED_LEAK` it sums to :data:`KL_TO_TARGET`."""
-MALFORMED_LEAK = Metric("eval/malformed_leak", "leak −log π(W)", "min")
+MALFORMED_LEAK = Metric("eval/malformed_leak", "Σ_x leak −log π(W)", "min")
 """−log π(W) summed over prompts, π(W) the probability of a well-formed response: the part of KL(π_target ‖ π) that
 is probability leaked to malformed sequences."""
 TOP_RESPONSE_MASS = Metric("eval/top_response_mass", "top-response mass", "max")
@@ -122,6 +180,8 @@ LEADERBOARD_COLUMNS: tuple[Metric, ...] = (
     KL_WELL_FORMED,
     MALFORMED_LEAK,
     TOP_RESPONSE_MASS,
+    FIRST_POSITION_WINS,
+    SELF_CONSISTENCY,
     DISTINCT_2,
     SELF_BLEU,
     ENTROPY_2,
@@ -149,6 +209,7 @@ CATALOG: dict[str, Metric] = {
         WIN_RATE_CI_HIGH,
         JUDGED,
         INVALID_VERDICTS,
+        SWAPPED,
     )
 }
 """Every named metric by key."""

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from expo_bench.comparison_settings import StatisticsConfig
 from expo_bench.config_model import ConfigModel, closest
 from expo_bench.errors import RecipeError, UserError
 from expo_bench.methods import MethodParams, PreferenceMethod, UnknownMethodError, default_label, method_class
@@ -63,6 +64,8 @@ class Recipe(ConfigModel):
     methods: list[MethodEntry] = Field(min_length=1)
     baseline_method: str | None = "dpo"
     """The method label the leaderboard pairs every row with (per-seed differences); null for none."""
+    statistics: StatisticsConfig = StatisticsConfig()
+    """How the leaderboard compares methods: the equivalence margin, leave-one-seed-out selection."""
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")
@@ -83,8 +86,9 @@ class Recipe(ConfigModel):
         return seeds
 
     def fingerprint(self) -> str:
-        """sha256 of the validated recipe (defaults filled in; where it is tracked aside), the same for equal content."""
-        canonical = json.dumps(self.model_dump(mode="json", exclude={"tracking"}), sort_keys=True)
+        """sha256 of the validated recipe (defaults filled in; where it is tracked and how the leaderboard compares aside:
+        neither changes a run), the same for equal content."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"tracking", "statistics"}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

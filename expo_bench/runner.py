@@ -20,6 +20,7 @@ from rich.console import Console
 
 from expo_bench import tracking
 from expo_bench.distributed import is_global_zero, start_world
+from expo_bench.errors import UserError
 from expo_bench.evaluation.llm_judge import LLMJudgeConfig
 from expo_bench.leaderboard import load_leaderboard, write_leaderboard
 from expo_bench.recipe import Experiment, common_world
@@ -55,6 +56,32 @@ def git_revision(where: Path) -> str:
         return "unknown"
 
 
+def committed_files(folder: Path) -> list[str]:
+    """The files git tracks under ``folder`` (none outside a git checkout, or where the folder does not exist yet)."""
+    if not folder.is_dir():
+        return []
+    try:
+        found = subprocess.run(["git", "ls-files", "--", "."], cwd=folder, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return found.stdout.splitlines()
+
+
+def refuse_dirty_overwrite(out_dir: Path, revision: str, allow_dirty: bool) -> None:
+    """Committed results must come from committed code: a UserError if ``out_dir`` holds files git tracks and the code
+    has uncommitted changes (``revision`` ends in ``-dirty``), unless ``allow_dirty`` (then summary.json says so)."""
+    if allow_dirty or not revision.endswith("-dirty"):
+        return
+    tracked = committed_files(out_dir)
+    if tracked:
+        files = f"{len(tracked)} tracked file{'s' if len(tracked) != 1 else ''}, e.g. {tracked[0]}"
+        raise UserError(
+            f"{out_dir} holds committed results ({files}) and the code has "
+            f"uncommitted changes ({revision}): results written now could not be regenerated from any commit. Commit "
+            "first, write elsewhere (--results DIR), or pass --allow-dirty (recorded in summary.json)"
+        )
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in PACKAGES:
@@ -73,22 +100,23 @@ def start_ranks(experiments: Sequence[Experiment], console: Console) -> None:
 
 
 def preflight(experiment: Experiment, results_root: Path) -> None:
-    """Check what a run will need from outside before anything trains: an LLM judge's endpoint and model."""
+    """Check what a run will need from outside before anything trains: every LLM judge's endpoint and model."""
     task = experiment.recipe.task
     evaluation = task.evaluation if isinstance(task, LanguageModelTask) else None
-    judge = None if evaluation is None else evaluation.judge
-    if isinstance(judge, LLMJudgeConfig):
-        judge.build(results_root / experiment.recipe.experiment / "cache" / "judgments", seed=0).check_endpoint()
+    for judge in [] if evaluation is None else evaluation.panel:
+        if isinstance(judge, LLMJudgeConfig):
+            judge.build(results_root / experiment.recipe.experiment / "cache" / "judgments", seed=0).check_endpoint()
 
 
-def run_experiment(experiment: Experiment, results_root: Path, console: Console) -> Path:
+def run_experiment(experiment: Experiment, results_root: Path, console: Console, allow_dirty: bool = False) -> Path:
     """Train and evaluate every method of the recipe, recording each run in the tracking store; write
     results, the leaderboard among them, under ``results_root/<experiment>``."""
     preflight(experiment, results_root)
     recipe = experiment.recipe
     out_dir = results_root / recipe.experiment
-    out_dir.mkdir(parents=True, exist_ok=True)
     revision = git_revision(Path(__file__).parent)  # the code as it was when the run started
+    refuse_dirty_overwrite(out_dir, revision, allow_dirty)
+    out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     uri = tracking.resolve_tracking_uri(recipe.tracking.uri, results_root)
@@ -106,10 +134,12 @@ def run_experiment(experiment: Experiment, results_root: Path, console: Console)
         if not is_global_zero():  # the reports, the summary and the leaderboard are rank zero's
             return out_dir
         written = family.report(records, out_dir)
-        summary_path = write_summary(experiment, records, out_dir, revision, started, started_at, versions)
+        summary_path = write_summary(experiment, records, out_dir, revision, started, started_at, versions, allow_dirty)
         recipe_path = out_dir / "resolved_recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        written += write_leaderboard(load_leaderboard(uri, recipe.experiment, recipe.baseline_method), out_dir, console)
+        written += write_leaderboard(
+            load_leaderboard(uri, recipe.experiment, recipe.baseline_method, recipe.statistics), out_dir, console
+        )
         sweep.parent.log_artifacts([recipe_path, summary_path, *written])
     console.print(f"wrote {', '.join(str(path) for path in [summary_path, recipe_path, *written])}")
     console.print(f"tracked in {uri} (browse: expo-bench ui --results {results_root})")
@@ -125,6 +155,7 @@ def write_summary(
     started: float,
     started_at: str,
     versions: dict[str, str],
+    allow_dirty: bool = False,
 ) -> Path:
     recipe = experiment.recipe
     summary: dict[str, Any] = {
@@ -132,6 +163,7 @@ def write_summary(
         "recipe": str(experiment.source),
         "recipe_hash": recipe.fingerprint(),
         "git_sha": revision,
+        "allow_dirty": allow_dirty,
         "started_at": started_at,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "python": platform.python_version(),

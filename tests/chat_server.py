@@ -1,10 +1,12 @@
 """A scripted OpenAI-compatible chat-completions server on 127.0.0.1, for the LLM judge's tests, and a stand-in judge
 for trying a recipe without a real one: ``python tests/chat_server.py [--port 8000] [--model local-judge]`` answers
-every comparison with the longer response (a fixed rule, not a judgment: for plumbing, never for results)."""
+every comparison with the longer response (a fixed rule, not a judgment: for plumbing, never for results), or with
+``--first-bias b`` the first response in a share b of the answers (a judge with a known position bias)."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import threading
@@ -35,12 +37,21 @@ class QuietServer(ThreadingHTTPServer):
         pass  # a client that timed out closed its socket before the scripted slow answer: expected
 
 
+def first_bias_draw(content: str) -> float:
+    """A uniform draw in [0, 1) fixed by the request's text: whether the scripted position bias strikes."""
+    return int.from_bytes(hashlib.sha256(content.encode()).digest()[:8], "big") / 2**64
+
+
 class ChatServer:
     """Answers chat completions like a judge preferring the longer response (prompts with GARBAGE get an
-    unparseable answer); ``script`` responses come first, and after ``fail_after`` answers it fails with 500."""
+    unparseable answer); ``script`` responses come first, and after ``fail_after`` answers it fails with 500.
+    With ``first_bias`` b, a request answers A whatever the responses when its draw (:func:`first_bias_draw`) is
+    below b: on a pair judged both ways the response shown first then wins with probability (1 + b) / 2 and the two
+    answers agree with probability 1 − b."""
 
-    def __init__(self, port: int = 0, models: tuple[str, ...] = ("local-judge",)) -> None:
+    def __init__(self, port: int = 0, models: tuple[str, ...] = ("local-judge",), first_bias: float = 0.0) -> None:
         self.models = models
+        self.first_bias = first_bias
         """What GET /v1/models lists."""
         self.listing: str | None = None
         """What GET /v1/models answers instead of the listing, when set."""
@@ -62,6 +73,8 @@ class ChatServer:
         if "GARBAGE" in content:
             return "Both responses are fine, I cannot pick one."
         a, b = match.groups()
+        if first_bias_draw(content) < self.first_bias:
+            return f"Comparison: the first one.\n{label.group(1)}: A"
         return f"Comparison: one response is longer.\n{label.group(1)}: {'A' if len(a) > len(b) else 'B'}"
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
@@ -120,8 +133,8 @@ class ChatServer:
 
 
 @contextmanager
-def serving(models: tuple[str, ...] = ("local-judge",)) -> Iterator[ChatServer]:
-    chat = ChatServer(models=models)
+def serving(models: tuple[str, ...] = ("local-judge",), first_bias: float = 0.0) -> Iterator[ChatServer]:
+    chat = ChatServer(models=models, first_bias=first_bias)
     thread = threading.Thread(target=chat.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -135,8 +148,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default="local-judge", help="the model name it serves (recipes' judge.model)")
+    parser.add_argument("--first-bias", type=float, default=0.0, help="the share of answers that pick A whatever they see")
     options = parser.parse_args()
-    server = ChatServer(options.port, (options.model,))
+    server = ChatServer(options.port, (options.model,), options.first_bias)
     print(f"stand-in judge {options.model!r} on {server.base_url} (prefers the longer response); Ctrl-C stops it")
     try:
         server.httpd.serve_forever()

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 ROOT = Path(__file__).parent.parent
@@ -194,7 +195,9 @@ def tiny_classifier(folder: Path, data: Path = SHARED) -> Path:
         vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=256, num_labels=2,
         id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}, pad_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
-    GPT2ForSequenceClassification(config).save_pretrained(folder)
+    model = GPT2ForSequenceClassification(config)
+    torch.nn.init.normal_(model.score.weight, std=1.0)  # rewards that differ by more than a recipe's margin
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

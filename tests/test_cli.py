@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SHARED_DATA, needs_shared_data, require_shared_data
 
 from expo_bench.cli import EXIT_USER_ERROR, main
 from expo_bench.methods import available_methods
@@ -36,6 +37,17 @@ def test_validate_a_shipped_recipe(capsys: pytest.CaptureFixture[str], monkeypat
     assert "valid" in out and "expo_compositional" in out
 
 
+def test_validate_rows_differ_in_what_an_80_column_terminal_shows(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grid over the learning rate splits a method into one run per rate: the rows say which, even at 80 columns."""
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["validate", str(ROOT / "recipes/synthetic_tokens_tuned.yaml")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(" dpo ")]
+    assert len(rows) == 2 and len(set(rows)) == 2 and "optimizer.lr=0.0003" in rows[0]
+    assert max(len(line) for line in rows) <= 80
+
+
 def test_validate_reports_the_field_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     recipe = str(ROOT / "recipes/synthetic_interpolation.yaml")
     assert main(["validate", recipe, "--set", "methods.4.lam=[0.5, 2.0]"]) == EXIT_USER_ERROR
@@ -56,10 +68,11 @@ def test_user_mistake_in_a_fresh_process_has_no_traceback(tmp_path: Path) -> Non
     assert result.returncode == EXIT_USER_ERROR
     assert "Traceback" not in result.stderr
     assert "task.draws_per_promt" in result.stderr and "did you mean 'draws_per_prompt'" in result.stderr
-    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
 
 
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = SHARED_DATA
+NEEDS_DATA = {"missing tokenizer folder", "empty HH file", "empty IMDb file", "typo in model.tiny"}
 
 
 def hh_recipe(tmp_path: Path, name: str, **task: object) -> Path:
@@ -127,6 +140,8 @@ def test_each_bad_input_exits_2_with_one_message_and_writes_nothing(
     case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", "300")
+    if case in NEEDS_DATA:
+        require_shared_data()
     arguments, expected = bad_inputs(tmp_path)[case]
     results = tmp_path / "results"
     assert main(["run", arguments[0], "--results", str(results), *arguments[1:]]) == EXIT_USER_ERROR
@@ -277,6 +292,9 @@ def test_help_and_validate_import_no_heavy_package() -> None:
     """``--help`` needs none of the training stack, ``validate`` only torch: Lightning alone takes ~6 s to import."""
     heavy = {"lightning", "torchmetrics", "mlflow", "sklearn", "matplotlib", "datasets", "peft", "scipy"}
     assert fresh_modules("--help") & (heavy | {"torch", "transformers"}) == set()
+    assert fresh_modules("recipes") & (heavy | {"torch", "transformers"}) == set()
+    assert fresh_modules("methods") & heavy == set() and fresh_modules("schema", "task") & heavy == set()
+    require_shared_data()
     assert fresh_modules("validate", "recipes/hh_tiny_local.yaml", "recipes/imdb_tiny_local.yaml") & heavy == set()
 
 
@@ -319,6 +337,16 @@ def test_recipes_lists_each_shipped_recipe_on_one_line(capsys: pytest.CaptureFix
     assert max(len(line) for line in lines) <= 80
 
 
+def test_recipes_uses_a_wide_terminal_for_the_descriptions(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    twin = next(line for line in lines if "hh_tiny_local.yaml" in line)
+    assert twin.endswith("the real Pythia tokenizer and a tiny GPT-NeoX built from a config (no hub, no GPU)")
+
+
 def test_schema_prints_sections_as_commented_yaml(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schema", "train"]) == 0
     out = capsys.readouterr().out
@@ -340,6 +368,8 @@ def test_print_config_round_trips_to_the_same_recipe(
     path: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(ROOT)  # the recipe's local paths are relative to the repository root
+    if "../shared/data" in Path(path).read_text():
+        require_shared_data()
     assert main(["validate", path, "--print-config"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     if path.endswith("hh_tiny_local.yaml"):
@@ -370,15 +400,22 @@ def test_only_selects_methods_and_seeds(capsys: pytest.CaptureFixture[str], monk
     assert "no method entry is labelled or named dpx" in err and "no seed 7 in the recipe's seeds [0, 1, 2]" in err
 
 
+@needs_shared_data()
 def test_run_checks_the_judge_before_training_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from network import free_port
 
     recipe = str(ROOT / "recipes/hh_tiny_local.yaml")
     judge = f"task.evaluation.judge.base_url=http://127.0.0.1:{free_port()}/v1"
-    shared = ROOT.parent / "shared" / "data"
+    shared = SHARED_DATA
     paths = [f"task.source={shared / 'hh-rlhf'}", f"task.tokenizer={shared / 'tokenizers' / 'gpt-neox-20b'}"]
     arguments = ["run", recipe, "--results", str(tmp_path), "--set", judge, *(f"--set={path}" for path in paths)]
     assert main(arguments) == EXIT_USER_ERROR
     err = " ".join(capsys.readouterr().err.split())
     assert "is not reachable" in err and "--set task.evaluation=null" in err
     assert not (tmp_path / "hh_tiny_local" / "runs").exists()  # nothing trained
+
+
+def test_leaderboard_statistics_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["leaderboard", "x", "--results", str(tmp_path), "--equivalence-fraction", "0"]) == EXIT_USER_ERROR
+    assert "--equivalence-fraction: Input should be greater than 0" in " ".join(capsys.readouterr().err.split())
+    assert not list(tmp_path.iterdir())

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import SHARED_DATA, missing
 
 from expo_bench.contracts import Sequences, concat_sequences
 from expo_bench.errors import DataError
@@ -19,7 +20,7 @@ from expo_bench.lm.hh import ASSISTANT, HHSplitReport, load_hh_pairs, read_jsonl
 from expo_bench.lm.pairs import PromptPair
 from expo_bench.lm.tokenize import TokenizationConfig, collate_pairs, fingerprint_tokenizer, tokenize_pair
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 HH = DATA / "hh-rlhf"
 NEOX = DATA / "tokenizers" / "gpt-neox-20b"
 
@@ -35,7 +36,7 @@ SUBSETS = {
 @pytest.fixture(scope="module")
 def hh() -> Path:
     if not HH.is_dir():
-        pytest.skip(f"shared HH-RLHF data not found at {HH}")
+        pytest.skip(missing(HH))
     return HH
 
 
@@ -47,7 +48,7 @@ def helpful_base(hh: Path) -> list[PromptPair]:
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
     if not NEOX.is_dir():
-        pytest.skip(f"shared Pythia tokenizer not found at {NEOX}")
+        pytest.skip(missing(NEOX))
     from transformers import AutoTokenizer
 
     loaded = AutoTokenizer.from_pretrained(str(NEOX))

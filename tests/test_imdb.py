@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import skops.io
+from conftest import SHARED_DATA, missing
 from sklearn.linear_model import LogisticRegression
 
 from expo_bench.errors import DataError
@@ -18,7 +19,7 @@ from expo_bench.evaluation.reward_models import HFSentimentClassifier, RewardMod
 from expo_bench.lm.imdb import Review, clean_review, label_pairs, load_reviews, make_prompts
 from expo_bench.lm.pairs import PromptPair
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 IMDB = DATA / "imdb"
 GPT2 = DATA / "tokenizers" / "gpt2"
 
@@ -26,7 +27,7 @@ GPT2 = DATA / "tokenizers" / "gpt2"
 @pytest.fixture(scope="module")
 def imdb() -> Path:
     if not IMDB.is_dir():
-        pytest.skip(f"shared IMDb data not found at {IMDB}")
+        pytest.skip(missing(IMDB))
     return IMDB
 
 
@@ -47,7 +48,7 @@ def tfidf(train: list[Review]) -> TfidfSentiment:
 
 def gpt2_tokenizer() -> Any:
     if not GPT2.is_dir():
-        pytest.skip(f"shared GPT-2 tokenizer not found at {GPT2}")
+        pytest.skip(missing(GPT2))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(GPT2))

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import SHARED_DATA, needs_shared_data
 from rich.console import Console
 
 from expo_bench.errors import RecipeError
@@ -16,8 +17,8 @@ from expo_bench.recipe import validate_recipe
 from expo_bench.runner import run_experiment
 
 ROOT = Path(__file__).parent.parent
-SHARED = ROOT.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+SHARED = SHARED_DATA
+pytestmark = needs_shared_data()
 
 
 def twin() -> dict[str, Any]:
@@ -57,3 +58,16 @@ def test_imdb_prompt_range_is_checked() -> None:
         validate_recipe(data, "imdb.yaml")
     [(path, message)] = caught.value.problems
     assert path == "task" and "prompt_tokens" in message
+
+
+def test_a_margin_no_pair_clears_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from expo_bench.cli import main
+
+    data = twin()
+    data["task"] |= {"sft_reviews": 16, "train_prompts": 4, "eval_prompts": 2, "margin": 1.0, "evaluation": None}
+    recipe = tmp_path / "imdb.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    assert main(["run", str(recipe), "--results", str(tmp_path / "results")]) == 2
+    error = capsys.readouterr().err
+    assert "task.margin: no train pair left from 4 prompts" in error and "lower task.margin" in error
+    assert "Traceback" not in error

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from chat_server import ChatServer, Scripted, serving
+from chat_server import ChatServer, Scripted, first_bias_draw, serving
+from conftest import SHARED_DATA, missing
 from network import free_port
 from pydantic import TypeAdapter, ValidationError
 
@@ -25,12 +26,14 @@ from expo_bench.evaluation.llm_judge import (
     LLMJudge,
     LLMJudgeConfig,
     candidate_position,
+    judged_both_ways,
     parse_choice,
 )
+from expo_bench.evaluation.metrics import position_bias_summary
 from expo_bench.evaluation.reward_models import HFRewardModel
 from expo_bench.evaluation.types import Comparison
 
-GPT2 = Path(__file__).parents[2] / "shared" / "data" / "tokenizers" / "gpt2"
+GPT2 = SHARED_DATA / "tokenizers" / "gpt2"
 KEY = "sk-test-S3CRET-0123456789abcdef"
 KEY_ENV = "EXPO_BENCH_TEST_JUDGE_KEY"
 
@@ -47,8 +50,9 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def llm_config(server: ChatServer, **overrides: Any) -> LLMJudgeConfig:
+    """One order per comparison unless ``swap`` is given: the request counts below are exact."""
     settings: dict[str, Any] = {"base_url": server.base_url, "model": "judge-1", "api_key_env": KEY_ENV, "backoff": 0.001}
-    return LLMJudgeConfig(**{**settings, "max_retries": 3, "timeout": 5, **overrides})
+    return LLMJudgeConfig(**{**settings, "max_retries": 3, "timeout": 5, "swap": 0.0, **overrides})
 
 
 def comparisons(n: int, tag: str = "") -> list[Comparison]:
@@ -93,6 +97,72 @@ def test_llm_judge_outcomes_follow_the_randomized_order_and_the_cache_answers_re
     assert [verdict.outcome for verdict in reseeded] == expected(16)
     LLMJudge(llm_config(server, model="judge-2"), tmp_path, seed=0).judge(items[:3])
     assert len(server.requests) == 16 + moved + 3, "another model is another judge"
+
+
+def sent_contents(server: ChatServer) -> list[str]:
+    return [request["body"]["messages"][0]["content"] for request in server.requests]
+
+
+def test_swapped_pairs_are_judged_in_both_orders_and_cached(server: ChatServer, tmp_path: Path) -> None:
+    items = comparisons(40)
+    swapped = [judged_both_ways(0, item, 0.5) for item in items]
+    assert 10 <= sum(swapped) <= 30
+    verdicts = LLMJudge(llm_config(server, swap=0.5), tmp_path, seed=0).judge(items)
+    assert len(server.requests) == 40 + sum(swapped)
+    assert [verdict.outcome for verdict in verdicts] == expected(40), "the verdict is the seeded order's"
+    sent = sent_contents(server)
+    for item, verdict, both in zip(items, verdicts, swapped, strict=True):
+        asked = [
+            DPO_DIALOGUE_TEMPLATE.format(prompt=item.prompt, response_a=a, response_b=b)
+            for a, b in ((item.candidate, item.baseline), (item.baseline, item.candidate))
+        ]
+        assert [text in sent for text in asked].count(True) == (2 if both else 1)
+        if both:  # the longer response wins in both orders: a consistent judge without position bias
+            assert verdict.orders == (verdict.outcome, verdict.outcome)
+            assert {verdict.detail["choice"], verdict.detail["swap_choice"]} == {"A", "B"}
+        else:
+            assert verdict.orders is None and "swap_choice" not in verdict.detail
+
+    assert LLMJudge(llm_config(server, swap=0.5), tmp_path, seed=0).judge(items) == verdicts
+    assert LLMJudge(llm_config(server, swap=0.0), tmp_path, seed=0).judge(items)[0].orders is None
+    assert len(server.requests) == 40 + sum(swapped), "reruns, and fewer swaps, are answered from the cache"
+    full = LLMJudge(llm_config(server, swap=1.0), tmp_path, seed=0).judge(items)
+    assert len(server.requests) == 80, "raising the share asks only the pairs not yet judged both ways"
+    assert all(verdict.orders is not None for verdict in full)
+
+
+def test_a_known_position_bias_is_measured_within_its_interval(tmp_path: Path) -> None:
+    bias, n = 0.3, 300
+    items = comparisons(n)
+    with serving(first_bias=bias) as server:
+        verdicts = LLMJudge(llm_config(server, swap=1.0, max_concurrency=8), tmp_path, seed=0).judge(items)
+        assert len(server.requests) == 2 * n
+    first, second = (torch.tensor([verdict.orders[side] for verdict in verdicts if verdict.orders]) for side in (0, 1))
+    summary = position_bias_summary(first, second)
+    assert summary["swapped"] == n
+    # exactly: a pair is inconsistent when the order showing the longer response second draws the bias
+    inconsistent = sum(
+        first_bias_draw(
+            DPO_DIALOGUE_TEMPLATE.format(prompt=item.prompt, response_a=min(texts, key=len), response_b=max(texts, key=len))
+        )
+        < bias
+        for item in items
+        for texts in [(item.candidate, item.baseline)]
+    )
+    assert summary["self_consistency"] == pytest.approx(1 - inconsistent / n, abs=1e-12)
+    assert summary["first_position_wins"] == pytest.approx((n + inconsistent) / (2 * n), abs=1e-12)
+    # and statistically: the scripted truth lies within the 95% intervals
+    assert summary["first_position_wins_ci_low"] <= (1 + bias) / 2 <= summary["first_position_wins_ci_high"]
+    assert summary["self_consistency_ci_low"] <= 1 - bias <= summary["self_consistency_ci_high"]
+    assert summary["first_position_wins_ci_low"] > 0.5, "the bias is detected"
+
+    ties = LLMJudge(llm_config(server, swap=1.0, inconsistent_as_tie=True), tmp_path, seed=0).judge(items)
+    for plain, tied in zip(verdicts, ties, strict=True):
+        assert plain.orders is not None and tied.orders == plain.orders
+        consistent = plain.orders[0] == plain.orders[1]
+        assert tied.outcome == (plain.orders[0] if consistent else 0.5), "MT-Bench: an inconsistent pair is a tie"
+    with pytest.raises(ValidationError, match="inconsistent_as_tie needs pairs judged in both orders"):
+        llm_config(server, swap=0.0, inconsistent_as_tie=True)
 
 
 def test_candidate_position_is_a_deterministic_seeded_coin() -> None:
@@ -377,7 +447,7 @@ def test_reward_model_judge_scores_prompt_and_response_together() -> None:
 @pytest.fixture(scope="module")
 def tiny_reward_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not GPT2.is_dir():
-        pytest.skip(f"shared GPT-2 tokenizer not found at {GPT2}")
+        pytest.skip(missing(GPT2))
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(str(GPT2))
@@ -418,7 +488,7 @@ def test_reward_model_judge_config_builds_an_hf_reward_model(tiny_reward_model: 
 
 def test_hf_reward_model_needs_one_output(tmp_path: Path) -> None:
     if not GPT2.is_dir():
-        pytest.skip(f"shared GPT-2 tokenizer not found at {GPT2}")
+        pytest.skip(missing(GPT2))
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(str(GPT2))

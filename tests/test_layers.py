@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).parent.parent / "expo_bench"
 
 LAYERS: list[set[str]] = [
     {"__init__", "errors", "config_model", "metric_keys", "distributed", "reporting"},
-    {"contracts", "cache"},
+    {"contracts", "cache", "comparison_settings", "datafiles"},
     {"optim", "tracking", "comparison", "ui_server"},
     {"training", "methods", "evaluation", "leaderboard"},
     {"trainer"},

@@ -157,10 +157,12 @@ def test_markdown_csv_and_plots(store: dict[str, Any], tmp_path: Path) -> None:
     markdown = (tmp_path / "leaderboard.md").read_text()
     assert "## exp · hh" in markdown and "## exp · synthetic" in markdown
     assert (
-        "| method | λ | win rate | Δ vs dpo (paired) | notes | seeds | LC win rate | reward | KL(π‖π_ref) | length | params "
-        "| runs | git | recipe |" in markdown
+        "| method | λ | win rate | Δ vs dpo (paired) | notes | within ±0.05 of best (TOST) | seeds | LC win rate | reward "
+        "| KL(π‖π_ref) | length | params | runs | git | recipe |" in markdown
     )
-    assert f"| expo | 0.1 | {expo_cell} | +0.1 ± 0.075 (p 0.029) | ≈ best | 3 |" in markdown and "0123456789ab" in markdown
+    # one comparison with the baseline: Holm leaves its p as it is; three seeds: the sign-flip p cannot go below 2/8
+    assert f"| expo | 0.1 | {expo_cell} | +0.1 ± 0.075 (Holm p 0.029; sign-flip p 0.25) | best | — | 3 |" in markdown
+    assert "| dpo | 1 | 0.64 ± 0.13 | — | worse than best | not shown (p 0.95) | 3 |" in markdown and "0123456789ab" in markdown
     assert "![leaderboard-hh-ranking](leaderboard-hh-ranking.png)" in markdown
     assert expo_cell in console.export_text()
 
@@ -272,6 +274,9 @@ def test_ui_serves_the_store_and_stops_without_orphans(store: dict[str, Any], tm
         ui.send_signal(signal.SIGTERM)  # to the expo-bench process only: it must stop the server and its workers
         output = ui.communicate(timeout=30)[0]
         assert f"http://127.0.0.1:{port}" in output and "viewStateShareKey=leaderboard" in output
+        view = next(line for line in output.splitlines() if "viewStateShareKey" in line)
+        assert view.endswith("viewStateShareKey=leaderboard") and f"http://127.0.0.1:{port}/#/experiments/" in view  # unfolded
+        assert "uvicorn" not in output.lower() and "gunicorn" not in output.lower() and "INFO" not in output  # no chatter
         deadline = time.monotonic() + 10
         while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -345,5 +350,78 @@ def test_terminal_table_fits_80_columns_without_folding(tmp_path: Path) -> None:
     markdown = (tmp_path / "out" / "leaderboard.md").read_text()
     assert "self-BLEU" not in markdown and "self-BLEU" not in output.getvalue()  # undefined: left out, not n/a
     assert "KL(π‖π_ref)" in markdown and "0.3198 ± 0.0082" in markdown  # the KL estimate with its standard error
+    assert "| 0.7 (unreliable: 8 judged) |" in markdown and 'LC "unreliable": fewer than 50' in markdown  # 8 prompts
     caption = " ".join(output.getvalue().split())
     assert "Also in " in caption and "length" in caption  # what did not fit is named, and is in the files
+    assert not list((tmp_path / "out").glob("*lam_sweep*"))  # every method tried one λ: no sweep to plot
+
+
+def test_an_llm_judged_run_shows_kl_and_its_judges_audit(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from expo_bench.reporting import with_interval
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    metrics = {
+        keys.WIN_RATE.key: 0.6,
+        keys.WIN_RATE_STDERR.key: 0.05,
+        keys.KL.key: 2.0,
+        keys.KL_STDERR.key: 0.25,
+        keys.FIRST_POSITION_WINS.key: 0.7,
+        f"{keys.FIRST_POSITION_WINS.key}_stderr": 0.04,
+        "eval/j2/win_rate": 0.4,
+        "eval/j2/stderr": 0.03,
+        "eval/j1_j2/kappa": 0.5,
+        "eval/j1_j2/kappa_stderr": 0.1,
+    }
+    with SweepTracker(uri, "judged", "recipe0", {"experiment": "judged"}, {}) as sweep:
+        tags = {
+            tracking.METHOD: "dpo",
+            tracking.DATASET: "hh",
+            tracking.SEED: "0",
+            tracking.CONFIG_KEY: "dpo",
+            tracking.JUDGE: "j1=llm:big, j2=llm:small",
+        }
+        run = sweep.child("dpo/0", "dpo", {"lam": 0.1}, tags)
+        run.log_metrics(metrics)
+        run.mark_complete()
+    written = write_leaderboard(load_leaderboard(uri, "judged"), tmp_path / "out", Console(quiet=True))
+    markdown = (tmp_path / "out" / "leaderboard.md").read_text()
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    cells = dict(zip(lines[0].strip("| ").split(" | "), lines[1].strip("| ").split(" | "), strict=True))
+    # one seed: each metric ± 1.96 of its own standard error over prompts
+    assert cells["KL(π‖π_ref)"] == with_interval(2.0, 1.96 * 0.25)
+    assert cells["P(first wins)"] == with_interval(0.7, 1.96 * 0.04)
+    assert cells["win rate j2"] == with_interval(0.4, 1.96 * 0.03)
+    assert cells["κ j1–j2"] == with_interval(0.5, 1.96 * 0.1)
+    assert "Judges: j1=llm:big, j2=llm:small" in markdown
+    assert any(path.name.endswith("-reward_kl.png") for path in written), "without rewards: win rate against KL"
+    header = next(csv.reader(io.StringIO((tmp_path / "out" / "leaderboard.csv").read_text())))
+    assert {"eval/first_position_wins", "eval/j2/win_rate", "eval/j1_j2/kappa_ci95"} <= set(header)
+
+
+def test_a_degenerate_length_controlled_win_rate_is_flagged() -> None:
+    from expo_bench.leaderboard import Configuration, RunRecord, lc_warning
+
+    def row(lc: float, raw: float, judged: float) -> Configuration:
+        metrics = {keys.LC_WIN_RATE.key: lc, keys.WIN_RATE.key: raw, keys.JUDGED.key: judged}
+        return Configuration("dpo", "dpo", (RunRecord("r", metrics, {}, {}),))
+
+    assert lc_warning(row(1.0, 0.19, 16)) == "unreliable: 16 judged, 1.00 beside 0.19 raw"  # the issue's case
+    assert lc_warning(row(0.0, 0.4, 805)) == "unreliable: 0.00 beside 0.40 raw"
+    assert lc_warning(row(0.62, 0.6, 49)) == "unreliable: 49 judged"
+    assert lc_warning(row(0.62, 0.6, 805)) is None and lc_warning(row(0.999, 0.99, 805)) is None  # a real sweep
+    assert lc_warning(Configuration("dpo", "dpo", (RunRecord("r", {keys.WIN_RATE.key: 0.5}, {}, {}),))) is None
+
+
+def test_the_notes_stay_at_80_columns_beside_a_wide_paired_difference(store: dict[str, Any], tmp_path: Path) -> None:
+    """Δ with its tests is ~46 characters: Δ and the notes wrap between words, and a later column is left out instead."""
+    from rich.console import Console
+
+    output = io.StringIO()
+    write_leaderboard(store["tables"], tmp_path / "out", Console(file=output, width=80, force_terminal=False))
+    lines = output.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    rows = {line.split()[0]: line for line in lines if line.strip() and line.split()[0] in ("expo", "dpo")}
+    assert rows["dpo"].rstrip().endswith("worse than best") and rows["expo"].rstrip().endswith("best")
+    assert "sign-flip" in output.getvalue()  # Δ's tests wrapped onto a second line, not cut

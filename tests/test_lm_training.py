@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import SHARED_DATA, needs_shared_data
 from rich.console import Console
 from torch.nn import functional as F
 
@@ -28,8 +29,8 @@ from expo_bench.trainer import build_trainer
 from expo_bench.training import TrainConfig
 
 ROOT = Path(__file__).parent.parent
-SHARED = ROOT.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+SHARED = SHARED_DATA
+pytestmark = needs_shared_data()
 TINY = {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 64, "max_position_embeddings": 64}  # fmt: skip
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import needs_shared_data
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from expo_bench.cli import main
@@ -67,12 +68,14 @@ def test_what_this_machine_cannot_run_is_refused_by_field(overrides: list[str], 
         (["train.devices=3"], "train.devices", "3 asked, this machine has 2 CPU cores"),
     ],
 )
+@needs_shared_data()
 def test_the_cpu_twin_refuses_what_cpus_cannot_do(overrides: list[str], field: str, says: str) -> None:
     found = problems(overrides, CPU_ONLY, ROOT / "recipes" / "hh_tiny_local.yaml")
     assert field in fields(found), found
     assert says in dict(found)[field]
 
 
+@needs_shared_data()
 def test_fsdp_on_cpu_ranks_is_accepted_and_built_as_cpu_fsdp() -> None:
     overrides = ["train.strategy=fsdp", "train.devices=2"]
     assert problems(overrides, CPU_ONLY, ROOT / "recipes" / "hh_tiny_local.yaml") == []

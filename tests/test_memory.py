@@ -3,11 +3,11 @@ batches grouped by length."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import SHARED_DATA, needs_shared_data
 from torch.nn import functional as F
 
 from expo_bench.lm import model as lm_model
@@ -16,7 +16,7 @@ from expo_bench.lm.hh import load_hh_pairs
 from expo_bench.lm.model import CausalLMScorer, ModelConfig, response_logps, token_logps
 from expo_bench.lm.tokenize import TokenizationConfig, collate_pairs, tokenize_pair
 
-SHARED = Path(__file__).parent.parent.parent / "shared" / "data"
+SHARED = SHARED_DATA
 TINY = {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 64, "max_position_embeddings": 128}  # fmt: skip
 
@@ -48,7 +48,7 @@ def test_token_logps_equal_the_full_log_softmax_with_their_gradients(chunk_eleme
     assert gradient.dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+@needs_shared_data()
 def test_a_models_response_log_probs_and_entropy_equal_the_full_computation(monkeypatch: Any) -> None:
     from transformers import AutoTokenizer
 
@@ -91,7 +91,7 @@ def test_ranks_share_each_global_batch_of_one_process() -> None:
     assert shards(lambda: InOrderSampler(5), 2) == [[0, 2, 4], [1, 3, 0]]  # equal shards, as DistributedSampler pads
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+@needs_shared_data()
 def test_length_grouping_cuts_padding_and_keeps_every_pair_once() -> None:
     from transformers import AutoTokenizer
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import SHARED_DATA, missing
 from network import free_port
 
 from expo_bench import metric_keys
@@ -21,15 +22,18 @@ from expo_bench.evaluation.metrics import (
     Diversity,
     RewardKL,
     WinRate,
+    agreement_summary,
     bootstrap_ci,
     diversity,
+    kl_summary,
     length_controlled_win_rate,
+    position_bias_summary,
     reward_kl_summary,
     win_rate_summary,
     word_ids,
 )
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 IMDB_TEST_SAMPLE = DATA / "imdb" / "test_sample.jsonl.gz"
 NAN = math.nan
 
@@ -38,7 +42,7 @@ NAN = math.nan
 def reviews() -> list[str]:
     """The first 40 IMDb test-sample reviews, HTML line breaks removed, cut to 80 words to keep NLTK quick."""
     if not IMDB_TEST_SAMPLE.is_file():
-        pytest.skip(f"shared IMDb data not found at {IMDB_TEST_SAMPLE}")
+        pytest.skip(missing(IMDB_TEST_SAMPLE))
     with gzip.open(IMDB_TEST_SAMPLE, "rt", encoding="utf-8") as lines:
         texts = [json.loads(line)["text"] for _, line in zip(range(40), lines, strict=False)]
     return [" ".join(text.replace("<br />", " ").split()[:80]) for text in texts]
@@ -383,3 +387,62 @@ def test_two_ranks_compute_what_one_process_computes(tmp_path: Path) -> None:
         assert ranked.keys() == one.keys()
         for name, summary in one.items():
             assert same(ranked[name], summary), (rank, name, ranked[name], summary)
+
+
+def two_judges(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verdicts of two judges that agree often but not always, with ties and unparseable answers."""
+    generator = torch.Generator().manual_seed(seed)
+    a = random_outcomes(n, seed)
+    b = a.clone()
+    flip = torch.rand(n, generator=generator) < 0.3
+    b[flip] = 1 - b[flip]
+    b[torch.rand(n, generator=generator) < 0.05] = 0.5
+    a[:3], b[5:7] = NAN, NAN
+    return a, b
+
+
+def test_agreement_and_kappa_match_scikit_learn_resample_by_resample() -> None:
+    np = pytest.importorskip("numpy")
+    cohen_kappa_score = pytest.importorskip("sklearn.metrics").cohen_kappa_score
+    a, b = two_judges(240, seed=7)
+    summary = agreement_summary(a, b, resamples=200, seed=3)
+    valid = ~(a.isnan() | b.isnan())
+    x, y = (t[valid].numpy().astype(str) for t in (a, b))  # categories, as sklearn's labels
+    assert summary["n"] == valid.sum() == 235
+    assert summary["kappa"] == pytest.approx(cohen_kappa_score(x, y), abs=1e-12)
+    assert summary["agreement"] == pytest.approx(float((x == y).mean()), abs=1e-12)
+    # the bootstrap: the same draws of the 235 comparisons, scored one by one by scikit-learn
+    drawn = torch.randint(235, (200, 235), generator=torch.Generator().manual_seed(3)).numpy()
+    kappas = np.array([cohen_kappa_score(x[rows], y[rows]) for rows in drawn])
+    assert summary["kappa_stderr"] == pytest.approx(kappas.std(ddof=1), abs=1e-12)
+    assert [summary["kappa_ci_low"], summary["kappa_ci_high"]] == pytest.approx(np.percentile(kappas, [2.5, 97.5]), abs=1e-12)
+    agreements = np.array([(x[rows] == y[rows]).mean() for rows in drawn])
+    assert [summary["agreement_ci_low"], summary["agreement_ci_high"]] == pytest.approx(
+        np.percentile(agreements, [2.5, 97.5]), abs=1e-12
+    )
+    assert summary["agreement_stderr"] == pytest.approx((x == y).std(ddof=1) / math.sqrt(235), abs=1e-12)
+
+
+def test_kappa_is_chance_corrected_and_undefined_without_variation() -> None:
+    cohen_kappa_score = pytest.importorskip("sklearn.metrics").cohen_kappa_score
+    a = random_outcomes(400, seed=11)
+    independent = random_outcomes(400, seed=12)
+    assert abs(agreement_summary(a, independent)["kappa"]) < 0.1  # agreeing by chance alone: κ near 0
+    assert agreement_summary(a, a)["kappa"] == 1.0
+    opposite = agreement_summary(torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    assert opposite["kappa"] == cohen_kappa_score([1, 0, 1, 0], [0, 1, 0, 1]) == -1.0 and opposite["agreement"] == 0
+    constant = agreement_summary(torch.ones(5), torch.ones(5))
+    assert constant["agreement"] == 1 and math.isnan(constant["kappa"])  # p_e = 1: scikit-learn's 0/0 too
+
+
+def test_position_bias_by_hand() -> None:
+    # pairs: (candidate first, candidate second): a consistent win, a judge that always picks A, one always B, NaN
+    summary = position_bias_summary(torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 1.0, NAN]))
+    assert summary["swapped"] == 3
+    assert summary["first_position_wins"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert summary["self_consistency"] == pytest.approx(1 / 3)
+
+
+def test_kl_summary_is_the_mean_log_ratio() -> None:
+    policy, reference = torch.tensor([-1.0, -2.0, -4.0]), torch.tensor([-2.0, -2.0, -3.0])
+    assert kl_summary(policy, reference) == pytest.approx({"kl": 0.0, "kl_stderr": math.sqrt(1.0 / 3)})

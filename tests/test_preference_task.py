@@ -10,21 +10,29 @@ from typing import Any
 import pytest
 import yaml
 from chat_server import serving
+from conftest import SHARED_DATA, needs_shared_data
 from rich.console import Console
 
 from expo_bench.errors import DataError
 from expo_bench.lm.hh import load_hh_pairs
 from expo_bench.lm.pairs import PromptPair
-from expo_bench.lm.preference_data import PreferenceColumns, load_pairs, load_rows, tokenize_pairs
+from expo_bench.lm.preference_data import (
+    DROP_REASONS,
+    MessageKeys,
+    PreferenceColumns,
+    load_pairs,
+    load_rows,
+    tokenize_pairs,
+)
 from expo_bench.lm.tokenize import TokenizationConfig, collate_pairs, tokenize_pair
 from expo_bench.recipe import select, validate_recipe
 from expo_bench.runner import run_experiment
 
 ROOT = Path(__file__).parent.parent
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = SHARED_DATA
 FIXTURE = ROOT / "tests" / "data" / "ultrafeedback_tiny"
 TWIN = ROOT / "recipes" / "ultrafeedback_tiny_local.yaml"
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+pytestmark = needs_shared_data()
 CONFIG = TokenizationConfig(max_length=96, max_prompt_length=64)
 
 
@@ -108,6 +116,94 @@ def test_malformed_rows_are_errors_naming_the_row_or_counted_when_skipped(tmp_pa
         load_pairs(rows, PreferenceColumns(prompt="question"), "text", gpt2, CONFIG, "bad")
 
 
+SHAREGPT = ROOT / "tests" / "data" / "sharegpt_tiny.json"
+
+
+def test_sharegpt_pairs_read_as_the_same_conversations(gpt2: Any) -> None:
+    """LLaMA-Factory's ShareGPT array (a .json file) gives the pairs its UltraFeedback-format twin gives."""
+    recipe = yaml.safe_load(TWIN.read_text())
+    recipe["task"] = {key: value for key, value in recipe["task"].items() if key != "columns"} | {"format": "sharegpt"}
+    task = validate_recipe(recipe, TWIN).recipe.task
+    assert task.columns == PreferenceColumns(prompt="conversations")  # the format's own columns when none are named
+    recipe["task"]["columns"] = {"rejected": "worse"}
+    assert validate_recipe(recipe, TWIN).recipe.task.columns == PreferenceColumns(prompt="conversations", rejected="worse")
+    shared, report = load_pairs(load_rows(str(SHAREGPT), "train"), task.columns, "sharegpt", gpt2, CONFIG, "sharegpt")
+    columns = PreferenceColumns(prompt=None)
+    conversational, _ = load_pairs(load_rows(str(FIXTURE), "train_prefs"), columns, "conversational", gpt2, CONFIG, "uf")
+    assert (report.total, report.kept, dict(report.dropped)) == (42, 41, {"identical_responses": 1})
+    assert [pair.prompt_ids for pair in shared[:40]] == [pair.prompt_ids for pair in conversational]
+    assert [pair.chosen_ids for pair in shared[:40]] == [pair.chosen_ids for pair in conversational]
+    first = json.loads(SHAREGPT.read_text())[0]
+    assert report.prompts[0] == f"User: {first['conversations'][0]['value']}"  # what a judge reads: no template tokens
+    # any other spelling of turns, through a key and role map
+    renamed = [
+        {
+            "chat": [
+                {"speaker": {"human": "me", "gpt": "bot"}[turn["from"]], "text": turn["value"]}
+                for turn in record["conversations"]
+            ],
+            "good": [{"speaker": "bot", "text": record["chosen"]["value"]}],
+            "bad": [{"speaker": "bot", "text": record["rejected"]["value"]}],
+        }
+        for record in json.loads(SHAREGPT.read_text())
+    ]
+    keys = MessageKeys(role="speaker", content="text", roles={"me": "user", "bot": "assistant"})
+    rows = __import__("datasets").Dataset.from_list(renamed)
+    mapped, _ = load_pairs(
+        rows, PreferenceColumns(prompt="chat", chosen="good", rejected="bad"), "conversational", gpt2, CONFIG, "x", messages=keys
+    )
+    assert mapped == shared
+
+
+def test_implicit_text_prompts_are_the_shared_beginning_cut_at_a_word(tmp_path: Path, gpt2: Any) -> None:
+    records = [
+        {"chosen": "Q: Is the sky blue?\nA: yes, it is", "rejected": "Q: Is the sky blue?\nA: yet it is not"},
+        {"chosen": "Hello there", "rejected": "Hello there, friend"},  # one side is a prefix of the other
+        {"chosen": "abc", "rejected": "abd"},  # no word boundary before they differ
+    ]
+    rows = load_rows(str(write_jsonl(tmp_path / "train.jsonl", records)), "train")
+    pairs, report = load_pairs(rows, PreferenceColumns(prompt=None), "text", gpt2, CONFIG, "implicit")
+    assert report.prompts == ["Q: Is the sky blue?\nA:", "Hello"]  # "ye" is never taken into the prompt
+    assert [gpt2.decode(pair.chosen_ids) for pair in pairs] == [" yes, it is<|endoftext|>", " there<|endoftext|>"]
+    assert [gpt2.decode(pair.rejected_ids) for pair in pairs] == [" yet it is not<|endoftext|>", " there, friend<|endoftext|>"]
+    assert dict(report.dropped) == {"no_shared_prompt": 1}
+
+
+def test_a_split_with_no_usable_pair_is_one_error_with_the_drop_counts(tmp_path: Path, gpt2: Any) -> None:
+    rows = load_rows(str(SHAREGPT), "train")
+    keep_role_names = MessageKeys(role="from", content="value")  # human/gpt not mapped to user/assistant
+    with pytest.raises(DataError) as error:
+        load_pairs(
+            rows, PreferenceColumns(prompt="conversations"), "conversational", gpt2, CONFIG, "demo.json", messages=keep_role_names
+        )
+    message = str(error.value)
+    assert message.splitlines() == [
+        "demo.json: no usable pairs left of 42 rows, dropped:",
+        f"  42 no_final_assistant_turn: {DROP_REASONS['no_final_assistant_turn']} (first: the last turn's role is 'gpt')",
+    ]
+    records = [{"prompt": "x", "chosen": "y", "rejected": "y"}, {"prompt": "x", "chosen": 3, "rejected": "z"}]
+    rows = load_rows(str(write_jsonl(tmp_path / "train.jsonl", records)), "train")
+    with pytest.raises(
+        DataError, match=r"no usable pairs left of 2 rows, dropped:\n  1 identical_responses: .*\n  1 malformed: .*row 2"
+    ):
+        load_pairs(rows, PreferenceColumns(), "text", gpt2, CONFIG, "t", skip_malformed=True)
+    assert set(DROP_REASONS) >= {"identical_responses", "prompt_mismatch", "no_final_assistant_turn", "no_shared_prompt"}
+
+
+def test_the_wrong_format_names_what_was_found(gpt2: Any) -> None:
+    rows = load_rows(str(SHAREGPT), "train")
+    with pytest.raises(DataError, match=r"no column 'prompt'; its columns: conversations, chosen, rejected \(ShareGPT-style"):
+        load_pairs(rows, PreferenceColumns(), "conversational", gpt2, CONFIG, "demo.json")
+    with pytest.raises(
+        DataError,
+        match=r"row 1: column 'conversations' is a list of 1 item: object with keys 'from', "
+        r"'value', not a list of \{role, content\} messages \(ShareGPT-style turns: format: sharegpt\)",
+    ):
+        load_pairs(rows, PreferenceColumns(prompt="conversations"), "conversational", gpt2, CONFIG, "demo.json")
+    with pytest.raises(DataError, match=r"column 'conversations' is a list of 1 item: .*, not text \(ShareGPT-style"):
+        load_pairs(rows, PreferenceColumns(prompt="conversations"), "text", gpt2, CONFIG, "demo.json")
+
+
 def test_conversational_data_needs_a_chat_template(gpt2: Any) -> None:
     from transformers import AutoTokenizer
 
@@ -163,3 +259,24 @@ def test_ultrafeedback_twin_trains_and_is_judged_on_its_test_prompts(tmp_path: P
     for run in runs:
         assert run["eval"]["eval/n"] == 8 and "eval/lc_win_rate" in run["eval"]
     assert "LC win rate" in (out / "leaderboard.md").read_text()
+
+
+def test_without_a_test_set_the_judge_reads_the_conversation_not_the_template(gpt2: Any) -> None:
+    """The held-out prompts a judge is shown are the conversation as text, untruncated, without chat-template tokens."""
+    from expo_bench.sweep.language_model import LanguageModelSweep
+
+    recipe = yaml.safe_load(TWIN.read_text())
+    recipe["task"] = {key: value for key, value in recipe["task"].items() if key not in ("columns", "test", "splits")}
+    recipe["task"] |= {"format": "sharegpt", "source": str(SHAREGPT), "tokenizer": str(SHARED / "tokenizers" / "gpt2")}
+    task = validate_recipe(recipe, TWIN).recipe.task
+    tokenizer = task.load_tokenizer()
+    sft = task.sft_examples(0, tokenizer, Console(quiet=True))
+    data = task.task_data(0, tokenizer, None, sft, Path("unused"), Console(quiet=True))
+    shown = LanguageModelSweep._held_out_prompts(data, tokenizer)
+    records = json.loads(SHAREGPT.read_text())
+    conversations = {
+        "\n\n".join(f"{'User' if turn['from'] == 'human' else 'Assistant'}: {turn['value']}" for turn in record["conversations"])
+        for record in records
+    }
+    assert len(shown.prompts) == len(sft.held_out) and set(shown.prompts) <= conversations
+    assert not any("<|user|>" in prompt for prompt in shown.prompts)

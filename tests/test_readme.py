@@ -1,4 +1,4 @@
-"""The README's promises: its test command is what CI runs, and its add-a-method example works."""
+"""The README's promises: its test command is what CI runs, and its add-a-method example (docs/methods.md) works."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from expo_bench.tabular.policy import TabularPolicy
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
+METHODS_PAGE = (ROOT / "docs" / "methods.md").read_text()
 
 
 def test_first_lines_give_the_main_job_and_test_commands() -> None:
@@ -35,7 +36,7 @@ def test_first_lines_give_the_main_job_and_test_commands() -> None:
 def test_add_a_method_example_trains_from_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's method, in a package in the directory the user runs from, named in a recipe and trained by the
     real console script (which, unlike ``python -m``, does not put the working directory on the path)."""
-    example = re.search(r"```python\n# my_package/my_module.py\n(.*?)```", README, re.S)
+    example = re.search(r"```python\n# my_package/my_module.py\n(.*?)```", METHODS_PAGE, re.S)
     assert example is not None
     package = tmp_path / "my_package"
     package.mkdir()
@@ -61,7 +62,7 @@ def test_add_a_method_example_trains_from_the_working_directory(tmp_path: Path, 
     result = subprocess.run([script, "run", "hinge.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "MLflow database tables" not in result.stderr  # library chatter stays off the terminal
-    runs = json.loads((tmp_path / "results" / "hinge" / "summary.json").read_text())["runs"]
+    runs = json.loads((tmp_path / "runs" / "hinge" / "summary.json").read_text())["runs"]  # a user's runs: runs/
     assert [run["params"]["beta"] for run in runs] == [0.5, 5.0]
     assert runs[0]["final_policy"]["x"] != pytest.approx([0.4, 0.4, 0.2], abs=1e-3)  # it trained
 

@@ -7,11 +7,17 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import needs_shared_data, require_shared_data
 
 from expo_bench.errors import RecipeError
 from expo_bench.recipe import apply_override, load_recipe, validate_recipe
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+LOCAL_TWINS = [
+    pytest.param(path, marks=needs_shared_data() if "../shared/data" in path.read_text() else (), id=path.name)
+    for path in RECIPES
+]
+"""Every shipped recipe; those that read the shared data folder skip where it is absent."""
 
 
 def base() -> dict[str, Any]:
@@ -40,11 +46,34 @@ def test_there_are_recipes() -> None:
     assert {path.name for path in RECIPES} >= {"synthetic_interpolation.yaml", "synthetic_preservation.yaml"}
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda path: path.name)
+@pytest.mark.parametrize("path", LOCAL_TWINS)
 def test_every_shipped_recipe_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(path.parent.parent)  # local paths in recipes are relative to the repository root
     experiment = load_recipe(path)
     assert experiment.runs and all(run.grid for run in experiment.runs)
+
+
+def test_the_instances_recipe_is_the_tuned_comparison_on_three_instances(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(RECIPES[0].parent.parent)
+    tuned, instances = (
+        load_recipe(Path("recipes") / name).recipe for name in ("synthetic_tokens_tuned.yaml", "synthetic_tokens_instances.yaml")
+    )
+    task = instances.task
+    assert len(getattr(task, "instances", None) or []) >= 3 and len(instances.seeds) >= 5
+    assert [entry.grid for entry in instances.methods] == [entry.grid for entry in tuned.methods]
+    assert task.model_copy(update={"instances": None}) == tuned.task and instances.train == tuned.train
+    assert instances.statistics.equivalence_fraction == 0.5 and instances.statistics.leave_one_seed_out
+
+
+def test_statistics_settings_do_not_change_the_recipe_fingerprint() -> None:
+    """They change only how the leaderboard compares, never a run: a store's sweep stays the same sweep."""
+    data = yaml.safe_load((RECIPES[0].parent / "synthetic_tokens_tuned.yaml").read_text())
+    first = validate_recipe(data, "a.yaml").recipe.fingerprint()
+    data["statistics"] = {"equivalence_margin": 0.2, "leave_one_seed_out": True}
+    assert validate_recipe(data, "a.yaml").recipe.fingerprint() == first
+    data["statistics"] = {"equivalence_fraction": 0}
+    with pytest.raises(RecipeError, match=r"statistics\.equivalence_fraction"):
+        validate_recipe(data, "a.yaml")
 
 
 def test_lambda_grid_lands_on_each_methods_own_parameter() -> None:
@@ -216,7 +245,7 @@ def test_grid_mistakes_name_the_field(grid: dict[str, Any], where: str, message:
 
 def hh(**task: Any) -> dict[str, Any]:
     """A local HH recipe with a tiny model (the shipped twin's shape, paths made absolute)."""
-    shared = Path(__file__).parents[2] / "shared" / "data"
+    shared = require_shared_data()
     data = yaml.safe_load(Path(__file__).parent.parent.joinpath("recipes", "hh_tiny_local.yaml").read_text())
     data["task"] |= {"source": str(shared / "hh-rlhf"), "tokenizer": str(shared / "tokenizers" / "gpt-neox-20b"), **task}
     return data

@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 import yaml
 from chat_server import serving
-from rehearsal import ROOT, SHARED, STAND_IN_KEY, load, real_scale, rehearsal, shipped_recipes, tiny_classifier, unswapped
+from conftest import needs_shared_data
+from rehearsal import ROOT, STAND_IN_KEY, load, real_scale, rehearsal, shipped_recipes, tiny_classifier, unswapped
 
 from expo_bench import tracking
 from expo_bench.recipe import validate_recipe
 
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+pytestmark = needs_shared_data()
 
 REAL_SCALE = [path for path in shipped_recipes() if real_scale(load(path))]
 HEADLINE = ROOT / "recipes" / "hh_pythia28.yaml"

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from chat_server import ChatServer, serving
+from conftest import SHARED_DATA, needs_shared_data
 from network import free_port
 from rich.console import Console
 from safetensors.torch import load_file
@@ -29,9 +30,9 @@ from expo_bench.runner import run_experiment, start_ranks
 from expo_bench.trainer import LossHistory
 
 ROOT = Path(__file__).parent.parent
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = SHARED_DATA
 pytestmark = [
-    pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data"),
+    needs_shared_data(),
     pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend"),
 ]
 TINY = {"model_type": "gpt_neox", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,

@@ -203,3 +203,92 @@ def test_periodic_evaluation_logs_metrics_during_training(tmp_path: Path) -> Non
 def test_responses_enumerate_every_sequence_once() -> None:
     synthetic = task(response_tokens=3, response_length=2)
     assert synthetic.responses == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+
+
+def test_instances_draw_their_own_reward_table_and_held_out_responses() -> None:
+    assert task().task_instances() == [(None, task())]  # no instances named: the task itself, runs untagged
+    several = task(instances=[0, 7])
+    (first_name, first), (second_name, second) = several.task_instances()
+    assert (first_name, second_name) == ("0", "7")
+    assert first == task(reward_seed=0) and second == task(reward_seed=7)
+    assert torch.equal(first.weights, task().weights) and not torch.equal(second.weights, first.weights)
+    assert second.held_out != first.held_out
+    with pytest.raises(ValueError, match="instance seeds must be distinct"):
+        task(instances=[1, 1])
+
+
+def test_a_recipe_without_instances_keeps_its_data_and_so_its_stored_runs() -> None:
+    """The committed tuned comparison's seed-0 data fingerprint (part of every run directory's digest and run key) comes
+    back from the recipe as shipped, and from its instance 0 when the recipe names instances."""
+    committed = json.loads((ROOT / "results" / "synthetic_tokens_tuned" / "summary.json").read_text())
+    fingerprint = next(run["data_fingerprint"] for run in committed["runs"] if run["seed"] == 0)
+    recipe = yaml.safe_load((ROOT / "recipes" / "synthetic_tokens_tuned.yaml").read_text())
+    shipped = validate_recipe(recipe, "tuned.yaml").recipe.task
+    recipe["task"]["instances"] = [0, 1]
+    named = validate_recipe(recipe, "tuned.yaml").recipe.task
+    assert isinstance(shipped, SyntheticTokensTask) and isinstance(named, SyntheticTokensTask)
+    fingerprints = [seed_zero_fingerprint(instance) for _, instance in [*shipped.task_instances(), *named.task_instances()]]
+    assert fingerprints[:2] == [fingerprint, fingerprint] and fingerprints[2] != fingerprint
+
+
+def seed_zero_fingerprint(instance: object) -> str:
+    from expo_bench.lm.data import fingerprint_pairs
+
+    assert isinstance(instance, SyntheticTokensTask)
+    console = Console(quiet=True)
+    tokenizer = instance.load_tokenizer()
+    examples = instance.sft_examples(0, tokenizer, console)
+    data = instance.task_data(0, tokenizer, None, examples, Path("unused"), console)  # type: ignore[arg-type]
+    return fingerprint_pairs(data.train + data.evaluation)
+
+
+def test_instances_run_nested_seeds_and_reuse_the_runs_of_the_instance_they_had(tmp_path: Path) -> None:
+    from expo_bench.leaderboard import load_leaderboard
+    from expo_bench.tracking import resolve_tracking_uri
+
+    data = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    data["seeds"] = [0, 1]
+    data["task"] |= {"prompts": 3, "train_pairs_per_prompt": 16}
+    data["task"]["evaluation"] |= {"samples_per_prompt": 4, "selection": {"prompts": 1}}
+    data["methods"] = [{"method": "dpo", "params": {"beta": 0.1}}]
+    run_experiment(validate_recipe(data, "quickstart.yaml"), tmp_path, Console(quiet=True))
+    data["task"]["instances"] = [0, 5]
+    log = Console(record=True, width=200)
+    out = run_experiment(validate_recipe(data, "quickstart.yaml"), tmp_path, log)
+    text = log.export_text()
+    assert text.count("dpo λ=0.1: finished in an earlier run") == 2  # instance 0's two seeds, trained before
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [(run.get("instance"), run["seed"], run["method"]) for run in runs] == [
+        (instance, seed, method) for instance in ("0", "5") for seed in (0, 1) for method in ("sft-reference", "dpo")
+    ]
+    assert "| dpo | 0.1 | 1 (instance 5) |" in (out / "methods.md").read_text()
+    tables = load_leaderboard(resolve_tracking_uri(None, tmp_path), data["experiment"])
+    assert [table.instances for table in tables] == [("0",), ("5",), ("0", "5")]
+    assert all(row.estimates[metric_keys.KL_TO_TARGET.key].n == 2 for table in tables for row in table.rows)
+
+
+def test_calibration_reports_an_llm_judges_agreement_with_the_oracle(tmp_path: Path) -> None:
+    from chat_server import serving
+    from sklearn.metrics import cohen_kappa_score
+
+    data = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    data["seeds"] = [0]
+    data["task"] |= {"prompts": 2, "train_pairs_per_prompt": 16, "sft": None}
+    data["train"] |= {"max_epochs": 1, "batch_size": 16}
+    data["methods"] = [{"method": "dpo", "params": {"beta": 0.1}}]
+    with serving() as server:  # the stand-in prefers the longer text: here a coin the oracle disagrees with at will
+        judge = {"kind": "llm", "base_url": server.base_url, "model": "local-judge", "api_key_env": None, "swap": 1.0}
+        data["task"]["evaluation"] |= {"samples_per_prompt": 16, "selection": None, "judge": judge, "calibrate": True}
+        out = run_experiment(validate_recipe(data, "quickstart.yaml"), tmp_path, Console(quiet=True))
+    metrics = json.loads((out / "summary.json").read_text())["runs"][1]["eval"]
+    [llm] = (out / "runs").glob("dpo-*/evaluation-*/T1/judgments.jsonl")
+    llm_rows = [json.loads(line) for line in llm.read_text().splitlines()]
+    truth_rows = [json.loads(line) for line in (llm.parent / "judgments-truth.jsonl").read_text().splitlines()]
+    assert {row["judge"] for row in truth_rows} == {"oracle"} and len(truth_rows) == len(llm_rows) == 2 * 16
+    oracle = [row["outcome"] for row in truth_rows]
+    assert metrics["eval/truth/win_rate"] == pytest.approx(sum(oracle) / len(oracle))
+    assert metrics[metric_keys.REWARD.key] == pytest.approx(sum(row["candidate_reward"] for row in truth_rows) / 32)
+    labels = [[str(row["outcome"]) for row in rows] for rows in (llm_rows, truth_rows)]
+    assert metrics["eval/j1_truth/kappa"] == pytest.approx(cohen_kappa_score(*labels))
+    assert metrics["eval/j1_truth/n"] == 32 and "eval/first_position_wins" in metrics
+    assert "κ j1–truth" in (out / "leaderboard.md").read_text()

@@ -1,7 +1,9 @@
 """An LLM judge over any OpenAI-compatible chat-completions endpoint (OpenAI, a local vLLM server, ...).
 
 Each comparison puts the candidate at position A or B by a hash of the seed and the texts, so the order is
-random across comparisons (LLM judges favour one position) yet the same on every rerun. Every answer is
+random across comparisons (LLM judges favour one position) yet the same on every rerun. A share ``swap`` of the
+comparisons, chosen the same way, is also judged in the other order, which measures that position bias and the
+judge's self-consistency (:func:`expo_bench.evaluation.metrics.position_bias_summary`). Every answer is
 written to disk as soon as it arrives, keyed by a hash of everything the request depends on, so an
 interrupted judging resumes without asking twice. The API key is read from the environment when sending and
 kept out of logs, errors and the cache.
@@ -30,12 +32,13 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from expo_bench.cache import atomic_write
 from expo_bench.config_model import ConfigModel
@@ -67,6 +70,24 @@ def candidate_position(seed: int, comparison: Comparison) -> Position:
     """Where the candidate goes, A or B: a fair coin per comparison, fixed by the seed and the texts."""
     texts = json.dumps([seed, comparison.prompt, comparison.candidate, comparison.baseline])
     return "A" if hashlib.sha256(texts.encode()).digest()[0] % 2 == 0 else "B"
+
+
+def judged_both_ways(seed: int, comparison: Comparison, fraction: float) -> bool:
+    """Whether a comparison is judged in both orders: a uniform draw per comparison, fixed by the seed and the texts
+    (independent of :func:`candidate_position`), below ``fraction``; raising the fraction keeps every pair already
+    judged both ways."""
+    texts = json.dumps([seed, "swap", comparison.prompt, comparison.candidate, comparison.baseline])
+    return int.from_bytes(hashlib.sha256(texts.encode()).digest()[:8], "big") / 2**64 < fraction
+
+
+def _other(position: Position) -> Position:
+    return "B" if position == "A" else "A"
+
+
+def _in_order(comparison: Comparison, position: Position) -> tuple[str, str, str]:
+    """(prompt, response A, response B) with the candidate at ``position``."""
+    c = comparison
+    return (c.prompt, c.candidate, c.baseline) if position == "A" else (c.prompt, c.baseline, c.candidate)
 
 
 def parse_choice(answer: str, label: str = "More helpful") -> Position | None:
@@ -146,6 +167,14 @@ class LLMJudgeConfig(ConfigModel):
     """Seconds for one whole request: connecting, sending, waiting and reading the reply."""
     max_retry_after: float = Field(60.0, ge=0)
     """The longest pause before a retry: a server's Retry-After above it is cut to it."""
+    swap: float = Field(0.1, ge=0, le=1)
+    """The share of comparisons also judged with the two responses' order swapped (each comparison by a seeded coin, so
+    the share is close to it; 1: every comparison, a full audit): measures the judge's position bias and
+    self-consistency. The verdict stays the first order's unless ``inconsistent_as_tie``."""
+    inconsistent_as_tie: bool = False
+    """A pair judged both ways whose two answers pick different responses counts as a tie (MT-Bench's convention,
+    Zheng et al. 2023); one with an unparseable answer is invalid."""
+    added_later: ClassVar[frozenset[str]] = frozenset({"swap", "inconsistent_as_tie"})
 
     @field_validator("base_url")
     @classmethod
@@ -163,6 +192,12 @@ class LLMJudgeConfig(ConfigModel):
             raise ValueError(f"expected the fields {sorted(TEMPLATE_FIELDS)}, got {sorted(fields)}")
         return template
 
+    @model_validator(mode="after")
+    def _ties_need_swaps(self) -> LLMJudgeConfig:
+        if self.inconsistent_as_tie and self.swap == 0:
+            raise ValueError("inconsistent_as_tie needs pairs judged in both orders: set swap above 0 (1: all of them)")
+        return self
+
     def build(self, cache_dir: Path, seed: int) -> LLMJudge:
         return LLMJudge(self, cache_dir / "llm-judge", seed)
 
@@ -171,8 +206,9 @@ class LLMJudge:
     """Asks a chat model which of two responses is better; built by :meth:`LLMJudgeConfig.build`.
 
     Verdict details: ``candidate_position`` (A or B), the raw ``answer`` and the parsed ``choice`` (None when
-    the answer does not follow the format: outcome NaN). Identical responses tie without a request (answer
-    None).
+    the answer does not follow the format: outcome NaN); for a pair judged both ways also ``swap_choice`` and
+    ``swap_answer`` (the other order's), with :attr:`Verdict.orders`. Identical responses tie without a request
+    (answer None).
     """
 
     def __init__(self, config: LLMJudgeConfig, cache_dir: Path, seed: int) -> None:
@@ -182,45 +218,77 @@ class LLMJudge:
         self.url = f"{config.base_url}/chat/completions"
 
     def judge(self, comparisons: Sequence[Comparison], done: Done | None = None) -> list[Verdict]:
-        positions = [candidate_position(self.seed, comparison) for comparison in comparisons]
-        questions = [
-            (c.prompt, c.candidate, c.baseline) if position == "A" else (c.prompt, c.baseline, c.candidate)
-            for c, position in zip(comparisons, positions, strict=True)
+        # the candidate's position per comparison: the seeded one, then for a pair judged both ways the other
+        orders = [
+            [p, _other(p)] if c.candidate != c.baseline and judged_both_ways(self.seed, c, self.config.swap) else [p]
+            for c, p in ((c, candidate_position(self.seed, c)) for c in comparisons)
         ]
-        keys = [self._key(*question) for question in questions]
+        keys = [  # identical responses tie without a question
+            [] if c.candidate == c.baseline else [self._key(*_in_order(c, p)) for p in positions]
+            for c, positions in zip(comparisons, orders, strict=True)
+        ]
         answers: dict[str, str] = {}
         to_ask: dict[str, tuple[str, str, str]] = {}
-        for key, question in zip(keys, questions, strict=True):
-            if question[1] != question[2] and key not in answers and key not in to_ask:
-                cached = self._load(key)
-                if cached is None:
-                    to_ask[key] = question
-                else:
-                    answers[key] = cached
+        waiting: dict[str, list[int]] = {}  # an unanswered question -> the comparisons that wait for it
+        for index, (c, positions) in enumerate(zip(comparisons, orders, strict=True)):
+            for key, position in zip(keys[index], positions, strict=False):
+                if key not in answers and key not in to_ask:
+                    cached = self._load(key)
+                    if cached is None:
+                        to_ask[key] = _in_order(c, position)
+                    else:
+                        answers[key] = cached
+                if key in to_ask:
+                    waiting.setdefault(key, []).append(index)
         log.info(
-            "%s: %d comparisons, %d answers cached, %d to ask %s",
+            "%s: %d comparisons (%d in both orders), %d answers cached, %d to ask %s",
             self.name,
             len(comparisons),
+            sum(len(question_keys) == 2 for question_keys in keys),
             len(answers),
             len(to_ask),
             self.url,
         )
-        settled = len(comparisons) - len(to_ask)  # cached, tied or asked twice: no request to wait for
-        answers.update(self._ask_all(to_ask, None if done is None else lambda answered: done(settled + answered)))
+        outstanding = Counter(index for indices in waiting.values() for index in indices)
+        settled = len(comparisons) - len(outstanding)  # cached or tied: no request to wait for
 
-        verdicts = []
-        for key, (_, a, b), position in zip(keys, questions, positions, strict=True):
-            if a == b:
-                verdicts.append(Verdict(0.5, {"candidate_position": position, "choice": None, "answer": None}))
-                continue
-            choice = parse_choice(answers[key], self.config.choice_label)
-            outcome = math.nan if choice is None else float(choice == position)
-            verdicts.append(Verdict(outcome, {"candidate_position": position, "choice": choice, "answer": answers[key]}))
-        return verdicts
+        def answered(key: str) -> None:
+            nonlocal settled
+            for index in waiting[key]:
+                outstanding[index] -= 1
+                settled += outstanding[index] == 0
+            if done is not None:
+                done(settled)
 
-    def _ask_all(self, questions: dict[str, tuple[str, str, str]], done: Done | None) -> dict[str, str]:
-        """Each question's answer, ``max_concurrency`` requests at a time; on a failure, requests already
-        sent are awaited (their answers cached) and no more are sent before the error is raised."""
+        answers.update(self._ask_all(to_ask, answered))
+        return [
+            self._verdict(positions, [answers[key] for key in question_keys])
+            for positions, question_keys in zip(orders, keys, strict=True)
+        ]
+
+    def _verdict(self, positions: list[Position], answers: list[str]) -> Verdict:
+        """The verdict from the answers with the candidate at each of ``positions`` (no answers: identical responses tie)."""
+        if not answers:
+            return Verdict(0.5, {"candidate_position": positions[0], "choice": None, "answer": None})
+        choices = [parse_choice(answer, self.config.choice_label) for answer in answers]
+        outcomes = [
+            math.nan if choice is None else float(choice == position) for choice, position in zip(choices, positions, strict=True)
+        ]
+        detail = {"candidate_position": positions[0], "choice": choices[0], "answer": answers[0]}
+        if len(positions) == 1:
+            return Verdict(outcomes[0], detail)
+        detail |= {"swap_choice": choices[1], "swap_answer": answers[1]}
+        orders = (outcomes[0], outcomes[1]) if positions[0] == "A" else (outcomes[1], outcomes[0])
+        outcome = outcomes[0]
+        if self.config.inconsistent_as_tie:
+            first, second = outcomes
+            outcome = math.nan if math.isnan(first) or math.isnan(second) else first if first == second else 0.5
+        return Verdict(outcome, detail, orders=orders)
+
+    def _ask_all(self, questions: dict[str, tuple[str, str, str]], answered: Callable[[str], None]) -> dict[str, str]:
+        """Each question's answer, ``max_concurrency`` requests at a time, ``answered`` told each key as its answer
+        arrives; on a failure, requests already sent are awaited (their answers cached) and no more are sent before
+        the error is raised."""
         if not questions:
             return {}
         self._headers()  # a missing API key fails here, before any thread starts
@@ -233,8 +301,7 @@ class LLMJudge:
                 answer = future.result()
                 if answer is not None:
                     answers[futures[future]] = answer
-                    if done is not None:
-                        done(len(answers))
+                    answered(futures[future])
         except JudgeError as error:
             executor.shutdown(wait=True, cancel_futures=True)
             saved = sum(

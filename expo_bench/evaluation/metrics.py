@@ -66,7 +66,7 @@ def bootstrap_ci(
     mean is over the values of the clusters drawn: the samples of one prompt are not independent, so resampling them
     one by one would understate the spread. Without, every value is its own cluster. Resamples come from a generator
     seeded with ``seed``, so the interval is deterministic; the percentiles interpolate linearly between resampled
-    means (``torch.quantile``, like numpy's default).
+    means (``torch.quantile``, like numpy's default); :func:`resampled_totals` draws the resamples.
     """
     values = values.detach().to(device="cpu", dtype=torch.float64).flatten()
     clusters = torch.arange(values.numel()) if clusters is None else clusters.detach().cpu().flatten()
@@ -80,14 +80,28 @@ def bootstrap_ci(
     k = int(cluster_of.max()) + 1
     sums = torch.zeros(k, dtype=torch.float64).index_add_(0, cluster_of, values)
     counts = torch.bincount(cluster_of, minlength=k).to(torch.float64)
+    totals = resampled_totals(torch.stack([sums, counts], dim=1), resamples, seed)
+    return _percentiles(totals[:, 0] / totals[:, 1], confidence)
+
+
+def resampled_totals(per_cluster: Tensor, resamples: int, seed: int) -> Tensor:
+    """Bootstrap resamples of clusters: row r is the sum of ``per_cluster``'s rows (one per cluster: sums, counts, ...)
+    over a draw of as many clusters with replacement, from a generator seeded with ``seed``."""
+    k = per_cluster.shape[0]
     generator = torch.Generator().manual_seed(seed)
     chunk = max(1, _BOOTSTRAP_CHUNK // k)
-    means = []
+    totals = []
     for start in range(0, resamples, chunk):
         drawn = torch.randint(k, (min(chunk, resamples - start), k), generator=generator)
-        means.append(sums[drawn].sum(dim=1) / counts[drawn].sum(dim=1))
+        times = torch.zeros(drawn.shape, dtype=torch.float64).scatter_add_(1, drawn, torch.ones(drawn.shape, dtype=torch.float64))
+        totals.append(times @ per_cluster.to(torch.float64))
+    return torch.cat(totals)
+
+
+def _percentiles(statistics: Tensor, confidence: float) -> tuple[float, float]:
+    """The equal-tailed percentile interval of resampled statistics (resamples where it is undefined, NaN, left out)."""
     tail = (1 - confidence) / 2
-    low, high = torch.quantile(torch.cat(means), torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    low, high = torch.nanquantile(statistics, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return low, high
 
 
@@ -332,6 +346,13 @@ def reward_kl_summary(rewards: Tensor, policy_logps: Tensor, reference_logps: Te
     return _reward_kl(rewards, policy_logps - reference_logps)
 
 
+def kl_summary(policy_logps: Tensor, reference_logps: Tensor) -> dict[str, float]:
+    """The Monte-Carlo KL(π‖π_ref) of samples from π and its standard error: it needs no reward, so every judge has it."""
+    log_ratios = policy_logps.detach().double().cpu().flatten() - reference_logps.detach().double().cpu().flatten()
+    kl, kl_stderr = _mean_stderr(log_ratios)
+    return {"kl": kl, "kl_stderr": kl_stderr}
+
+
 def _check_per_sample(rewards: Tensor, policy_logps: Tensor, reference_logps: Tensor) -> None:
     if not rewards.numel() == policy_logps.numel() == reference_logps.numel():
         raise ValueError(
@@ -343,6 +364,97 @@ def _reward_kl(rewards: Tensor, log_ratios: Tensor) -> dict[str, float]:
     reward, reward_stderr = _mean_stderr(rewards)
     kl, kl_stderr = _mean_stderr(log_ratios)
     return {"reward": reward, "reward_stderr": reward_stderr, "kl": kl, "kl_stderr": kl_stderr, "n": float(rewards.numel())}
+
+
+# --- the judges' audit ---------------------------------------------------------------------------------------
+
+
+def _mean_with_intervals(
+    name: str, values: Tensor, clusters: Tensor | None, resamples: int, confidence: float, seed: int
+) -> dict[str, float]:
+    mean, stderr = _mean_stderr(values)
+    low, high = bootstrap_ci(values, clusters=clusters, resamples=resamples, confidence=confidence, seed=seed)
+    return {name: mean, f"{name}_stderr": stderr, f"{name}_ci_low": low, f"{name}_ci_high": high}
+
+
+def position_bias_summary(
+    first: Tensor,
+    second: Tensor,
+    *,
+    clusters: Tensor | None = None,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """A judge's position bias and self-consistency on comparisons it judged in both orders.
+
+    ``first`` and ``second``: per comparison, the candidate's outcome when shown first and when shown second (1 win,
+    0 loss; a pair with a NaN, an unparseable answer, is left out). ``first_position_wins`` is the share of the 2n
+    answers that picked the response shown first, i.e. the mean over pairs of (first + 1 − second) / 2: ½ is no
+    bias. ``self_consistency`` is the share of pairs whose two answers pick the same response (first = second).
+    Each comes with its standard error over pairs and a percentile-bootstrap CI resampling ``clusters`` (each
+    pair's prompt); ``swapped`` counts the pairs.
+    """
+    first, second = (t.detach().to(device="cpu", dtype=torch.float64).flatten() for t in (first, second))
+    if clusters is not None:
+        clusters = clusters.detach().cpu().flatten()
+    both = ~(first.isnan() | second.isnan())
+    first, second = _judged(first[both]), _judged(second[both])
+    clusters = None if clusters is None else clusters[both]
+    summary = {"swapped": float(first.numel())}
+    for name, values in (("first_position_wins", (first + 1 - second) / 2), ("self_consistency", (first == second).double())):
+        summary |= _mean_with_intervals(name, values, clusters, resamples, confidence, seed)
+    return summary
+
+
+def cohen_kappa(confusion: Tensor) -> Tensor:
+    """Cohen's κ of confusion matrices ``(..., C, C)`` of counts: (p_o − p_e) / (1 − p_e); NaN where p_e = 1."""
+    n = confusion.sum(dim=(-2, -1))
+    observed = confusion.diagonal(dim1=-2, dim2=-1).sum(dim=-1) / n
+    expected = (confusion.sum(dim=-1) * confusion.sum(dim=-2)).sum(dim=-1) / n**2
+    return (observed - expected) / (1 - expected)
+
+
+def agreement_summary(
+    a: Tensor,
+    b: Tensor,
+    *,
+    clusters: Tensor | None = None,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How two judges agree on the same comparisons: ``a[i]`` and ``b[i]`` are their outcomes (1 win, 0 loss, ½ tie;
+    comparisons either left invalid, NaN, are dropped).
+
+    ``agreement``: the share of comparisons with the same outcome, with its standard error and bootstrap CI; ``kappa``:
+    Cohen's κ over the outcomes as categories (scikit-learn's ``cohen_kappa_score``), chance-corrected: 0 is the
+    agreement of two judges that vote independently at their own rates, 1 perfect; with its bootstrap standard
+    error (the resampled κs' standard deviation) and percentile CI. Resamples draw whole ``clusters`` (each
+    comparison's prompt) and share one draw for both statistics; ``n`` counts the comparisons.
+    """
+    a, b = (t.detach().to(device="cpu", dtype=torch.float64).flatten() for t in (a, b))
+    if a.numel() != b.numel():
+        raise ValueError(f"{a.numel()} outcomes of one judge but {b.numel()} of the other")
+    clusters = torch.arange(a.numel()) if clusters is None else clusters.detach().cpu().flatten()
+    both = ~(a.isnan() | b.isnan())
+    a, b, clusters = _judged(a[both]), _judged(b[both]), clusters[both]
+    summary = {"n": float(a.numel())}
+    summary |= _mean_with_intervals("agreement", (a == b).double(), clusters, resamples, confidence, seed)
+    if a.numel() == 0:
+        return summary | {"kappa": math.nan, "kappa_stderr": math.nan, "kappa_ci_low": math.nan, "kappa_ci_high": math.nan}
+    categories = torch.unique(torch.cat([a, b]))
+    c = categories.numel()
+    cell = torch.searchsorted(categories, a) * c + torch.searchsorted(categories, b)
+    _, cluster_of = torch.unique(clusters, return_inverse=True)
+    per_cluster = torch.zeros(int(cluster_of.max()) + 1, c * c, dtype=torch.float64)
+    per_cluster.index_put_((cluster_of, cell), torch.ones_like(a), accumulate=True)
+    kappa = float(cohen_kappa(per_cluster.sum(dim=0).view(c, c)))
+    resampled = cohen_kappa(resampled_totals(per_cluster, resamples, seed).view(-1, c, c))
+    defined = resampled[~resampled.isnan()]
+    low, high = _percentiles(resampled, confidence) if defined.numel() else (math.nan, math.nan)
+    stderr = float(defined.std(correction=1)) if defined.numel() > 1 else math.nan
+    return summary | {"kappa": kappa, "kappa_stderr": stderr, "kappa_ci_low": low, "kappa_ci_high": high}
 
 
 # --- torchmetrics -------------------------------------------------------------------------------------------

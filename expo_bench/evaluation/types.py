@@ -26,6 +26,9 @@ class Verdict:
     """JSON-serializable and judge-specific: rewards, or the LLM's raw answer and the candidate's position."""
     candidate_reward: float | None = None
     """The candidate's scalar reward, from judges that have one (:attr:`Judge.gives_rewards`)."""
+    orders: tuple[float, float] | None = None
+    """For a comparison judged in both orders: the candidate's outcome when shown first and when shown second (NaN
+    where that answer could not be parsed); None when it was judged in one order only."""
 
 
 class Judge(Protocol):

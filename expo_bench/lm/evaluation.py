@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -40,11 +41,13 @@ ExactMetrics = Callable[["PreTrainedModel", Sequence[list[int]]], dict[str, floa
 
 
 class SelectionConfig(ConfigModel):
-    """Held-out prompts set aside to pick each method's configuration, so that the prompts a leaderboard reports on
-    never chose what is reported (a configuration picked on the reported metric itself is optimistic)."""
+    """Evaluation prompts set aside to pick each method's configuration, so that the prompts a leaderboard reports on
+    never chose what is reported (a configuration picked on the reported metric itself is optimistic). They are held
+    out from training where the task holds prompts out (HH, IMDb, preference data); the synthetic-token task holds out
+    responses, not prompts: its selection prompts are training prompts too."""
 
     prompts: int = Field(gt=0)
-    """The first this many held-out prompts; the leaderboard reports on the others."""
+    """The first this many evaluation prompts; the leaderboard reports on the others."""
     metric: str | None = None
     """The evaluation metric (a name after ``eval/``, e.g. ``win_rate``) computed on them that picks; default: the
     task's rank metric."""
@@ -52,7 +55,7 @@ class SelectionConfig(ConfigModel):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, metric: str | None) -> str | None:
-        names = sorted(m.name for m in metric_keys.CATALOG.values() if m.key.startswith(f"{metric_keys.EVAL}/"))
+        names = sorted(m.name for m in metric_keys.CATALOG.values() if m.key.startswith(f"{metric_keys.EVAL}/") and m.directed)
         if metric is not None and metric not in names:
             raise ValueError(f"unknown evaluation metric {metric!r}{closest(metric, names)}; known: {', '.join(names)}")
         return metric
@@ -73,9 +76,9 @@ class EvaluationConfig(ConfigModel):
     """Keep only the k most likely tokens; 0 keeps them all. The KL estimate scores samples under the whole tempered
     policy, so it is an unbiased estimate of KL(π_T‖π_ref) only with top_p = 1 and top_k = 0."""
     prompts: int | None = Field(None, gt=0)
-    """Report on this many held-out prompts (all the rest when unset), after those set aside for selection."""
+    """Report on this many evaluation prompts (all the rest when unset), after those set aside for selection."""
     selection: SelectionConfig | None = None
-    """Held-out prompts that pick each method's configuration and are never reported on (unset: the leaderboard picks
+    """Evaluation prompts that pick each method's configuration and are never reported on (unset: the leaderboard picks
     on the reported metric itself, and says so)."""
     batch_size: int = Field(16, ge=1)
     baseline: Literal["reference", "chosen"] = "reference"
@@ -83,11 +86,19 @@ class EvaluationConfig(ConfigModel):
     same temperature, or the held-out pair's chosen response (the DPO paper's HH win rate)."""
     judge: JudgeConfig | None = None
     """The judge; unset: the task's own ground truth (the IMDb reward model, the synthetic oracle)."""
+    judges: list[JudgeConfig] | None = Field(None, min_length=2)
+    """Several judges of the same comparisons, instead of ``judge``: the first one's verdicts are the win rate; each
+    other's win rate (``eval/j2/win_rate``, ...) and every pair's agreement and Cohen's κ (``eval/j1_j2/kappa``)
+    are reported beside it."""
+    calibrate: bool = False
+    """Also judge every comparison by the task's own ground truth (the synthetic oracle, IMDb's reward model) and
+    report each judge's agreement with it (``eval/j1_truth/kappa``); the reward then comes from the ground truth."""
     bootstrap_resamples: int = Field(1000, ge=1)
     every_n_steps: int | None = Field(None, gt=0)
     """Also evaluate during training every this many optimizer steps, at the leaderboard temperature."""
     evaluate_only: bool = False
     """Evaluate the checkpoints of finished runs without training anything: a run that has not finished is an error."""
+    added_later: ClassVar[frozenset[str]] = frozenset({"judges", "calibrate"})
 
     @model_validator(mode="after")
     def _leaderboard_temperature_sampled(self) -> EvaluationConfig:
@@ -95,7 +106,14 @@ class EvaluationConfig(ConfigModel):
             raise ValueError(
                 f"leaderboard_temperature {self.leaderboard_temperature} is not among temperatures {self.temperatures}"
             )
+        if self.judge is not None and self.judges is not None:
+            raise ValueError("set judge (one) or judges (several), not both")
         return self
+
+    @property
+    def panel(self) -> list[JudgeConfig]:
+        """The judges the recipe names, the first one's verdicts being the win rate (none: the task's own)."""
+        return self.judges or ([] if self.judge is None else [self.judge])
 
     @property
     def headline_temperature(self) -> float:
@@ -138,14 +156,19 @@ class Evaluator:
         tokenizer: Any,
         reference: PreTrainedModel,
         held_out: HeldOutPrompts,
-        judge: Judge,
+        judges: Sequence[Judge],
         seed: int,
         cache_dir: Path,
         exact: ExactMetrics | None = None,
         selection: HeldOutPrompts | None = None,
+        truth: Judge | None = None,
     ) -> None:
         self.config, self.tokenizer, self.reference, self.held_out = config, tokenizer, reference, held_out
-        self.judge, self.seed, self.cache_dir, self.exact, self.selection = judge, seed, cache_dir, exact, selection
+        self.seed, self.cache_dir, self.exact, self.selection = seed, cache_dir, exact, selection
+        self.judges: dict[str, Judge] = {metric_keys.judge_label(index): judge for index, judge in enumerate(judges)}
+        """Every judge by label, the first one's verdicts being the win rate, then the ground truth when it calibrates."""
+        if truth is not None:
+            self.judges[metric_keys.TRUTH] = truth
         self.pad = pad_token_id(tokenizer)
         self._baselines: dict[tuple[str, float], list[list[list[int]]]] = {}
 
@@ -185,8 +208,20 @@ class Evaluator:
         """Where this evaluation (config and judge) of a run keeps its samples, verdicts and metrics."""
         return run_dir / f"evaluation-{self.identity()}"
 
+    @property
+    def judge(self) -> Judge:
+        """The judge whose verdicts are the win rate."""
+        return next(iter(self.judges.values()))
+
+    @property
+    def judge_names(self) -> str:
+        """The judge's name; with several, each as ``label=name``."""
+        if len(self.judges) == 1:
+            return self.judge.name
+        return ", ".join(f"{label}={judge.name}" for label, judge in self.judges.items())
+
     def identity(self) -> str:
-        """A digest of what makes two evaluations of one policy differ: the config and the judge."""
+        """A digest of what makes two evaluations of one policy differ: the config (every judge in it) and the judge."""
         return digest({"evaluation": self.config.model_dump(mode="json"), "judge": self.judge.name})
 
     def has_result(self, run_dir: Path) -> bool:
@@ -257,7 +292,7 @@ class Evaluator:
         provenance: dict[str, Any],
         console: Console | None,
     ) -> dict[str, float]:
-        from expo_bench.evaluation.metrics import Diversity, RewardKL, WinRate  # torchmetrics: not needed to validate
+        from expo_bench.evaluation.metrics import Diversity, RewardKL, WinRate, kl_summary  # not needed to validate
 
         samples = self._sample(policy, held_out, temperature, str(provenance.get("method", "the policy")), console)
         baselines = self._baselines_for(held_out, stage, temperature, console)
@@ -270,8 +305,24 @@ class Evaluator:
                 comparisons.append(Comparison(held_out.prompts[index], self._text(sample), self._text(baseline)))
                 # lengths in the same units: a policy sample keeps its EOS, a chosen response has none
                 lengths.append(len(strip_eos(sample, eos)) - len(strip_eos(baseline, eos)))
-        verdicts = on_rank_zero(lambda: self._judge(comparisons, console))  # one request per comparison, whatever the world
+        # one request per comparison and judge, whatever the world
+        panel = on_rank_zero(lambda: {label: self._judge(judge, comparisons, console) for label, judge in self.judges.items()})
+        verdicts = next(iter(panel.values()))
         # every rank holds every verdict and sample here: the metrics must not gather them again across ranks
+        flat = [sample for group in samples for sample in group]
+        prompt_ids = [held_out.prompt_ids[index] for index in prompts]
+        policy_logps = sequence_logps(policy, prompt_ids, flat, self.pad, self.config.batch_size, temperature)
+        reference_logps = sequence_logps(self.reference, prompt_ids, flat, self.pad, self.config.batch_size)
+        results: dict[str, float] = {}
+        rewarded = next((label for label, judge in self.judges.items() if judge.gives_rewards), None)
+        rewards: list[float] | None = None
+        if rewarded is None:
+            results |= scalars(kl_summary(policy_logps, reference_logps))
+        else:
+            rewards = [math.nan if verdict.candidate_reward is None else verdict.candidate_reward for verdict in panel[rewarded]]
+            reward_kl = RewardKL(sync_on_compute=False)
+            reward_kl.update(torch.tensor(rewards, dtype=torch.float64), policy_logps, reference_logps)
+            results |= scalars(reward_kl.compute())
         win_rate = WinRate(resamples=self.config.bootstrap_resamples, sync_on_compute=False)
         win_rate.update(
             torch.tensor([verdict.outcome for verdict in verdicts]),
@@ -280,23 +331,13 @@ class Evaluator:
         )
         diversity = Diversity(sync_on_compute=False)
         diversity.update([[strip_eos(sample, eos) for sample in group] for group in samples])
-        results = {**scalars(win_rate.compute()), **scalars(diversity.compute())}
-        rewards: list[float] | None = None
-        if self.judge.gives_rewards:
-            rewards = [math.nan if verdict.candidate_reward is None else verdict.candidate_reward for verdict in verdicts]
-            flat = [sample for group in samples for sample in group]
-            prompt_ids = [held_out.prompt_ids[index] for index in prompts]
-            reward_kl = RewardKL(sync_on_compute=False)
-            reward_kl.update(
-                torch.tensor(rewards, dtype=torch.float64),
-                sequence_logps(policy, prompt_ids, flat, self.pad, self.config.batch_size, temperature),
-                sequence_logps(self.reference, prompt_ids, flat, self.pad, self.config.batch_size),
-            )
-            results |= scalars(reward_kl.compute())
+        audit = panel_metrics(
+            panel, torch.tensor(lengths, dtype=torch.float64), torch.tensor(prompts), self.config.bootstrap_resamples
+        )
+        results |= {**scalars(win_rate.compute()), **scalars(diversity.compute()), **scalars(audit)}
         if is_global_zero():
-            self._write(
-                out_dir, {**provenance, "seed": self.seed, "temperature": temperature}, prompts, comparisons, verdicts, rewards
-            )
+            common = {**provenance, "seed": self.seed, "temperature": temperature}
+            self._write(out_dir, common, prompts, comparisons, panel, rewards)
         return results
 
     def _write(
@@ -305,10 +346,11 @@ class Evaluator:
         common: dict[str, Any],
         prompts: list[int],
         comparisons: list[Comparison],
-        verdicts: list[Verdict],
+        panel: Mapping[str, list[Verdict]],
         rewards: list[float] | None,
     ) -> None:
-        """``samples.jsonl`` and ``judgments.jsonl`` of one temperature."""
+        """``samples.jsonl`` and the verdicts of one temperature: the first judge's in ``judgments.jsonl``, each
+        other's in ``judgments-<label>.jsonl``."""
         out_dir.mkdir(parents=True, exist_ok=True)
         write_jsonl(
             out_dir / "samples.jsonl",
@@ -318,27 +360,57 @@ class Evaluator:
                 for row, (index, comparison) in enumerate(zip(prompts, comparisons, strict=True))
             ],
         )
-        write_jsonl(
-            out_dir / "judgments.jsonl",
-            [
-                {
-                    **common,
-                    "judge": self.judge.name,
-                    "prompt_index": index,
-                    "prompt": comparison.prompt,
-                    "candidate": comparison.candidate,
-                    "baseline": comparison.baseline,
-                    "outcome": verdict.outcome,
-                    **verdict.detail,
-                }
-                for index, comparison, verdict in zip(prompts, comparisons, verdicts, strict=True)
-            ],
-        )
+        for position, (label, verdicts) in enumerate(panel.items()):
+            write_jsonl(
+                out_dir / ("judgments.jsonl" if position == 0 else f"judgments-{label}.jsonl"),
+                [
+                    {
+                        **common,
+                        "judge": self.judges[label].name,
+                        "prompt_index": index,
+                        "prompt": comparison.prompt,
+                        "candidate": comparison.candidate,
+                        "baseline": comparison.baseline,
+                        "outcome": verdict.outcome,
+                        **verdict.detail,
+                    }
+                    for index, comparison, verdict in zip(prompts, comparisons, verdicts, strict=True)
+                ],
+            )
 
-    def _judge(self, comparisons: list[Comparison], console: Console | None) -> list[Verdict]:
+    @staticmethod
+    def _judge(judge: Judge, comparisons: list[Comparison], console: Console | None) -> list[Verdict]:
         """The judge's verdicts, with the comparisons settled shown as they arrive."""
-        with progress(console, f"judging with {self.judge.name} (comparisons)", len(comparisons)) as done:
-            return self.judge.judge(comparisons, done)
+        with progress(console, f"judging with {judge.name} (comparisons)", len(comparisons)) as done:
+            return judge.judge(comparisons, done)
+
+
+def panel_metrics(
+    panel: Mapping[str, list[Verdict]], length_difference: torch.Tensor, clusters: torch.Tensor, resamples: int
+) -> dict[str, float]:
+    """What the judges say about themselves (names after ``eval/``): each judge's position bias and self-consistency
+    on the comparisons it judged both ways (the first judge's unprefixed, the others' under their label, with their
+    win rates); every pair's agreement and Cohen's κ under ``<label>_<label>/``. Every resample draws whole
+    ``clusters`` (prompts)."""
+    from expo_bench.evaluation.metrics import agreement_summary, position_bias_summary, win_rate_summary
+
+    outcomes = {label: torch.tensor([verdict.outcome for verdict in verdicts]) for label, verdicts in panel.items()}
+    results: dict[str, float] = {}
+    for position, (label, verdicts) in enumerate(panel.items()):
+        prefix = "" if position == 0 else f"{label}/"
+        summary: dict[str, float] = {}
+        if position:
+            summary |= win_rate_summary(outcomes[label], length_difference, resamples=resamples, clusters=clusters)
+        both = [(row, verdict.orders) for row, verdict in enumerate(verdicts) if verdict.orders is not None]
+        if both:
+            rows = torch.tensor([row for row, _ in both])
+            first, second = (torch.tensor([orders[side] for _, orders in both]) for side in (0, 1))
+            summary |= position_bias_summary(first, second, clusters=clusters[rows], resamples=resamples)
+        results |= {prefix + name: value for name, value in summary.items()}
+    for first_label, second_label in combinations(panel, 2):
+        agreement = agreement_summary(outcomes[first_label], outcomes[second_label], clusters=clusters, resamples=resamples)
+        results |= {f"{first_label}_{second_label}/{name}": value for name, value in agreement.items()}
+    return results
 
 
 def strip_eos(ids: list[int], eos_token_id: int) -> list[int]:

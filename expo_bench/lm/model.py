@@ -29,7 +29,13 @@ class ModelConfig(ConfigModel):
     """
 
     name_or_path: LocalOrHub | None = None
+    """A hub id (``EleutherAI/pythia-2.8b``) or a local folder of ``save_pretrained`` weights; or give ``tiny``."""
     tiny: dict[str, Any] | None = None
+    """A small model built from an architecture config, with random weights from the seed, instead of downloaded ones:
+    to try a recipe on a CPU in minutes (no hub, no GPU), never for results. ``model_type`` names the architecture
+    (``gpt2``, ``gpt_neox``, ``llama``, any transformers config); the other keys are that config's fields, checked by
+    name, e.g. ``{model_type: gpt2, n_embd: 64, n_layer: 2, n_head: 4, n_positions: 160}``. The vocabulary size is
+    the tokenizer's unless given."""
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """The weights' dtype: the master weights the optimizer updates (mixed precision computes in 16 bits from fp32

@@ -1,11 +1,13 @@
-"""Preference pairs from any table of them, through Hugging Face ``datasets``: local ``.jsonl[.gz|.xz]`` or
-``.parquet`` files or a hub dataset, with the columns a recipe names, as plain text or as conversations.
+"""Preference pairs from any table of them, through Hugging Face ``datasets``: local ``.jsonl[.gz|.xz]``, ``.json``
+or ``.parquet`` files or a hub dataset, with the columns a recipe names, as plain text or as conversations.
 
-A conversational pair holds message lists (``[{"role": ..., "content": ...}, ...]``, UltraFeedback's and TRL's
-format): the response is the final assistant turn, the prompt everything before it, rendered with the tokenizer's
-chat template (``add_generation_prompt``); the two sides must share that prompt. Pairs whose prompts differ or
-whose responses are identical are counted and dropped, never repaired. An optional label column gives
-P(chosen beats rejected) (a soft label; 1 when absent).
+A plain-text pair is TRL's standard format: a prompt and two responses that follow it verbatim, or (implicit prompt,
+no prompt column) two texts whose shared beginning, cut back to a word boundary, is the prompt. A conversational pair
+holds message lists (``[{"role": ..., "content": ...}, ...]``, UltraFeedback's and TRL's format; ShareGPT's
+``{"from": "human"|"gpt", "value": ...}`` turns through a key and role map): the response is the final assistant
+turn, the prompt everything before it, rendered with the tokenizer's chat template (``add_generation_prompt``); the
+two sides must share that prompt. Pairs that cannot be read as a pair (:data:`DROP_REASONS`) are counted and
+dropped, never repaired. An optional label column gives P(chosen beats rejected) (a soft label; 1 when absent).
 
 Extraction and tokenization are batched ``Dataset.map`` calls, in ``num_proc`` processes if asked, cached on disk
 by ``datasets``' fingerprints (of the data files, the function and its arguments, the tokenizer included), so a
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
 
 from expo_bench.config_model import ConfigModel
 from expo_bench.errors import DataError
@@ -37,6 +41,28 @@ ASSISTANT = "assistant"
 Renderer = Callable[[list[dict[str, str]]], str]
 """Messages → the prompt text a model continues."""
 MALFORMED = "malformed"
+DROP_REASONS = {
+    "identical_responses": "the chosen and rejected responses are the same text",
+    "prompt_mismatch": "the two sides' prompts differ (in a conversation, the turns before the last answer)",
+    "no_final_assistant_turn": "a side does not end with an assistant turn; map the data's role names in messages.roles",
+    "no_shared_prompt": "implicit prompt: the two texts share no beginning up to a word boundary",
+    MALFORMED: "a missing or mistyped column, or a label outside [0, 1] (skipped with skip_malformed: true)",
+}
+"""Why a row is dropped → what that means (the README lists them)."""
+
+
+class MessageKeys(ConfigModel):
+    """How a conversation spells its turns: the key of the speaker and of the text, and the data's speaker names."""
+
+    role: str = "role"
+    content: str = "content"
+    roles: dict[str, str] = Field(default_factory=dict)
+    """The data's speaker names → the chat template's (``user``, ``assistant``, ``system``); others are kept as
+    written."""
+
+
+SHAREGPT = MessageKeys(role="from", content="value", roles={"human": "user", "gpt": "assistant", "system": "system"})
+"""ShareGPT's turns (LLaMA-Factory, Axolotl): ``{"from": "human" | "gpt" | "system", "value": ...}``."""
 
 
 class PreferenceColumns(ConfigModel):
@@ -52,10 +78,12 @@ class PreferenceColumns(ConfigModel):
 
 @dataclass
 class LoadReport:
-    """What loading one split kept and dropped, by reason."""
+    """What loading one split kept and dropped, by reason, and the prompt of each kept pair as a person reads it."""
 
     total: int
     dropped: Counter[str]
+    prompts: list[str] = field(default_factory=list)
+    """A text prompt as written; a conversation as ``User: ...`` paragraphs (what an LLM judge is shown)."""
 
     @property
     def kept(self) -> int:
@@ -86,15 +114,47 @@ def load_rows(source: str, split: str, name: str | None = None, data_dir: str | 
         raise DataError(f"{where}{hint}: cannot load split {split!r}: {error}") from None
 
 
-def _messages(value: Any, what: str) -> list[dict[str, str]]:
-    """A message list (a text counts as one user turn), or ValueError saying what is wrong with it."""
+def found(value: Any) -> str:
+    """What a cell holds, for an error message: ``a list of 2 objects with keys 'from', 'value'``, ``a str``."""
+    if value is None:
+        return "missing"
+    if isinstance(value, dict):
+        return f"an object with keys {', '.join(map(repr, value)) or '(none)'}"
+    if isinstance(value, list):
+        kinds = list(dict.fromkeys(found(item).removeprefix("an ").removeprefix("a ") for item in value))
+        items = f"{len(value)} item{'s' if len(value) != 1 else ''}"
+        return f"a list of {items}" + (f": {'; '.join(kinds)}" if kinds else "")
+    return f"a {type(value).__name__}"
+
+
+def _format_hint(value: Any) -> str:
+    """The format whose turns a cell looks like, when it is not the recipe's."""
+    turns = value if isinstance(value, list) else [value]
+    keys = {key for turn in turns if isinstance(turn, dict) for key in turn}
+    if {SHAREGPT.role, SHAREGPT.content} <= keys:
+        return " (ShareGPT-style turns: format: sharegpt)"
+    if {"role", "content"} <= keys:
+        return " (message lists: format: conversational)"
+    return ""
+
+
+def _messages(value: Any, what: str, keys: MessageKeys) -> list[dict[str, str]]:
+    """A message list (a text counts as one user turn, an object as one message), or ValueError saying what was
+    found instead."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    turns = [value] if isinstance(value, dict) else value
+    if not isinstance(turns, list) or not all(
+        isinstance(m, dict) and isinstance(m.get(keys.role), str) and isinstance(m.get(keys.content), str) for m in turns
     ):
-        raise ValueError(f"{what} is not a list of {{role, content}} messages")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+        hint = "" if keys.role != "role" else _format_hint(value)
+        raise ValueError(f"{what} is {found(value)}, not a list of {{{keys.role}, {keys.content}}} messages{hint}")
+    return [{"role": keys.roles.get(m[keys.role], m[keys.role]), "content": m[keys.content]} for m in turns]
+
+
+def readable(messages: Sequence[dict[str, str]]) -> str:
+    """A conversation as a person (or an LLM judge) reads it: one ``Role: text`` paragraph per turn."""
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
 def _label(value: Any) -> float:
@@ -103,35 +163,69 @@ def _label(value: Any) -> float:
     return float(value)
 
 
-def _text_pair(row: dict[str, Any], columns: PreferenceColumns, render: Renderer | None) -> PromptPair | str:
-    if columns.prompt is None:
-        raise ValueError("plain-text pairs need a prompt column (columns.prompt)")
-    texts = {column: row.get(column) for column in (columns.prompt, columns.chosen, columns.rejected)}
+@dataclass(frozen=True)
+class ReadPair(PromptPair):
+    """A pair read from a conversation: its prompt rendered for the model, and ``shown`` as a person reads it."""
+
+    shown: str = ""
+
+
+def _shared_prompt(chosen: str, rejected: str) -> PromptPair | str:
+    """An implicit prompt: the texts' common beginning, cut back to before its last whitespace so that no response
+    starts mid-word (a character-level prefix would cut into ``" yes"``/``" yet"``)."""
+    common = next((i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b), min(len(chosen), len(rejected)))
+    cut = max((index for index in range(common) if chosen[index].isspace()), default=0)
+    if cut == 0:
+        return "no_shared_prompt"
+    return PromptPair(chosen[:cut], chosen[cut:], rejected[cut:])
+
+
+def _text_pair(row: dict[str, Any], columns: PreferenceColumns, keys: MessageKeys, render: Renderer | None) -> PromptPair | str:
+    named = [column for column in (columns.prompt, columns.chosen, columns.rejected) if column is not None]
+    texts = {column: row.get(column) for column in named}
     for column, value in texts.items():
         if not isinstance(value, str):
-            raise ValueError(f"column {column!r} is {'missing' if value is None else type(value).__name__}, not text")
-    prompt, chosen, rejected = (str(value) for value in texts.values())
+            raise ValueError(f"column {column!r} is {found(value)}, not text{_format_hint(value)}")
+    *prompt, chosen, rejected = (str(value) for value in texts.values())
     if chosen == rejected:
         return "identical_responses"
-    return PromptPair(prompt, chosen, rejected)
+    return PromptPair(prompt[0], chosen, rejected) if prompt else _shared_prompt(chosen, rejected)
 
 
-def _conversation_pair(row: dict[str, Any], columns: PreferenceColumns, render: Renderer | None) -> PromptPair | str:
+def _conversation_pair(
+    row: dict[str, Any], columns: PreferenceColumns, keys: MessageKeys, render: Renderer | None
+) -> PromptPair | str:
     assert render is not None
-    before = [] if columns.prompt is None else _messages(row.get(columns.prompt), f"column {columns.prompt!r}")
-    sides = [before + _messages(row.get(column), f"column {column!r}") for column in (columns.chosen, columns.rejected)]
-    if any(not side or side[-1]["role"] != ASSISTANT for side in sides):
-        return "no_final_assistant_turn"
+    before = [] if columns.prompt is None else _messages(row.get(columns.prompt), f"column {columns.prompt!r}", keys)
+    sides = [before + _messages(row.get(column), f"column {column!r}", keys) for column in (columns.chosen, columns.rejected)]
+    last = next((side[-1]["role"] if side else "none" for side in sides if not side or side[-1]["role"] != ASSISTANT), None)
+    if last is not None:
+        return f"no_final_assistant_turn (the last turn's role is {last!r})"
     (*context, chosen), (*rejected_context, rejected) = sides
     if context != rejected_context:
         return "prompt_mismatch"
     if chosen["content"] == rejected["content"]:
         return "identical_responses"
-    return PromptPair(render(context), chosen["content"], rejected["content"])
+    return ReadPair(render(context), chosen["content"], rejected["content"], shown=readable(context))
 
 
-EXTRACTORS = {"text": _text_pair, "conversational": _conversation_pair}
-"""A pair's format → how its prompt and responses are read from a row."""
+@dataclass(frozen=True)
+class PairFormat:
+    """How a row holds a pair: the reader, whether it is a conversation (rendered with the chat template), how its
+    turns are spelled, and the prompt column a recipe that names none reads."""
+
+    extract: Callable[[dict[str, Any], PreferenceColumns, MessageKeys, Renderer | None], PromptPair | str]
+    conversational: bool
+    messages: MessageKeys
+    prompt_column: str | None = "prompt"
+
+
+FORMATS = {
+    "text": PairFormat(_text_pair, conversational=False, messages=MessageKeys()),
+    "conversational": PairFormat(_conversation_pair, conversational=True, messages=MessageKeys()),
+    "sharegpt": PairFormat(_conversation_pair, conversational=True, messages=SHAREGPT, prompt_column="conversations"),
+}
+"""A recipe's ``format`` → how its rows are read."""
 
 
 def chat_renderer(tokenizer: PreTrainedTokenizerBase) -> Renderer:
@@ -145,24 +239,31 @@ def chat_renderer(tokenizer: PreTrainedTokenizerBase) -> Renderer:
 
 
 def _extract(
-    batch: dict[str, list[Any]], indices: list[int], columns: PreferenceColumns, format: str, tokenizer: Any
+    batch: dict[str, list[Any]],
+    indices: list[int],
+    columns: PreferenceColumns,
+    format: str,
+    keys: MessageKeys,
+    tokenizer: Any,
 ) -> dict[str, list[Any]]:
     """Batched: each row's prompt, responses and label as text, or why it was dropped (``dropped``, else "")."""
-    render = chat_renderer(tokenizer) if format == "conversational" else None
-    out: dict[str, list[Any]] = {"prompt": [], "chosen": [], "rejected": [], "label": [], "dropped": []}
+    reader = FORMATS[format]
+    render = chat_renderer(tokenizer) if reader.conversational else None
+    out: dict[str, list[Any]] = {"prompt": [], "chosen": [], "rejected": [], "label": [], "dropped": [], "shown": []}
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     for index, row in zip(indices, rows, strict=True):
         try:
-            found = EXTRACTORS[format](row, columns, render)
+            read = reader.extract(row, columns, keys, render)
             label = 1.0 if columns.label is None else _label(row.get(columns.label))
         except ValueError as error:
-            found, label = f"{MALFORMED} (row {index + 1}: {error})", 1.0
-        pair, dropped = (PromptPair("", "", ""), found) if isinstance(found, str) else (found, "")
+            read, label = f"{MALFORMED} (row {index + 1}: {error})", 1.0
+        pair, dropped = (PromptPair("", "", ""), read) if isinstance(read, str) else (read, "")
         out["prompt"].append(pair.prompt)
         out["chosen"].append(pair.chosen)
         out["rejected"].append(pair.rejected)
         out["label"].append(label)
         out["dropped"].append(dropped)
+        out["shown"].append(pair.shown if isinstance(pair, ReadPair) else pair.prompt)
     return out
 
 
@@ -207,30 +308,51 @@ def load_pairs(
     where: str,
     skip_malformed: bool = False,
     num_proc: int | None = None,
+    messages: MessageKeys | None = None,
 ) -> tuple[list[TokenizedPair], LoadReport]:
     """A split's rows as tokenized pairs, and what was kept and dropped. A malformed row (a missing or mistyped
-    column, a label outside [0, 1]) is a :class:`DataError` naming ``where`` and the row, unless ``skip_malformed``."""
+    column, a label outside [0, 1]) is a :class:`DataError` naming ``where`` and the row, unless ``skip_malformed``;
+    so is a split of which no pair is left, with the count and a first example of each reason. ``messages``: how the
+    conversations spell their turns (default: the format's own)."""
     named = [column for column in (columns.prompt, columns.chosen, columns.rejected, columns.label) if column is not None]
     missing = [column for column in named if column not in rows.column_names]
     if missing:
-        raise DataError(f"{where}: no column {', '.join(map(repr, missing))}; its columns: {', '.join(rows.column_names)}")
+        sharegpt = format != "sharegpt" and FORMATS["sharegpt"].prompt_column in rows.column_names
+        hint = " (ShareGPT-style data: format: sharegpt)" if sharegpt else ""
+        raise DataError(f"{where}: no column {', '.join(map(repr, missing))}; its columns: {', '.join(rows.column_names)}{hint}")
     extracted = rows.map(
         _extract,
         batched=True,
         with_indices=True,
-        fn_kwargs={"columns": columns, "format": format, "tokenizer": tokenizer},
+        fn_kwargs={"columns": columns, "format": format, "keys": messages or FORMATS[format].messages, "tokenizer": tokenizer},
         remove_columns=rows.column_names,
         num_proc=num_proc,
     )
-    reasons = Counter(reason.split(" (", 1)[0] for reason in extracted["dropped"] if reason)
-    first_malformed = next((reason for reason in extracted["dropped"] if reason.startswith(MALFORMED)), None)
+    drops = [reason for reason in extracted["dropped"] if reason]
+    reasons = Counter(reason.split(" (", 1)[0] for reason in drops)
+    first_malformed = next((reason for reason in drops if reason.startswith(MALFORMED)), None)
     if first_malformed is not None and not skip_malformed:
         raise DataError(
             f"{where}: {first_malformed.removeprefix(MALFORMED + ' (').removesuffix(')')} (skip_malformed: true skips such rows)"
         )
+    if len(drops) == len(rows):
+        raise DataError(f"{where}: no usable pairs left of {len(rows)} rows, dropped:{_drop_examples(drops)}")
     kept = extracted.filter(lambda dropped: not dropped, input_columns="dropped", num_proc=num_proc)
     tokenized = kept.map(_tokenize, batched=True, fn_kwargs={"tokenizer": tokenizer, "config": config}, num_proc=num_proc)
-    return _as_pairs(tokenized), LoadReport(len(rows), reasons)
+    return _as_pairs(tokenized), LoadReport(len(rows), reasons, kept["shown"])
+
+
+def _drop_examples(drops: list[str]) -> str:
+    """One line per reason: its count, what it means and the first row's detail."""
+    firsts: dict[str, str] = {}
+    for drop in drops:
+        reason, _, detail = drop.partition(" (")
+        firsts.setdefault(reason, detail.removesuffix(")"))
+    counts = Counter(drop.partition(" (")[0] for drop in drops)
+    return "".join(
+        f"\n  {counts[reason]} {reason}: {DROP_REASONS.get(reason, reason)}" + (f" (first: {detail})" if detail else "")
+        for reason, detail in firsts.items()
+    )
 
 
 def load_prompts(
@@ -241,6 +363,7 @@ def load_prompts(
     tokenizer: PreTrainedTokenizerBase,
     config: TokenizationConfig,
     where: str,
+    messages: MessageKeys | None = None,
 ) -> HeldOutPrompts:
     """Evaluation prompts with the reference output each policy sample is judged against (AlpacaEval's
     ``instruction``/``output``). In a conversational task a text prompt is one user turn, rendered with the chat
@@ -254,11 +377,11 @@ def load_prompts(
         if not isinstance(reference, str) or (not conversational and not isinstance(prompt, str)):
             raise DataError(f"{where}, row {index + 1}: expected text in {prompt_column!r} and {reference_column!r}")
         try:
-            messages = _messages(prompt, f"column {prompt_column!r}") if render is not None else None
+            turns = _messages(prompt, f"column {prompt_column!r}", messages or MessageKeys()) if render is not None else None
         except ValueError as error:
             raise DataError(f"{where}, row {index + 1}: {error}") from None
-        prompts.append(prompt if render is None or messages is None else render(messages))
-        shown.append(prompt if isinstance(prompt, str) else "\n\n".join(f"{m['role']}: {m['content']}" for m in messages or []))
+        prompts.append(prompt if render is None or turns is None else render(turns))
+        shown.append(prompt if isinstance(prompt, str) else readable(turns or []))
         references.append(reference)
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
     reference_ids = tokenizer(references, add_special_tokens=False)["input_ids"] if references else []

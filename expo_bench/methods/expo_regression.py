@@ -2,7 +2,7 @@
 
 The policy's own preference p = σ(d_pol) is regressed onto a weighted average of the label's and the
 reference's preference, t = (1 - λ)·z + λ·σ(d_ref), λ ∈ [0, 1]. The paper's equation text was not available to
-us; this reconstruction and the ``distance`` options are documented in the README. Both distances are proper
+us; this reconstruction and the ``distance`` options are documented in docs/methods.md. Both distances are proper
 scoring rules of p against t, so the base's pairwise form t·ℓ(s - γ) + (1 - t)·ℓ(-s - γ) gives them:
 
 - ``bce`` (default), ℓ(u) = -log σ(u): ``-(t·log p + (1-t)·log(1-p))`` = KL(Bern(t) ‖ Bern(p)) + H(t); its

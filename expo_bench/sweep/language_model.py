@@ -14,12 +14,14 @@ from expo_bench import metric_keys
 from expo_bench.cache import digest
 from expo_bench.distributed import accelerator_device, rank_zero_first
 from expo_bench.errors import UserError
+from expo_bench.evaluation.types import Judge
 from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, fingerprint_pairs
 from expo_bench.lm.evaluation import Evaluator, HeldOutPrompts, strip_eos
 from expo_bench.lm.model import count_parameters
 from expo_bench.lm.reference import attach_reference_logps, attach_reference_samples
 from expo_bench.lm.sft import fine_tune
 from expo_bench.lm.tokenize import fingerprint_tokenizer, pad_token_id
+from expo_bench.reporting import SweepProgress
 from expo_bench.sweep import lm_report
 from expo_bench.sweep.context import SweepContext
 from expo_bench.sweep.fit import FitUnit, evaluate, fit
@@ -54,17 +56,27 @@ class LanguageModelSweep:
 
     def __init__(self, context: SweepContext, task: LanguageModelTask) -> None:
         self.context, self.task = context, task
+        experiment = context.experiment
+        self.progress = SweepProgress(
+            len(experiment.recipe.seeds) * sum(len(run.grid) for run in experiment.runs), context.console
+        )
 
     def run(self) -> list[LanguageModelRecord]:
         with rank_zero_first():
             tokenizer = self.task.load_tokenizer()
-        return [record for seed in self.context.experiment.recipe.seeds for record in self._seed(tokenizer, seed)]
+        return [
+            record
+            for instance, task in self.task.task_instances()
+            for seed in self.context.experiment.recipe.seeds
+            for record in self._seed(tokenizer, seed, task, instance)
+        ]
 
     def report(self, records: list[LanguageModelRecord], out_dir: Path) -> list[Path]:
         return lm_report.write(self.context.experiment.recipe.experiment, records, out_dir, self.context.console)
 
-    def _seed(self, tokenizer: Any, seed: int) -> list[LanguageModelRecord]:
-        task, console, cache_dir = self.task, self.context.console, self.context.cache_dir
+    def _seed(self, tokenizer: Any, seed: int, task: LanguageModelTask, instance: str | None) -> list[LanguageModelRecord]:
+        """One seed of one task instance (``instance`` None: the recipe's one instance)."""
+        console, cache_dir = self.context.console, self.context.cache_dir
         pad = pad_token_id(tokenizer)
         L.seed_everything(seed, verbose=False)
         with rank_zero_first():  # one rank downloads the weights and the data, the others then read its copies
@@ -84,7 +96,7 @@ class LanguageModelSweep:
             truncated_responses=sum(pair.response_truncated for pair in pairs),
             reference_fingerprint=fingerprint_module(base),
             parameters=count_parameters(base),
-            facts={**sft, **data.provenance},
+            facts={**sft, **data.provenance, **({} if instance is None else {"instance": instance})},
         )
         console.print(seed_line(seed, provenance), highlight=False)
         datasets = PairDataset(data.train, pad), PairDataset(data.evaluation, pad)
@@ -119,10 +131,13 @@ class LanguageModelSweep:
         evaluator = None if evaluation is None else self._evaluator(data, tokenizer, base, seed)
         records = []
         if evaluator is not None:
-            records.append(self._evaluate_reference(evaluator, seed, provenance))
+            records.append(self._evaluate_reference(evaluator, seed, provenance, instance))
         every = None if evaluation is None else evaluation.every_n_steps
         for unit in units:
-            tracked = self._open(unit.run.label, unit.lam, unit.identity, unit.run_dir, evaluator, unit.run.method.regularization)
+            self.progress.start(f"{unit.name}, seed {seed}")
+            tracked = self._open(
+                unit.run.label, unit.lam, unit.identity, unit.run_dir, evaluator, instance, unit.run.method.regularization
+            )
             pair_data = PairData(*datasets, unit.run.train.batch_size, seed, unit.run.train.group_by_length)
             result = fit(unit, base, pair_data, evaluator, every, tracked, console)
             if result is not None:  # a diverged run is recorded as failed in the store, and left out here
@@ -155,8 +170,11 @@ class LanguageModelSweep:
         reported ones (the first ``evaluation.prompts`` of the rest)."""
         config = self.task.evaluation
         assert config is not None
-        judge = data.judge if config.judge is None else config.judge.build(self.context.cache_dir / "judgments", seed)
-        assert judge is not None, "the recipe validator requires a judge for tasks without their own"
+        judges: list[Judge] = [judge.build(self.context.cache_dir / "judgments", seed) for judge in config.panel]
+        if not judges and data.judge is not None:
+            judges = [data.judge]
+        assert judges, "the recipe validator requires a judge for tasks without their own"
+        truth = data.judge if config.calibrate else None
         found = data.test or self._held_out_prompts(data, tokenizer)
         set_aside = 0 if config.selection is None else config.selection.prompts
         reported = found.cut(set_aside, None if config.prompts is None else set_aside + config.prompts)
@@ -166,7 +184,7 @@ class LanguageModelSweep:
                 "leaving none to report on; lower task.evaluation.selection.prompts"
             )
         selection = found.cut(0, set_aside) if set_aside else None
-        return Evaluator(config, tokenizer, base, reported, judge, seed, self.context.cache_dir, data.exact, selection)
+        return Evaluator(config, tokenizer, base, reported, judges, seed, self.context.cache_dir, data.exact, selection, truth)
 
     @staticmethod
     def _held_out_prompts(data: TaskData, tokenizer: Any) -> HeldOutPrompts:
@@ -175,15 +193,17 @@ class LanguageModelSweep:
         eos = tokenizer.eos_token_id
         return HeldOutPrompts(
             [pair.prompt_ids for pair in pairs],
-            [tokenizer.decode(pair.prompt_ids) for pair in pairs],
+            [data.prompt_texts.get(tuple(pair.prompt_ids)) or tokenizer.decode(pair.prompt_ids) for pair in pairs],
             [strip_eos(pair.chosen_ids, eos) for pair in pairs],
         )
 
-    def _evaluate_reference(self, evaluator: Evaluator, seed: int, provenance: SeedProvenance) -> LanguageModelRecord:
+    def _evaluate_reference(
+        self, evaluator: Evaluator, seed: int, provenance: SeedProvenance, instance: str | None
+    ) -> LanguageModelRecord:
         """The SFT reference evaluated like a method: the frontier's origin and the win rate of "no optimization"."""
         identity = LanguageModelIdentity("reference", seed, provenance.data_fingerprint, provenance.reference_fingerprint)
         run_dir = self.context.runs_dir / f"{REFERENCE_LABEL}-{digest(identity.as_json())}"
-        tracked = self._open(REFERENCE_LABEL, None, identity, run_dir, evaluator)
+        tracked = self._open(REFERENCE_LABEL, None, identity, run_dir, evaluator, instance)
         metrics = evaluate(evaluator, REFERENCE_LABEL, evaluator.reference, run_dir, self.context.console)
         if not tracked.complete:
             tracked.log_metrics(metrics)
@@ -198,6 +218,7 @@ class LanguageModelSweep:
         identity: LanguageModelIdentity,
         run_dir: Path,
         evaluator: Evaluator | None,
+        instance: str | None,
         regularization: str | None = None,
     ) -> TrackedRun:
         """The tracking-store run of one trained (or reference) policy under one evaluation."""
@@ -225,9 +246,10 @@ class LanguageModelSweep:
                 selection_by=None
                 if selection is None
                 else metric_keys.stage_key(metric_keys.SELECTION, selection.metric or rank_by.name),
-                judge=None if evaluator is None else evaluator.judge.name,
+                judge=None if evaluator is None else evaluator.judge_names,
                 data_fingerprint=identity.data_fingerprint,
                 model_fingerprint=identity.reference_fingerprint,
                 regularization=regularization,
+                instance=instance,
             ),
         )

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 from rich.console import Console
 
 from expo_bench import metric_keys, reporting
@@ -32,6 +33,12 @@ def _lam(record: LanguageModelRecord) -> str:
     return "—" if params is None or field is None or field not in params else f"{params[field]:g}"
 
 
+def _seed(record: LanguageModelRecord) -> str:
+    """The run's seed, and its task instance where the recipe runs several (seed 0 of two instances are two runs)."""
+    instance = record.provenance.facts.get("instance")
+    return str(record.seed) if instance is None else f"{record.seed} (instance {instance})"
+
+
 def metric_rows(records: Sequence[LanguageModelRecord]) -> list[list[str]]:
     """One row per trained run: held-out metrics after training, with the value before training in brackets."""
     rows = []
@@ -46,7 +53,7 @@ def metric_rows(records: Sequence[LanguageModelRecord]) -> list[list[str]]:
             [
                 record.method,
                 _lam(record),
-                str(record.seed),
+                _seed(record),
                 str(record.training.steps),
                 *(cell(metric.key) for metric in metric_keys.HELD_OUT_COLUMNS),
             ]
@@ -73,7 +80,7 @@ def evaluation_table(records: Sequence[LanguageModelRecord]) -> tuple[list[str],
         if any(math.isfinite(metrics.get(metric.key, math.nan)) for _, metrics in evaluated)
     ]
     rows = [
-        [record.method, _lam(record), str(record.seed), *(_with_stderr(metrics, metric) for metric in columns)]
+        [record.method, _lam(record), _seed(record), *(_with_stderr(metrics, metric) for metric in columns)]
         for record, metrics in evaluated
     ]
     return ["method", "λ", "seed", *(metric.title for metric in columns)], rows
@@ -92,15 +99,16 @@ def held_out_accuracy(metrics: dict[str, float], keys: Sequence[str]) -> float:
     return next((metrics[key] for key in keys if key in metrics), math.nan)
 
 
-def plot_training(records: Sequence[LanguageModelRecord], path: Path) -> None:
-    """Training loss relative to its first logged value, smoothed, one panel per method (λ by colour, seeds as lines);
-    the legend gives each λ's held-out reward accuracy after training, averaged over seeds."""
+def training_figure(records: Sequence[LanguageModelRecord]) -> Figure:
+    """The training loss as logged, smoothed, one panel per method with its own scale (λ by colour, seeds as lines);
+    the legend gives each λ's held-out reward accuracy after training, averaged over seeds. Never divided by the first
+    loss: a first loss near zero or negative (EXPO's) would blow the curve up and flatten every other panel."""
     by_method: dict[str, list[LanguageModelRecord]] = defaultdict(list)
     for record in records:
         by_method[record.method].append(record)
     columns = min(FACETS_PER_ROW, max(1, len(by_method)))
     rows = math.ceil(len(by_method) / columns) or 1
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
     accuracies = (metric_keys.VAL_REWARDS_ACCURACY.key, metric_keys.VAL_PREFERENCE_ACCURACY.key)  # the second without a reference
     for ax, (method, runs) in zip(axes.flat, by_method.items(), strict=False):
         lams = sorted({record.lam for record in runs}, key=lambda lam: -1.0 if lam is None else lam)
@@ -114,23 +122,26 @@ def plot_training(records: Sequence[LanguageModelRecord], path: Path) -> None:
                 if len(history) < 2:
                     continue
                 steps, losses = zip(*history, strict=True)
-                relative = [loss / losses[0] for loss in losses]
-                ax.plot(steps, smoothed(relative), color=colour, alpha=0.8, label=label if index == 0 else None)
-        ax.axhline(1.0, color="grey", linestyle=":", linewidth=0.8)
+                ax.plot(steps, smoothed(losses), color=colour, alpha=0.8, label=label if index == 0 else None)
         ax.set_title(method, fontsize="medium")
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="x-small", frameon=False)
     for ax in axes[:, 0]:
-        ax.set_ylabel("training loss / first logged\n(smoothed)")
+        ax.set_ylabel("training loss (smoothed)")
     for ax in list(axes.flat)[len(by_method) :]:
         ax.set_visible(False)
     fig.suptitle(
-        "Training loss per method; each line a seed. Held-out accuracy after training: h > 0 (ties ½), or the\n"
-        "policy's own preference for a reference-free method"
+        "Training loss per method, each on its own scale; each line a seed. Held-out accuracy after training: h > 0\n"
+        "(ties ½), or the policy's own preference for a reference-free method"
     )
     fig.tight_layout()
+    return fig
+
+
+def plot_training(records: Sequence[LanguageModelRecord], path: Path) -> None:
+    fig = training_figure(records)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 

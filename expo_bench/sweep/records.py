@@ -39,6 +39,8 @@ class RunIdentity:
     model_fingerprint: str | None = None
     regularization: str | None = None
     """The name of the hyperparameter that is the method's λ (``beta``), if it has one."""
+    instance: str | None = None
+    """The task instance, where the recipe runs several (seeds pair within one)."""
 
 
 def open_run(runs: RunLog, identity: RunIdentity) -> TrackedRun:
@@ -61,9 +63,12 @@ def open_run(runs: RunLog, identity: RunIdentity) -> TrackedRun:
         tracking.MODEL_FINGERPRINT: identity.model_fingerprint,
         tracking.SELECTION_METRIC: identity.selection_by,
         tracking.REGULARIZATION: identity.regularization,
+        tracking.INSTANCE: identity.instance,
     }
     tags |= {tag: value for tag, value in optional.items() if value is not None}
     run = runs.child(identity.key, identity.name, identity.params, tags) if is_global_zero() else None
+    if run is not None and run.complete and identity.instance is not None:
+        run.set_tags({tracking.INSTANCE: identity.instance})  # a run finished before its recipe named instances: it is one
     uri, run_id, complete = broadcast((run.uri, run.run_id, run.complete) if run else ("", "", False))
     return run or RankMirror(uri, run_id, identity.key, complete)
 

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from expo_bench import metric_keys
 from expo_bench.cache import digest
 from expo_bench.recipe import MethodRun
-from expo_bench.reporting import markdown_table, rich_table
+from expo_bench.reporting import SweepProgress, markdown_table, rich_table
 from expo_bench.sweep import tabular_report as report
 from expo_bench.sweep.context import SweepContext
 from expo_bench.sweep.records import RunIdentity, TabularRecord, display_name, open_run
@@ -34,6 +34,9 @@ class TabularSweep:
 
     def __init__(self, context: SweepContext, task: TabularTask) -> None:
         self.context, self.task = context, task
+        objectives = 1 if task.population is None else 2  # the sampled pairs, and the population objective
+        runs = len(context.experiment.recipe.seeds) * len(context.experiment.runs) * objectives
+        self.progress = SweepProgress(runs, context.console)
         self.pi_star = torch.tensor([prompt.pi_star for prompt in task.prompts], dtype=torch.float64)
         self.pi_ref = torch.tensor([prompt.pi_ref for prompt in task.prompts], dtype=torch.float32)
 
@@ -55,6 +58,7 @@ class TabularSweep:
         records: list[TabularRecord] = []
         for run in self.context.experiment.runs:
             data = TabularPreferenceData(sampled, self.pi_ref, run.train.batch_size, seed, reshuffle=task.order == "reshuffled")
+            self.progress.start(f"{run.label}, seed {seed}")
             records += self._tracked(self._fit(run, run.train, data, "sampled", seed))
             if task.population is not None:
                 optimizer = run.train.optimizer.model_copy(update={"lr": task.population.lr})
@@ -62,6 +66,7 @@ class TabularSweep:
                 data = TabularPreferenceData(
                     population_pairs(pi_star), self.pi_ref, 0, seed, full_batch_steps=task.population.steps
                 )
+                self.progress.start(f"{run.label} on the population objective, seed {seed}")
                 records += self._tracked(self._fit(run, train, data, "population", seed))
         return records
 
@@ -76,6 +81,8 @@ class TabularSweep:
         trajectories, sweep = out_dir / "trajectories.png", out_dir / "lambda_sweep.png"
         report.plot_trajectories(records, self.task.prompts, trajectories)
         lam_labels = experiment.recipe.lam or next((run.lam for run in experiment.runs if run.lam), [0.0])
+        if len(lam_labels) < 2:  # a sweep of one λ is no sweep
+            return [table, trajectories]
         report.plot_lambda_sweep(records, self.task, lam_labels, sweep)
         return [table, trajectories, sweep]
 

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from expo_bench.reporting import method_style
 from expo_bench.sweep.records import TabularRecord
 from expo_bench.tasks.tabular import TabularPrompt, TabularTask
 
@@ -83,7 +84,8 @@ def plot_trajectories(records: Sequence[TabularRecord], prompts: Sequence[Tabula
                         label=f"π(y{response + 1})" if objective == "sampled" else None,
                     )
                 lam = "" if run.lam is None else f" λ={run.lam:g}"
-                ax.set_title(f"{method}{lam}\n{prompt.name}", fontsize=8)
+                where = f"\nprompt {prompt.name!r}" if len(prompts) > 1 else ""  # one prompt needs no name
+                ax.set_title(f"{method}{lam}{where}", fontsize=8)
             for response, target in enumerate(prompt.pi_star):
                 ax.axhline(target, color=colors[response], linestyle=":", linewidth=0.8)
             ax.set_ylim(-0.02, 1.02)
@@ -104,11 +106,11 @@ def plot_lambda_sweep(records: Sequence[TabularRecord], task: TabularTask, lam_l
     """
     methods, prompts = _methods_in_order(records), task.prompts
     fig, axes = plt.subplots(1, len(prompts), figsize=(5 * len(prompts) + 2.5, 4), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     seed = records[0].seed
     for index, prompt in enumerate(prompts):
         ax = axes[0][index]
-        for color, method in zip(colors, methods, strict=False):
+        for method in methods:
+            color = method_style(method)["color"]  # each method's colour in every plot of every experiment
             for objective, style in OBJECTIVE_STYLE.items():
                 runs = [r for r in records if r.method == method and r.objective == objective and r.seed == seed]
                 if runs:

@@ -55,4 +55,6 @@ class HHTask(PairsTask):
 
     def split_pairs(self, split: str, tokenizer: Any) -> tuple[list[TokenizedPair], str]:
         pairs, report = load_hh_pairs(self.source, self.data_dir, split, self.skip_malformed)
-        return tokenize_pairs(pairs, tokenizer, self.tokenization), report.summary()
+        tokenized = tokenize_pairs(pairs, tokenizer, self.tokenization)
+        self.remember_prompts(tokenized, [pair.prompt for pair in pairs])  # the judge reads the dialogue untruncated
+        return tokenized, report.summary()

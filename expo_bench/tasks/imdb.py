@@ -177,6 +177,12 @@ class IMDbTask(LanguageModelTask):
             f"seed {seed}: {'cached ' if hit else ''}training pairs from {labelled['labeling']}; "
             f"held-out pairs from {labelled['eval_labeling']}"
         )
+        for split, report in (("train", "labeling"), ("evaluation", "eval_labeling")):
+            if not labelled[split]:
+                raise DataError(
+                    f"task.margin: no {split} pair left from {labelled[report]}: {labelled['reward_model']} scores the "
+                    f"completions within {self.margin:g} of each other; lower task.margin or sample more completions"
+                )
         train, evaluation = (
             [tokenize_pair(tokenizer, PromptPair(*texts), self.tokenization) for texts in labelled[split]]
             for split in ("train", "evaluation")

@@ -48,6 +48,9 @@ class TaskData:
     test: HeldOutPrompts | None = None
     """Evaluation prompts with reference responses of their own (AlpacaEval-style); None: each distinct held-out
     prompt with its first chosen response."""
+    prompt_texts: Mapping[tuple[int, ...], str] = field(default_factory=dict)
+    """Prompt ids → the prompt as a person reads it (a conversation as ``User: ...`` paragraphs, untruncated): what
+    an LLM judge is shown of a held-out prompt instead of its decoded, chat-templated ids."""
 
 
 class LanguageModelTask(ConfigModel):
@@ -73,7 +76,8 @@ class LanguageModelTask(ConfigModel):
     with its LoRA adapter switched off (needs ``lora``), no second copy."""
 
     evaluation: EvaluationConfig | None = None
-    """Sample every trained policy on held-out prompts and judge the samples (win rate, diversity, reward, KL)."""
+    """Sample every trained policy on the evaluation prompts (held out from training, except in the synthetic-token
+    task, which holds out responses) and judge the samples (win rate, diversity, reward, KL)."""
     has_own_judge: ClassVar[bool] = False
     """Whether :meth:`task_data` supplies a ground-truth judge, so ``evaluation.judge`` may be left unset."""
     rank_by: ClassVar[Metric] = metric_keys.WIN_RATE
@@ -96,8 +100,13 @@ class LanguageModelTask(ConfigModel):
             raise ValueError("redraw_reference_samples needs reference_samples to redraw")
         if self.reference == "adapter_disabled" and self.lora is None:
             raise ValueError("reference 'adapter_disabled' needs a LoRA policy: add lora: {r: 16}")
-        if self.evaluation is not None and self.evaluation.judge is None and not self.has_own_judge:
+        if self.evaluation is not None and not self.evaluation.panel and not self.has_own_judge:
             raise ValueError("this task has no ground-truth judge of its own: set evaluation.judge (kind: llm or reward_model)")
+        if self.evaluation is not None and self.evaluation.calibrate and not (self.has_own_judge and self.evaluation.panel):
+            raise ValueError(
+                "evaluation.calibrate compares the recipe's judges with the task's own ground truth: it needs a task that "
+                "has one (synthetic_tokens, imdb) and evaluation.judge or evaluation.judges to compare"
+            )
         return self
 
     @property
@@ -114,6 +123,11 @@ class LanguageModelTask(ConfigModel):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.tokenizer)
+
+    def task_instances(self) -> list[tuple[str | None, LanguageModelTask]]:
+        """The task instances a recipe runs, each with its name: by default the task itself, unnamed (one instance,
+        runs untagged). Seeds are nested in an instance; the leaderboard pairs seeds within one and instances across."""
+        return [(None, self)]
 
     def provides(self) -> frozenset[str]:
         """Optional batch fields the data carries: reference samples when ``reference_samples`` is set."""

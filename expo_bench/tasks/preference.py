@@ -1,6 +1,6 @@
 """Preference pairs from your own data: any local or hub table of (prompt, chosen, rejected[, label]) pairs, plain
-text or conversational (TRL's and UltraFeedback's formats), with explicit splits, SFT on the chosen responses
-first, and optionally AlpacaEval-style evaluation prompts with reference outputs."""
+text or conversational (TRL's, UltraFeedback's and ShareGPT's formats), with explicit splits, SFT on the chosen
+responses first, and optionally AlpacaEval-style evaluation prompts with reference outputs."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr, model_validator
 from rich.console import Console
 
 from expo_bench.config_model import ConfigModel
 from expo_bench.errors import DataError
 from expo_bench.lm.evaluation import HeldOutPrompts
-from expo_bench.lm.preference_data import PreferenceColumns, load_pairs, load_prompts, load_rows
+from expo_bench.lm.preference_data import FORMATS, MessageKeys, PreferenceColumns, load_pairs, load_prompts, load_rows
 from expo_bench.lm.tokenize import TokenizedPair
 from expo_bench.tasks.language_model import LanguageModelTask, SFTExamples, TaskData
 
@@ -29,6 +29,12 @@ class PairsTask(LanguageModelTask):
     max_train_pairs: int | None = Field(None, gt=0)
     max_eval_pairs: int | None = Field(None, gt=0)
     """Held-out pairs kept (validation loss and accuracy; evaluation prompts unless a test set is given)."""
+    _prompt_texts: dict[tuple[int, ...], str] = PrivateAttr(default_factory=dict)
+    """Prompt ids → the prompt as read (untruncated; a conversation as text), what an LLM judge is shown."""
+
+    def remember_prompts(self, pairs: list[TokenizedPair], texts: list[str]) -> None:
+        """Keep each pair's prompt as a person reads it, for the judge (:attr:`TaskData.prompt_texts`)."""
+        self._prompt_texts.update((tuple(pair.prompt_ids), text) for pair, text in zip(pairs, texts, strict=True))
 
     @property
     def split_names(self) -> tuple[str, str | None]:
@@ -75,7 +81,7 @@ class PairsTask(LanguageModelTask):
     def task_data(
         self, seed: int, tokenizer: Any, reference: PreTrainedModel, sft: SFTExamples, cache_dir: Path, console: Console
     ) -> TaskData:
-        return TaskData(sft.train, sft.held_out)
+        return TaskData(sft.train, sft.held_out, prompt_texts=dict(self._prompt_texts))
 
 
 class PreferenceSplits(ConfigModel):
@@ -101,19 +107,28 @@ class ReferencePrompts(ConfigModel):
 
 
 class PreferenceTask(PairsTask):
-    """Preference pairs from a local ``.jsonl[.gz|.xz]``/``.parquet`` file or folder, or a hub dataset."""
+    """Preference pairs from a local ``.jsonl[.gz|.xz]``/``.json``/``.parquet`` file or folder, or a hub dataset."""
 
     kind: Literal["preference"]
     source: str
-    """A local file, a folder of ``<split>.jsonl``/``<split>.parquet`` files, or a hub dataset id."""
+    """A local file, a folder of ``<split>.jsonl``/``<split>.json``/``<split>.parquet`` files (``.json``: one array of
+    records), or a hub dataset id."""
     name: str | None = None
     """The hub dataset's configuration."""
     data_dir: str | None = None
     splits: PreferenceSplits = PreferenceSplits()
     columns: PreferenceColumns = PreferenceColumns()
-    format: Literal["text", "conversational"] = "text"
-    """``text``: prompt and responses are strings, the responses following the prompt verbatim; ``conversational``:
-    message lists, the response the final assistant turn, the prompt the turns before it in the chat template."""
+    """Default: prompt, chosen, rejected (``format: sharegpt``: conversations, chosen, rejected)."""
+    format: Literal["text", "conversational", "sharegpt"] = "text"
+    """``text`` (TRL's standard format): prompt and responses are strings, the responses following the prompt verbatim;
+    with ``columns.prompt: null`` the prompt is the two texts' shared beginning, cut back to a word boundary.
+    ``conversational``: ``{role, content}`` message lists, the response the final assistant turn, the prompt the
+    turns before it in the chat template. ``sharegpt`` (LLaMA-Factory, Axolotl): the same with
+    ``{from: human | gpt | system, value}`` turns, the prompt turns in ``conversations``, each response a turn or a
+    list of turns."""
+    messages: MessageKeys | None = None
+    """How the conversations spell their turns, for data in neither convention: e.g. ``{role: speaker, content:
+    text, roles: {bot: assistant}}``. Null: the format's own."""
     chat_template: str | None = None
     """A Jinja chat template over ``messages`` (with ``add_generation_prompt``) to use instead of the tokenizer's
     own: base models' tokenizers (Pythia, GPT-2, Llama-3 base) have none."""
@@ -123,6 +138,15 @@ class PreferenceTask(PairsTask):
     """Count and skip rows with a missing or mistyped column instead of stopping at the first."""
     num_proc: int | None = Field(None, ge=1)
     """Processes for ``datasets``' batched extraction and tokenization (null: this process)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_columns(cls, data: Any) -> Any:
+        """A format's own prompt column where the recipe names none (ShareGPT's ``conversations``)."""
+        columns = data.get("columns", {}) if isinstance(data, dict) else None
+        if isinstance(columns, dict) and "prompt" not in columns and data.get("format") in FORMATS:
+            return {**data, "columns": {"prompt": FORMATS[data["format"]].prompt_column, **columns}}
+        return data
 
     @property
     def dataset(self) -> str:
@@ -143,8 +167,17 @@ class PreferenceTask(PairsTask):
         rows = load_rows(self.source, split, self.name, self.data_dir)
         where = f"{self.source} ({split})"
         pairs, report = load_pairs(
-            rows, self.columns, self.format, tokenizer, self.tokenization, where, self.skip_malformed, self.num_proc
+            rows,
+            self.columns,
+            self.format,
+            tokenizer,
+            self.tokenization,
+            where,
+            self.skip_malformed,
+            self.num_proc,
+            self.messages,
         )
+        self.remember_prompts(pairs, report.prompts)
         return pairs, report.summary()
 
     def test_prompts(self, tokenizer: Any) -> HeldOutPrompts | None:
@@ -152,9 +185,11 @@ class PreferenceTask(PairsTask):
             return None
         source = self.test.source or self.source
         rows = load_rows(source, self.test.split, self.test.name, self.test.data_dir)
-        conversational = self.format == "conversational"
+        conversational = FORMATS[self.format].conversational
         where = f"{source} ({self.test.split})"
-        return load_prompts(rows, self.test.prompt, self.test.reference, conversational, tokenizer, self.tokenization, where)
+        return load_prompts(
+            rows, self.test.prompt, self.test.reference, conversational, tokenizer, self.tokenization, where, self.messages
+        )
 
     def task_data(
         self, seed: int, tokenizer: Any, reference: PreTrainedModel, sft: SFTExamples, cache_dir: Path, console: Console
@@ -162,4 +197,4 @@ class PreferenceTask(PairsTask):
         test = self.test_prompts(tokenizer)
         if test is not None:
             console.print(f"seed {seed}: {len(test.prompts)} evaluation prompts with reference outputs", highlight=False)
-        return TaskData(sft.train, sft.held_out, test=test)
+        return TaskData(sft.train, sft.held_out, test=test, prompt_texts=dict(self._prompt_texts))

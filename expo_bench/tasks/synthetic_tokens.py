@@ -6,6 +6,11 @@ EOS. The reward is additive, r(x, y) = Σ_t w[x, y_t] with w ~ N(0, reward_scale
 ``reward_seed``. Pairs of distinct responses are labelled by the BT model, P(y ≻ y') = σ(r(x, y) − r(x, y')),
 whose preferences are exactly those of π*(y | x) ∝ exp r(x, y): the policy EXPO recovers as λ → 0 (the
 paper's interpolation test, §6.1, here at the sequence level with a transformer policy).
+
+What is held out is responses, not prompts: every prompt carries training pairs, and ``held_out_responses`` of each
+prompt's responses appear in no SFT target or training pair. The evaluation prompts (those set aside for selection
+and those reported) are therefore training prompts; the held-out pairs and the sampled win rate see the same prompts,
+and the exact KL(π*‖π) covers all of a prompt's responses (with the default 0.25, 48 of its 64 were seen in training).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 
 from expo_bench import metric_keys
@@ -62,12 +67,33 @@ class SyntheticTokensTask(LanguageModelTask):
     response_length: int = Field(3, ge=1, le=6)
     reward_scale: float = Field(1.0, gt=0)
     reward_seed: int = 0
-    """The reward is the task's definition: fixed across training seeds."""
+    """The instance seed: it draws the reward table and each prompt's held-out responses, the task's definition, fixed
+    across training seeds."""
+    instances: list[int] | None = Field(None, min_length=1)
+    """Several task instances: one instance seed each (it replaces ``reward_seed``), every training seed run on each.
+    The leaderboard then reports per instance and pooled, with instances as the replication unit. None: the one
+    instance ``reward_seed`` draws, runs untagged (as before the field existed, so their keys are unchanged)."""
     train_pairs_per_prompt: int = Field(64, ge=1)
     eval_pairs_per_prompt: int = Field(8, ge=1)
     held_out_responses: float = Field(0.25, ge=0, lt=1)
     """The fraction of each prompt's responses that no SFT target or training pair contains: held-out pairs compare
     only these, so held-out metrics are not measured on training data (0: pairs of any responses)."""
+
+    @field_validator("instances")
+    @classmethod
+    def _distinct_instances(cls, instances: list[int] | None) -> list[int] | None:
+        if instances is not None and len(set(instances)) != len(instances):
+            raise ValueError(f"instance seeds must be distinct (got {instances})")
+        return instances
+
+    def task_instances(self) -> list[tuple[str | None, LanguageModelTask]]:
+        """One per instance seed, named by it: the task with that ``reward_seed``."""
+        if self.instances is None:
+            return [(None, self)]
+        fields = self.model_dump()
+        return [
+            (str(seed), type(self).model_validate(fields | {"reward_seed": seed, "instances": None})) for seed in self.instances
+        ]
 
     @model_validator(mode="after")
     def _room_for_pairs(self) -> SyntheticTokensTask:
@@ -185,7 +211,8 @@ class SyntheticTokensTask(LanguageModelTask):
         return TaskData(sft.train, sft.held_out, judge=judge, exact=self.exact_metrics(tokenizer))
 
     def exact_metrics(self, tokenizer: Any) -> ExactMetrics:
-        """On the given prompts, by enumerating every well-formed response: KL(π*‖π) summed over prompts, split into
+        """On the given prompts, by enumerating every well-formed response (seen in training or held out): KL(π*‖π)
+        summed over the prompts (not averaged), split into
         the distance among well-formed responses and the probability leaked to malformed ones, and the mass on each
         prompt's best response. For π̃ = π / π(W) on the well-formed set W, KL(π*‖π) = KL(π*‖π̃) − log π(W)."""
         index_of = {tokenizer.convert_tokens_to_ids(f"p{prompt}"): prompt for prompt in range(self.prompts)}
