@@ -207,10 +207,10 @@ def test_a_read_only_results_folder_exits_2_and_writes_nothing(
 
 
 @pytest.mark.parametrize(
-    ("link", "problem"), [("results", "Too many levels of symbolic links"), ("nowhere", "a symbolic link to nothing")]
+    ("link", "problem"), [("runs", "Too many levels of symbolic links"), ("nowhere", "a symbolic link to nothing")]
 )
 def test_results_behind_a_broken_symbolic_link_exit_2_with_one_message(tmp_path: Path, link: str, problem: str) -> None:
-    (tmp_path / "results").symlink_to(link)
+    (tmp_path / "runs").symlink_to(link)
     result = subprocess.run(
         [str(Path(sys.executable).parent / "expo-bench"), "run", str(ROOT / "recipes" / "quickstart.yaml")],
         capture_output=True,
@@ -219,7 +219,7 @@ def test_results_behind_a_broken_symbolic_link_exit_2_with_one_message(tmp_path:
         cwd=tmp_path,
     )
     assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr
-    assert f"cannot write results under results/quickstart: {tmp_path / 'results'}" in result.stderr
+    assert f"cannot write results under runs/quickstart: {tmp_path / 'runs'}" in result.stderr
     assert problem in result.stderr
 
 
@@ -247,7 +247,7 @@ def test_a_huge_grid_states_its_size_and_needs_a_yes_to_start(tmp_path: Path) ->
     refused = subprocess.run([*command, "run", str(recipe)], capture_output=True, text=True, env=environment, cwd=tmp_path)
     assert refused.returncode == EXIT_USER_ERROR and "Traceback" not in refused.stderr
     assert "60,000 runs is more than 10,000: start them? Pass --yes to start them" in " ".join(refused.stderr.split())
-    assert not (tmp_path / "results").exists() and time.perf_counter() - started < 60
+    assert not (tmp_path / "runs").exists() and time.perf_counter() - started < 60
 
 
 class Terminal(io.StringIO):
