@@ -215,10 +215,14 @@ def test_fsdp_on_two_cpu_ranks_trains_and_evaluates_like_one_process(runs: dict[
     assert fsdp["evaluations"] == one["evaluations"]
     assert set(fsdp["evaluations"]) == {"sft/evaluation", "expo_compositional/evaluation", "expo_compositional/step"}
     assert fsdp["record"]["eval_history"][0][0] == 2  # the periodic evaluation ran mid-training on both ranks
-    assert fsdp["record"]["eval_history"] == one["record"]["eval_history"]
+    # the same samples and verdicts; KL(π‖π_ref) is scored by the sharded model, equal to float32 round-off
+    history, history_alone = fsdp["record"]["eval_history"], one["record"]["eval_history"]
+    assert [step for step, _ in history] == [step for step, _ in history_alone]
+    for (_, metrics), (_, metrics_alone) in zip(history, history_alone, strict=True):
+        assert metrics == pytest.approx(metrics_alone, abs=1e-5, nan_ok=True)
     assert set(fsdp["metrics"]) == {"sft", "expo_compositional"}
     for run, metrics in one["metrics"].items():  # judged once, measured on all of it, not gathered twice
-        assert fsdp["metrics"][run] == pytest.approx(metrics, nan_ok=True), run  # self-BLEU of 1 sample: NaN
+        assert fsdp["metrics"][run] == pytest.approx(metrics, abs=1e-5, nan_ok=True), run  # self-BLEU of 1 sample: NaN
         assert metrics["eval/n"] == 5
 
 
