@@ -30,18 +30,7 @@ def committed_summaries() -> list[str]:
     return sorted(set(found))
 
 
-REGENERATED_AT_MERGE = {"results/quickstart/summary.json"}
-
-
-@pytest.mark.parametrize(
-    "summary",
-    [
-        pytest.param(path, marks=pytest.mark.xfail(strict=True, reason="regenerated at merge"))
-        if path in REGENERATED_AT_MERGE
-        else path
-        for path in committed_summaries()
-    ],
-)
+@pytest.mark.parametrize("summary", committed_summaries())
 def test_each_committed_summary_names_a_clean_commit_of_this_history(summary: str) -> None:
     sha = json.loads((ROOT / summary).read_text())["git_sha"]
     assert not sha.endswith("-dirty"), f"{summary}: written from uncommitted code ({sha})"
