@@ -84,6 +84,7 @@ def first_position_share(rows: list[dict[str, Any]]) -> float:
     return choices.count("A") / len(choices)
 
 
+@pytest.mark.slow  # about a minute: two HH twins judged by two servers (the statistics are tested fast in test_metrics)
 @needs_shared_data()
 def test_two_judges_score_the_same_comparisons_and_their_agreement_is_reported(tmp_path: Path) -> None:
     cohen_kappa_score = pytest.importorskip("sklearn.metrics").cohen_kappa_score

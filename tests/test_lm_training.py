@@ -80,7 +80,14 @@ def test_cached_reference_logps_equal_fresh_ones(tokenizer: Any, pairs: list[Any
     torch.testing.assert_close(batch.reference_rejected_logps, fresh[1])
 
 
-@pytest.mark.parametrize("name", sorted(available_methods()))
+HEAVY = {"dpo_kl", "expo_compositional"}
+"""Methods that score KL samples every step (a minute or more here): deselected by default, ``pytest -m slow`` runs them;
+the FSDP test and the headline rehearsal train EXPO-compositional by default."""
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=[pytest.mark.slow] if name in HEAVY else []) for name in sorted(available_methods())]
+)
 def test_every_method_trains_and_its_loss_falls(name: str, tokenizer: Any, pairs: list[Any]) -> None:
     """Every built-in method with its default hyperparameters, on batches that carry reference samples too."""
     method = available_methods()[name]
@@ -126,6 +133,7 @@ def local_twin(**changes: Any) -> dict[str, Any]:
     return data
 
 
+@pytest.mark.slow  # about a minute; the default suite runs the HH pipeline in the headline rehearsal and the FSDP test
 def test_local_twin_runs_end_to_end(tmp_path: Path) -> None:
     data = local_twin()
     data["task"] |= {"max_train_pairs": 32, "max_eval_pairs": 16}
