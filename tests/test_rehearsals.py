@@ -122,3 +122,19 @@ def test_the_recipe_runs_end_to_end_as_shipped(path: Path, tmp_path: Path, class
     rehearsed, out, output = rehearse(path, tmp_path, classifier)
     check_end_to_end(rehearsed, out, tmp_path)
     assert "Traceback" not in output
+
+
+@pytest.mark.slow  # about 45 s on this 2-core machine
+def test_the_two_minute_own_data_recipe_runs_as_shipped(tmp_path: Path) -> None:
+    """A local recipe needs no swap: run it exactly as the README tells a user to."""
+    script = shutil.which("expo-bench", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("no expo-bench console script next to this Python (pip install -e .)")
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    command = [script, "run", "recipes/your_pairs_tiny.yaml", "--results", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    runs = json.loads((tmp_path / "your_pairs_tiny" / "summary.json").read_text())["runs"]
+    assert [run["method"] for run in runs] == ["dpo", "expo_compositional"]
+    for record in map(json.loads, map(Path.read_text, (tmp_path / "your_pairs_tiny" / "runs").glob("*/record.json"))):
+        assert record["steps"] > 0 and len(record["grad_norm_history"]) == record["steps"]  # clipped, logged every step
