@@ -136,3 +136,31 @@ def read_json(path: Path, parse: Callable[[Any], T]) -> T:
     except (ValueError, LookupError, TypeError, AttributeError, RecursionError) as error:
         problem = f"{type(error).__name__}: {error}" if isinstance(error, LookupError) else str(error)
         raise UserError(f"{path}: damaged or edited ({problem[:200]}); delete it to compute it again") from None
+
+
+SEAL = ".sha256"
+"""The ending of a sealed file's digest, kept beside it."""
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def sealed_write(path: Path, text: str) -> None:
+    """:func:`atomic_write` of ``text`` with its sha256 written beside it first (so a file present is always sealed):
+    :func:`check_seal` then refuses the file once anything changed it."""
+    data = text.encode()
+    atomic_write(path.with_name(path.name + SEAL), hashlib.sha256(data).hexdigest())
+    atomic_write(path, data)
+
+
+def check_seal(path: Path) -> None:
+    """:class:`UserError` if ``path`` changed since :func:`sealed_write` wrote it (a file written before seals were
+    kept has none and passes)."""
+    seal = path.with_name(path.name + SEAL)
+    if seal.exists() and file_sha256(path) != seal.read_text().strip():
+        raise UserError(
+            f"{path}: edited or damaged since it was written (its sha256 is not the one in {seal.name}); delete it (and "
+            f"{seal.name}) to compute it again"
+        )

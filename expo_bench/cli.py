@@ -267,7 +267,8 @@ def describe(experiment: Experiment, width: int | None = None) -> Table:
     header = ["method", "λ", "other params", "epochs", "batch", "optimizer"]
     configurations = sum(len(run.grid) for run in experiment.runs)
     seeds = len(recipe.seeds)
-    runs = f"{experiment.run_count:,} runs ({configurations:,} configurations × {seeds} seed{'s' * (seeds != 1)})"
+    instances = f" × {experiment.instance_count} task instances" if experiment.instance_count > 1 else ""
+    runs = f"{experiment.run_count:,} runs ({configurations:,} configurations × {seeds} seed{'s' * (seeds != 1)}{instances})"
     title = f"{recipe.experiment} · recipe {recipe.fingerprint()} · seeds {recipe.seeds} · {runs}"
     return rich_table(title, header, rows, width, "--print-config", required=3, wrap=[2])  # what tells the rows apart stays
 
@@ -298,6 +299,7 @@ def validate(args: argparse.Namespace, console: Console) -> None:
     for experiment in experiments:
         if machine is not None:
             experiment.check_machine(machine)
+        experiment.check_data()
         console.print(describe(experiment, console.width))
         console.print(Text(f"{experiment.source}: valid" + ("" if machine is None else " on this machine"), style="green"))
 
@@ -359,6 +361,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     revision = git_revision(Path(__file__).parent)
     for experiment in experiments:  # runnable here, and the places they write writable, before anything is written
         experiment.check_machine(machine)
+        experiment.check_data()
         writable(args.results / experiment.recipe.experiment)
         refuse_dirty_overwrite(args.results / experiment.recipe.experiment, revision, args.allow_dirty)
         check_store(resolve_tracking_uri(experiment.recipe.tracking.uri, args.results))

@@ -19,7 +19,7 @@ import re
 import statistics
 import textwrap
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -109,7 +109,7 @@ def estimate(values: Sequence[float]) -> Estimate:
     """mean ± t_{0.975, n−1} · sd / √n, sd with n − 1 degrees of freedom."""
     n = len(values)
     mean = statistics.fmean(values)
-    if n < 2:
+    if n < 2 or not math.isfinite(mean):  # a NaN or infinite value has no spread to speak of
         return Estimate(mean, None, n)
     half_width = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
     return Estimate(mean, half_width, n)
@@ -260,13 +260,27 @@ class LeaderboardTable:
     instances: tuple[str, ...] = ()
     """The task instances its runs span (several: a pooled table whose unit is the instance; none: not tagged)."""
 
+    unranked: tuple[str, ...] = ()
+    """Methods left out: every configuration's picking or rank metric is non-finite (NaN, ±inf) or missing."""
 
-def _pick(candidates: list[Configuration], rank: tuple[str, Goal]) -> tuple[Configuration, str]:
-    """A method's configuration: the best by its selection metric when every candidate logged one, else by ``rank``."""
+
+def _finite(configuration: Configuration, key: str) -> bool:
+    found = configuration.estimates.get(key)
+    return found is not None and math.isfinite(found.mean)
+
+
+def _pick(candidates: list[Configuration], rank: tuple[str, Goal]) -> tuple[Configuration, str] | None:
+    """A method's configuration: the best by its selection metric when every candidate logged one, else by ``rank``;
+    never one whose picking or rank metric is non-finite (None: no candidate is left)."""
     selections = {configuration.selection for configuration in candidates}
     selection = selections.pop() if len(selections) == 1 else None
     by = selection or rank
-    return min(candidates, key=_sort_key(*by)), by[0]
+    rankable = [c for c in candidates if _finite(c, by[0]) and _finite(c, rank[0])]
+    return (min(rankable, key=_sort_key(*by)), by[0]) if rankable else None
+
+
+class NothingToRank(UserError):
+    """A table none of whose configurations has a finite rank metric."""
 
 
 def build_table(
@@ -285,7 +299,10 @@ def build_table(
     for configuration in configurations:
         by_method[configuration.method].append(configuration)
     ranks = {method: Counter(c.rank for c in candidates).most_common(1)[0][0] for method, candidates in by_method.items()}
-    picked = {method: _pick(candidates, ranks[method]) for method, candidates in by_method.items()}
+    picks = {method: _pick(candidates, ranks[method]) for method, candidates in by_method.items()}
+    picked = {method: found for method, found in picks.items() if found is not None}
+    if not picked:
+        raise NothingToRank(f"{experiment} · {dataset}: every configuration's rank metric is non-finite or missing")
     rank_metric, rank_goal = Counter(ranks.values()).most_common(1)[0][0]  # methods may disagree: the majority sorts
     rows = sorted((best for best, _ in picked.values()), key=_sort_key(rank_metric, rank_goal))
     logged = {key for row in rows for key in row.estimates}
@@ -336,6 +353,7 @@ def build_table(
         None if baseline_row is None else baseline,
         margin,
         tuple(sorted({instance for row in rows for instance in row.instances})),
+        tuple(sorted(method for method, found in picks.items() if found is None)),
     )
 
 
@@ -367,17 +385,20 @@ def experiment_tables(
     by_dataset: dict[str, list[RunRecord]] = defaultdict(list)
     for run in runs:
         by_dataset[run.tags.get(DATASET, "unknown")].append(run)
-    tables = []
+    tables: list[LeaderboardTable] = []
+    skipped: list[str] = []
     for dataset, members in sorted(by_dataset.items()):
         by_instance: dict[str, list[RunRecord]] = defaultdict(list)
         for run in members:
             by_instance[run.tags.get(INSTANCE, "")].append(run)
-        if len(by_instance) > 1:
-            tables += [
-                build_table(store, experiment, dataset, by_instance[instance], baseline, settings)
-                for instance in sorted(by_instance, key=lambda name: (len(name), name))  # 2 before 10
-            ]
-        tables.append(build_table(store, experiment, dataset, members, baseline, settings))
+        names = sorted(by_instance, key=lambda name: (len(name), name)) if len(by_instance) > 1 else []  # 2 before 10
+        for group in [*(by_instance[name] for name in names), members]:  # the pooled table last
+            try:
+                tables.append(build_table(store, experiment, dataset, group, baseline, settings))
+            except NothingToRank as error:
+                skipped.append(str(error))
+    if skipped and not tables:
+        raise UserError(f"nothing to rank: {'; '.join(skipped)}")
     return tables
 
 
@@ -397,11 +418,16 @@ def _experiments(client: MlflowClient, uri: str, name: str | None) -> list[tuple
 
 
 def load_leaderboard(
-    uri: str, experiment: str | None, baseline: str | None = "dpo", settings: StatisticsConfig | None = None
+    uri: str,
+    experiment: str | None,
+    baseline: str | None = "dpo",
+    settings: StatisticsConfig | None = None,
+    only: Collection[str] | None = None,
 ) -> list[LeaderboardTable]:
-    """The tables of one experiment (None: of every experiment) from the complete child runs in the store, each row
-    paired with the ``baseline`` method's row. Where the runs span several task instances: one table per instance
-    (seeds paired within it), then the pooled table (instances paired)."""
+    """The tables of one experiment (None: of every experiment) from the complete child runs in the store (``only``:
+    those of these run ids, e.g. one sweep's), each row paired with the ``baseline`` method's row. Where the runs span
+    several task instances: one table per instance (seeds paired within it), then the pooled table (instances
+    paired)."""
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
         raise UserError(f"no tracking store at {database} (URI {uri}): run a recipe first (expo-bench run RECIPE)")
@@ -411,7 +437,8 @@ def load_leaderboard(
         raise UserError(f"cannot read the tracking store {uri}: {error.message}") from error
     tables = []
     for experiment_id, name in _experiments(client, uri, experiment):
-        runs = [RunRecord.of(run) for run in search_all(client, [experiment_id], f"tags.`{COMPLETE}` = 'true'")]
+        found = search_all(client, [experiment_id], f"tags.`{COMPLETE}` = 'true'")
+        runs = [RunRecord.of(run) for run in found if only is None or run.info.run_id in only]
         tables += experiment_tables(uri, name, runs, baseline, settings)
     if not tables:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
@@ -638,8 +665,14 @@ def _caption(table: LeaderboardTable) -> str:
         f'{picked}. "not distinguishable from best": a paired t-test against the best row (Holm-corrected over the rows, '
         f"5%) does not reject equality; that is no evidence the two are equal.{equivalent} "
         f'"grid edge": the picked value is the lowest or highest its grid tried.{_lc_caption(table)} '
-        f"Source: {_shown(table.store)}." + _judges_note(table)
+        f"Source: {_shown(table.store)}." + _judges_note(table) + _unranked_note(table)
     )
+
+
+def _unranked_note(table: LeaderboardTable) -> str:
+    if not table.unranked:
+        return ""
+    return f" Not ranked (a non-finite metric in every configuration): {', '.join(table.unranked)}."
 
 
 def _lc_caption(table: LeaderboardTable) -> str:

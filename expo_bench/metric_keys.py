@@ -101,6 +101,9 @@ REWARD = Metric("eval/reward", "reward", "max")
 REWARD_STDERR = Metric("eval/reward_stderr", "reward s.e.", "min")
 KL = Metric("eval/kl", "KL(π‖π_ref)", "min")
 KL_STDERR = Metric("eval/kl_stderr", "KL s.e.", "min")
+KL_EXACT = Metric("eval/kl_exact", "exact KL(π‖π_ref)", "min")
+"""KL(π‖π_ref) of the policy itself (temperature 1) averaged over the reported prompts, exact: every response up to
+``max_new_tokens`` enumerated (the synthetic-token task), where ``eval/kl`` estimates it from samples."""
 DISTINCT_2 = Metric("eval/distinct_2_within_prompt", "distinct-2", "max")
 SELF_BLEU = Metric("eval/self_bleu_within_prompt", "self-BLEU", "min")
 ENTROPY_2 = Metric("eval/entropy_2_across_prompts", "2-gram entropy", "max")
@@ -176,6 +179,7 @@ LEADERBOARD_COLUMNS: tuple[Metric, ...] = (
     LC_WIN_RATE,
     REWARD,
     KL,
+    KL_EXACT,
     KL_TO_TARGET,
     KL_WELL_FORMED,
     MALFORMED_LEAK,

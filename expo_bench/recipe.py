@@ -131,9 +131,15 @@ class Experiment:
     source: Path
 
     @property
+    def instance_count(self) -> int:
+        """The task instances each seed runs on (several: the synthetic-token task with ``instances``)."""
+        task = self.recipe.task
+        return len(task.task_instances()) if isinstance(task, LanguageModelTask) else 1
+
+    @property
     def run_count(self) -> int:
-        """The runs it trains: each configuration of each method, once per seed."""
-        return len(self.recipe.seeds) * sum(len(run.grid) for run in self.runs)
+        """The runs it trains: each configuration of each method, once per seed and task instance."""
+        return self.instance_count * len(self.recipe.seeds) * sum(len(run.grid) for run in self.runs)
 
     @property
     def stages(self) -> list[tuple[str, TrainConfig]]:
@@ -151,6 +157,11 @@ class Experiment:
     def world(self) -> World:
         train = self.recipe.train
         return World(train.accelerator, train.devices, train.num_nodes) if self.stages else SINGLE_PROCESS
+
+    def check_data(self) -> None:
+        """Read the task's local data ahead of any work: a fault is a DataError naming the file, line and field."""
+        if isinstance(self.recipe.task, LanguageModelTask):
+            self.recipe.task.check_data()
 
     def check_machine(self, machine: Machine) -> None:
         """Refuse, naming the fields, what cannot run on ``machine`` (devices, strategy, precision, attention), before

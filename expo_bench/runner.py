@@ -137,9 +137,9 @@ def run_experiment(experiment: Experiment, results_root: Path, console: Console,
         summary_path = write_summary(experiment, records, out_dir, revision, started, started_at, versions, allow_dirty)
         recipe_path = out_dir / "resolved_recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        written += write_leaderboard(
-            load_leaderboard(uri, recipe.experiment, recipe.baseline_method, recipe.statistics), out_dir, console
-        )
+        # this recipe's runs only: the store may hold other configurations of the experiment from earlier recipes
+        ranked = load_leaderboard(uri, recipe.experiment, recipe.baseline_method, recipe.statistics, sweep.opened)
+        written += write_leaderboard(ranked, out_dir, console)
         sweep.parent.log_artifacts([recipe_path, summary_path, *written])
     console.print(f"wrote {', '.join(str(path) for path in [summary_path, recipe_path, *written])}")
     console.print(f"tracked in {uri} (browse: expo-bench ui --results {results_root})")

@@ -403,6 +403,11 @@ class SweepTracker:
         retrying(self.client.set_terminated, self.parent_run_id, "KILLED" if interrupted else "FAILED" if kind else "FINISHED")
 
     @property
+    def opened(self) -> frozenset[str]:
+        """The run ids of the children this sweep opened (new, resumed or reused): the recipe's own runs."""
+        return frozenset(self._opened)
+
+    @property
     def parent(self) -> TrackedRun:
         """The sweep's own run: the recipe, the summary, tables and plots go there."""
         return TrackedRun(self.client, self.uri, self.parent_run_id, self.sweep_key, False)

@@ -23,7 +23,15 @@ from scipy import stats
 from expo_bench import metric_keys as keys
 from expo_bench import tracking
 from expo_bench.cli import EXIT_USER_ERROR, main
-from expo_bench.leaderboard import LeaderboardTable, estimate, load_leaderboard, write_leaderboard
+from expo_bench.leaderboard import (
+    LeaderboardTable,
+    RunRecord,
+    _caption,
+    build_table,
+    estimate,
+    load_leaderboard,
+    write_leaderboard,
+)
 from expo_bench.tracking import SweepTracker
 
 T_975_2 = 4.302652729911275  # t_{0.975, 2}: three seeds
@@ -425,3 +433,22 @@ def test_the_notes_stay_at_80_columns_beside_a_wide_paired_difference(store: dic
     rows = {line.split()[0]: line for line in lines if line.strip() and line.split()[0] in ("expo", "dpo")}
     assert rows["dpo"].rstrip().endswith("worse than best") and rows["expo"].rstrip().endswith("best")
     assert "sign-flip" in output.getvalue()  # Δ's tests wrapped onto a second line, not cut
+
+
+def test_a_non_finite_metric_is_never_ranked() -> None:
+    """A configuration whose picking metric is NaN is never picked, whatever a sort would make of NaN; a method with no
+    finite configuration gets no row, and the caption names it."""
+
+    def run(method: str, key: str, value: float, seed: int) -> RunRecord:
+        tags = {tracking.METHOD: method, tracking.CONFIG_KEY: key, tracking.SEED: str(seed)}
+        tags |= {tracking.RANK_METRIC: keys.WIN_RATE.key, tracking.RANK_GOAL: "max"}
+        return RunRecord(f"{key}-{seed}", {keys.WIN_RATE.key: value}, {"params.beta": key}, tags)
+
+    runs = [run("dpo", "dpo-nan", math.nan, seed) for seed in range(2)]
+    runs += [run("dpo", "dpo-fine", 0.6, seed) for seed in range(2)]
+    runs += [run("ipo", "ipo-inf", math.inf, seed) for seed in range(2)]
+    runs += [run("expo", "expo", 0.7, seed) for seed in range(2)]
+    table = build_table("sqlite:///store.db", "demo", "demo", runs)
+    assert [(row.method, row.config_key) for row in table.rows] == [("expo", "expo"), ("dpo", "dpo-fine")]
+    assert table.unranked == ("ipo",)
+    assert "Not ranked (a non-finite metric in every configuration): ipo." in _caption(table)

@@ -161,7 +161,7 @@ def test_implicit_text_prompts_are_the_shared_beginning_cut_at_a_word(tmp_path: 
         {"chosen": "Hello there", "rejected": "Hello there, friend"},  # one side is a prefix of the other
         {"chosen": "abc", "rejected": "abd"},  # no word boundary before they differ
     ]
-    rows = load_rows(str(write_jsonl(tmp_path / "train.jsonl", records)), "train")
+    rows = load_rows(str(write_jsonl(tmp_path / "train.jsonl", records)), "train", skip_malformed=True)
     pairs, report = load_pairs(rows, PreferenceColumns(prompt=None), "text", gpt2, CONFIG, "implicit")
     assert report.prompts == ["Q: Is the sky blue?\nA:", "Hello"]  # "ye" is never taken into the prompt
     assert [gpt2.decode(pair.chosen_ids) for pair in pairs] == [" yes, it is<|endoftext|>", " there<|endoftext|>"]
@@ -182,7 +182,7 @@ def test_a_split_with_no_usable_pair_is_one_error_with_the_drop_counts(tmp_path:
         f"  42 no_final_assistant_turn: {DROP_REASONS['no_final_assistant_turn']} (first: the last turn's role is 'gpt')",
     ]
     records = [{"prompt": "x", "chosen": "y", "rejected": "y"}, {"prompt": "x", "chosen": 3, "rejected": "z"}]
-    rows = load_rows(str(write_jsonl(tmp_path / "train.jsonl", records)), "train")
+    rows = load_rows(str(write_jsonl(tmp_path / "train.jsonl", records)), "train", skip_malformed=True)
     with pytest.raises(
         DataError, match=r"no usable pairs left of 2 rows, dropped:\n  1 identical_responses: .*\n  1 malformed: .*row 2"
     ):

@@ -4,6 +4,7 @@ sweeps on one store never train a run twice."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import multiprocessing
@@ -105,7 +106,8 @@ def test_a_finished_run_keeps_its_final_weights_and_is_evaluated_from_them(tmp_p
     directory = run_dir(tmp_path)
     record = json.loads((directory / "record.json").read_text())
     assert (record["steps"], record["weights"], record["weights_step"]) == (3, "weights.safetensors", 3)
-    assert sorted(path.name for path in directory.iterdir() if not path.is_dir()) == ["record.json", "weights.safetensors"]
+    files = sorted(path.name for path in directory.iterdir() if not path.is_dir())
+    assert files == ["record.json", "record.json.sha256", "weights.safetensors"]
 
     [evaluation] = directory.glob("evaluation-*")  # a lost evaluation is redone from the final weights
     shutil.rmtree(evaluation)
@@ -121,7 +123,11 @@ def test_a_finished_run_keeps_its_final_weights_and_is_evaluated_from_them(tmp_p
 
 
 @pytest.mark.parametrize(
-    ("keep", "kept"), [("full", ["last.ckpt", "record.json", "weights.safetensors"]), ("none", ["record.json"])]
+    ("keep", "kept"),
+    [
+        ("full", ["last.ckpt", "record.json", "record.json.sha256", "weights.safetensors"]),
+        ("none", ["record.json", "record.json.sha256"]),
+    ],
 )
 def test_what_a_finished_run_keeps_is_a_choice(tmp_path: Path, keep: str, kept: list[str]) -> None:
     data = quickstart(max_epochs=1, checkpoint_every_n_steps=2, keep=keep)
@@ -283,10 +289,57 @@ def test_a_damaged_record_exits_2_naming_the_file_and_what_is_wrong(
     assert main(["run", str(recipe), "--results", str(tmp_path)]) == 0
     damaged = stored(run_dir(tmp_path))
     damaged.write_text(edit(damaged.read_text()))
+    damaged.with_name(damaged.name + ".sha256").unlink()  # as a run written before seals were kept: read, then refused
     capsys.readouterr()
     assert main(["run", str(recipe), "--results", str(tmp_path)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"{damaged}: damaged or edited (" in err and problem in err and "Traceback" not in err, err
+
+
+def test_an_edited_result_or_swapped_weights_are_refused_not_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished run's record and metrics are sealed with their sha256 and its weights' sha256 is in its record: a
+    metric edited to look better, or weights swapped between two λ runs, stop the rerun by name (exit 2)."""
+    monkeypatch.setenv("COLUMNS", "400")
+    data = quickstart(max_epochs=1)
+    data["methods"] = [{"method": "dpo", "grid": {"beta": [0.1, 1.0]}}]
+    recipe = tmp_path / "quickstart.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    assert main(["run", str(recipe), "--results", str(tmp_path)]) == 0
+    first, second = sorted((tmp_path / "quickstart" / "runs").glob("dpo-*"))
+    metrics = metrics_json(first)
+    values = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps(values | {"kl": 0.001}, indent=2))
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--results", str(tmp_path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{metrics}: edited or damaged since it was written" in err and "Traceback" not in err, err
+
+    metrics.write_text(json.dumps(values, indent=2))  # restored: the seal holds again
+    for evaluation in [*first.glob("evaluation-*"), *second.glob("evaluation-*")]:  # evaluated again from the weights
+        shutil.rmtree(evaluation)
+    weights = [directory / "weights.safetensors" for directory in (first, second)]
+    swapped = [path.read_bytes() for path in reversed(weights)]
+    for path, content in zip(weights, swapped, strict=True):
+        path.write_bytes(content)
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--results", str(tmp_path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "not the weights dpo λ=" in err and "swapped or edited?" in err and "Traceback" not in err, err
+
+
+def test_the_leaderboard_of_a_run_ranks_its_recipe_s_configurations_only(tmp_path: Path) -> None:
+    """The store keeps the runs of an earlier version of the recipe (β 1): the new recipe's leaderboard (β 0.1) does
+    not rank them, though they are complete runs of the same experiment."""
+    data = quickstart(max_epochs=1)
+    data["methods"] = [{"method": "dpo", "params": {"beta": 1.0}}]
+    run_experiment(validate_recipe(data, "quickstart.yaml"), tmp_path, Console(quiet=True))
+    data["methods"] = [{"method": "dpo", "params": {"beta": 0.1}}]
+    out = run_experiment(validate_recipe(data, "quickstart.yaml"), tmp_path, Console(quiet=True))
+    with (out / "leaderboard.csv").open() as table:
+        rows = [row for row in csv.DictReader(table) if row["method"] == "dpo"]
+    assert [json.loads(row["params"])["params.beta"] for row in rows] == ["0.1"], rows
 
 
 def test_a_full_disk_mid_run_is_one_message_and_the_rerun_loses_nothing(

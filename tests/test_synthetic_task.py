@@ -78,7 +78,7 @@ def test_exact_metrics_of_a_uniform_model_match_the_closed_form() -> None:
     for parameter in model.parameters():
         torch.nn.init.zeros_(parameter)  # zero logits: every token has probability 1/V at every step
     prompts = [[tokenizer.convert_tokens_to_ids(f"p{x}")] for x in range(3)]
-    metrics = synthetic.exact_metrics(tokenizer)(model, prompts)
+    metrics = synthetic.exact_metrics(tokenizer, model)(model, prompts)
     vocabulary, steps = len(tokenizer), synthetic.response_length + 1  # the response tokens and EOS
     optimal = synthetic.optimal_policy()
     entropy = float((optimal * optimal.log()).sum())
@@ -86,6 +86,7 @@ def test_exact_metrics_of_a_uniform_model_match_the_closed_form() -> None:
         entropy + 3 * steps * math.log(vocabulary), rel=1e-6
     )  # float32 logits
     assert metrics[metric_keys.TOP_RESPONSE_MASS.key] == pytest.approx(vocabulary**-steps, rel=1e-6)
+    assert metrics[metric_keys.KL_EXACT.key] == 0.0  # the model against itself, by enumeration
     # the split: π(W) = 64/V^4 of the mass on the well-formed set, uniform within it
     well_formed = len(synthetic.responses) * vocabulary**-steps
     assert metrics[metric_keys.MALFORMED_LEAK.key] == pytest.approx(-3 * math.log(well_formed), rel=1e-6)
@@ -93,7 +94,7 @@ def test_exact_metrics_of_a_uniform_model_match_the_closed_form() -> None:
     total = metrics[metric_keys.KL_WELL_FORMED.key] + metrics[metric_keys.MALFORMED_LEAK.key]
     assert total == pytest.approx(metrics[metric_keys.KL_TO_TARGET.key], rel=1e-9)
     # on a subset of prompts: the sums over those prompts only
-    one = synthetic.exact_metrics(tokenizer)(model, prompts[1:2])
+    one = synthetic.exact_metrics(tokenizer, model)(model, prompts[1:2])
     assert one[metric_keys.MALFORMED_LEAK.key] == pytest.approx(metrics[metric_keys.MALFORMED_LEAK.key] / 3, rel=1e-6)
 
 
@@ -104,7 +105,7 @@ def test_trained_policy_splits_its_distance_exactly() -> None:
     torch.manual_seed(3)
     model = synthetic.model.build(vocab_size=len(tokenizer))
     prompts = [[tokenizer.convert_tokens_to_ids(f"p{x}")] for x in range(3)]
-    metrics = synthetic.exact_metrics(tokenizer)(model, prompts)
+    metrics = synthetic.exact_metrics(tokenizer, model)(model, prompts)
     total = metrics[metric_keys.KL_WELL_FORMED.key] + metrics[metric_keys.MALFORMED_LEAK.key]
     assert total == pytest.approx(metrics[metric_keys.KL_TO_TARGET.key], rel=1e-9)
     assert metrics[metric_keys.MALFORMED_LEAK.key] > 0 and metrics[metric_keys.KL_WELL_FORMED.key] > 0

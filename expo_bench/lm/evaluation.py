@@ -26,7 +26,7 @@ from expo_bench.config_model import ConfigModel, closest
 from expo_bench.distributed import accelerator_device, broadcast, is_global_zero, map_sharded, on_rank_zero
 from expo_bench.evaluation.judges import JudgeConfig
 from expo_bench.evaluation.types import Comparison, Judge, Verdict
-from expo_bench.lm.model import response_logps
+from expo_bench.lm.model import evaluating, response_logps
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.tokenize import pad_token_id, padded_sequences
 from expo_bench.reporting import progress
@@ -236,11 +236,11 @@ class Evaluator:
         out_dir = self.results_dir(run_dir)
         done = out_dir / "metrics.json"
         if self.has_result(run_dir):
-            return on_rank_zero(lambda: read_json(done, cache.metrics)), True
+            return on_rank_zero(lambda: _stored_metrics(done)), True
         assert policy is not None, "a run without stored metrics needs its policy"
         metrics = self.evaluate(policy, out_dir, provenance, with_selection=True, console=console)
         if is_global_zero():
-            atomic_write(done, json.dumps(metrics, indent=2))  # written last: its presence means the evaluation finished
+            cache.sealed_write(done, json.dumps(metrics, indent=2))  # written last: its presence means it finished
         return metrics, False
 
     def evaluate(
@@ -433,8 +433,6 @@ def sequence_logps(
     """log π(y | x) of each response under ``model`` with its logits divided by ``temperature``: the
     log-probability under the distribution the response was sampled from. Batches are shared by the ranks."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
 
     @torch.no_grad()
     def score(k: int, start: int) -> torch.Tensor:
@@ -446,11 +444,15 @@ def sequence_logps(
         logits = model(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).logits / temperature
         return response_logps(logits, sequences["input_ids"], sequences["loss_mask"]).double().cpu()
 
-    try:
+    with evaluating(model):
         return torch.cat(map_sharded(range(0, len(prompts), batch_size), score))
-    finally:
-        model.train(was_training)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _stored_metrics(path: Path) -> dict[str, float]:
+    """A finished evaluation's metrics, refused if the file changed since it was written."""
+    cache.check_seal(path)
+    return read_json(path, cache.metrics)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
@@ -229,3 +230,16 @@ REFERENCES: dict[str, Callable[[PreTrainedModel, PreTrainedModel], nn.Module]] =
     "adapter_disabled": lambda base, policy: AdapterDisabledScorer(policy),
 }
 """How the reference is built from the SFT model (``base``) and the policy about to be trained."""
+
+
+@contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    """The models in eval mode (no dropout) for the block, then back in the mode each was in."""
+    modes = [(model, model.training) for model in models]
+    for model, _ in modes:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, training in modes:
+            model.train(training)

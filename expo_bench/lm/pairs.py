@@ -6,9 +6,10 @@ import gzip
 import json
 import lzma
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from expo_bench.errors import DataError
 
@@ -24,12 +25,13 @@ class PromptPair:
     label: float = 1.0
 
 
-OPENERS: dict[str, Callable[[Path], IO[str]]] = {
-    ".jsonl": lambda path: path.open(encoding="utf-8"),
-    ".jsonl.gz": lambda path: gzip.open(path, "rt", encoding="utf-8"),  # noqa: SIM115
-    ".jsonl.xz": lambda path: lzma.open(path, "rt", encoding="utf-8"),  # noqa: SIM115
+OPENERS: dict[str, Callable[[Path], AbstractContextManager[Iterable[bytes]]]] = {
+    ".jsonl": lambda path: path.open("rb"),
+    ".jsonl.gz": lambda path: gzip.open(path, "rb"),  # noqa: SIM115
+    ".jsonl.xz": lambda path: lzma.open(path, "rb"),  # noqa: SIM115
 }
-"""Text-mode openers by file ending; :func:`jsonl_lines` closes what they open."""
+"""Binary openers by file ending (each line is decoded on its own, so a bad byte names its line); :func:`jsonl_lines`
+closes what they open."""
 
 
 def json_object(line: str) -> dict[str, Any]:
@@ -37,7 +39,7 @@ def json_object(line: str) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(f"invalid JSON ({error})") from None
+        raise ValueError(f"invalid JSON ({error.msg} at character {error.pos + 1})") from None
     if not isinstance(record, dict):
         raise ValueError(f"a {type(record).__name__}, not an object")
     return record
@@ -49,11 +51,19 @@ def jsonl_lines(path: Path) -> Iterator[tuple[str, str]]:
     opener = next((open_ for ending, open_ in OPENERS.items() if path.name.endswith(ending)), None)
     if opener is None:
         raise DataError(f"{path}: expected a {', '.join(OPENERS)} file")
+    number = 0
     try:
         with opener(path) as lines:
-            yield from ((f"{path}, line {number}", line) for number, line in enumerate(lines, start=1) if line.strip())
-    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot read ({error})") from error
+            for number, raw in enumerate(lines, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise DataError(f"{path}, line {number}: not UTF-8 text ({error})") from None
+                if line.strip():
+                    yield f"{path}, line {number}", line
+    except (OSError, EOFError, lzma.LZMAError) as error:
+        damaged = "; a compressed file cut short?" if isinstance(error, (EOFError, lzma.LZMAError)) else ""
+        raise DataError(f"{path}: cannot read past line {number} ({error}{damaged})") from None
 
 
 def split_file(root: Path, split: str, subfolder: str | None = None, endings: Iterable[str] = OPENERS) -> Path:

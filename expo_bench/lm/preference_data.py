@@ -9,13 +9,15 @@ turn, the prompt everything before it, rendered with the tokenizer's chat templa
 two sides must share that prompt. Pairs that cannot be read as a pair (:data:`DROP_REASONS`) are counted and
 dropped, never repaired. An optional label column gives P(chosen beats rejected) (a soft label; 1 when absent).
 
-Extraction and tokenization are batched ``Dataset.map`` calls, in ``num_proc`` processes if asked, cached on disk
-by ``datasets``' fingerprints (of the data files, the function and its arguments, the tokenizer included), so a
-second seed or a rerun reads and tokenizes nothing again.
+Local JSON is read line by line (a fault names its line; values keep the kind JSON gives them); ``.parquet`` and hub
+splits through ``datasets``. Extraction and tokenization are batched ``Dataset.map`` calls, in ``num_proc`` processes
+if asked; on ``.parquet`` and hub splits they are cached on disk by ``datasets``' fingerprints, so a second seed or a
+rerun tokenizes nothing again (local JSON, held in memory, is tokenized again: seconds for 10⁵ pairs).
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from pydantic import Field
 from expo_bench.config_model import ConfigModel
 from expo_bench.errors import DataError
 from expo_bench.lm.evaluation import HeldOutPrompts
-from expo_bench.lm.pairs import PromptPair, split_file
+from expo_bench.lm.pairs import PromptPair, json_object, jsonl_lines, split_file
 from expo_bench.lm.tokenize import TRUNCATE_PROMPT, TokenizationConfig, TokenizedPair, tokenize_texts, truncate_pair
 
 if TYPE_CHECKING:
@@ -38,9 +40,14 @@ LOCAL_BUILDERS = {".jsonl": "json", ".jsonl.gz": "json", ".jsonl.xz": "json", ".
 """File ending → the ``datasets`` builder that reads it."""
 
 ASSISTANT = "assistant"
+PROMPT_ROLES = ("user", "system")
+"""Roles whose turns are a prompt's, never a response's."""
 Renderer = Callable[[list[dict[str, str]]], str]
 """Messages → the prompt text a model continues."""
 MALFORMED = "malformed"
+MIXED_KINDS = "_expo_bench_mixed_kinds"
+"""A column added to local JSON rows read with ``skip_malformed``: why a row's cell was of another kind than its
+column's (None: it was not)."""
 DROP_REASONS = {
     "identical_responses": "the chosen and rejected responses are the same text",
     "prompt_mismatch": "the two sides' prompts differ (in a conversation, the turns before the last answer)",
@@ -84,6 +91,8 @@ class LoadReport:
     dropped: Counter[str]
     prompts: list[str] = field(default_factory=list)
     """A text prompt as written; a conversation as ``User: ...`` paragraphs (what an LLM judge is shown)."""
+    repeated_prompts: int = 0
+    """Kept pairs whose responses began with the prompt column's prompt, read once."""
 
     @property
     def kept(self) -> int:
@@ -91,27 +100,129 @@ class LoadReport:
 
     def summary(self) -> str:
         dropped = ", ".join(f"{count} {reason}" for reason, count in sorted(self.dropped.items())) or "none"
-        return f"{self.total} pairs: kept {self.kept}, dropped {dropped}"
+        repeated = f"; {self.repeated_prompts} repeated the prompt at the start of both responses (read once)"
+        return f"{self.total} pairs: kept {self.kept}, dropped {dropped}" + (repeated if self.repeated_prompts else "")
 
 
-def load_rows(source: str, split: str, name: str | None = None, data_dir: str | None = None) -> datasets.Dataset:
+def load_rows(
+    source: str, split: str, name: str | None = None, data_dir: str | None = None, skip_malformed: bool = False
+) -> datasets.Dataset:
     """One split's rows: from a local file (any split name reads it) or a folder of ``<split>.<ending>`` files, else
-    from the hub dataset ``source`` (``name`` its configuration, ``data_dir`` its subfolder)."""
+    from the hub dataset ``source`` (``name`` its configuration, ``data_dir`` its subfolder). Local JSON is read by
+    :func:`json_rows`, which names the line of any fault."""
     import datasets
 
     local = Path(source)
+    if local_path(source) and not local.exists():
+        raise DataError(f"{source}: no such file or folder")
     try:
         if local.exists():
             path = split_file(local, split, data_dir, LOCAL_BUILDERS)
             builder = next((b for ending, b in LOCAL_BUILDERS.items() if path.name.endswith(ending)), None)
             if builder is None:
                 raise DataError(f"{path}: expected a {', '.join(LOCAL_BUILDERS)} file")
+            if builder == "json":
+                return json_rows(path, skip_malformed)
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         return datasets.load_dataset(source, name=name, data_dir=data_dir, split=split)
     except (datasets.exceptions.DatasetsError, OSError, ValueError) as error:
         where = source if not local.exists() else str(local)
         hint = "" if local.exists() else " (not a local file or folder, so read as a hub dataset id)"
         raise DataError(f"{where}{hint}: cannot load split {split!r}: {error}") from None
+
+
+def local_path(source: str) -> bool:
+    """Whether ``source`` can only mean a local path (a file ending or a path prefix), never a hub dataset id."""
+    return source.startswith(("/", "./", "../", "~")) or any(source.endswith(ending) for ending in LOCAL_BUILDERS)
+
+
+def json_rows(path: Path, skip_malformed: bool = False) -> datasets.Dataset:
+    """The records of a ``.jsonl[.gz|.xz]`` file (one object per line) or a ``.json`` array, read as JSON says: a
+    text ``"null"`` stays text and a label ``"0.5"`` stays a string (``datasets``' JSON reader coerces both). A
+    damaged file or an invalid line is a :class:`DataError` naming the line; so is a column holding different kinds of
+    value, unless ``skip_malformed`` (then such a row is malformed, its fault in :data:`MIXED_KINDS`)."""
+    import datasets
+    import pyarrow
+
+    records = _json_array(path) if path.name.endswith(".json") else _jsonl_records(path)
+    if not records:
+        raise DataError(f"{path}: the file holds no records; expected one JSON object per line (.json: an array of them)")
+    try:
+        return datasets.Dataset.from_list([record for _, record in records])
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as error:
+        mixed = _mixed_columns(records)
+        if not mixed or not skip_malformed:
+            first = next(iter(mixed.values()), None)
+            raise DataError(first.message if first else f"{path}: cannot make a table of its records ({error})") from None
+    kept = []
+    for where, record in records:
+        fault = mixed.get(where)
+        cleared = {column: None if fault and fault.column == column else value for column, value in record.items()}
+        kept.append(cleared | {MIXED_KINDS: fault.message if fault else None})
+    return datasets.Dataset.from_list(kept)
+
+
+def _jsonl_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    records = []
+    for where, line in jsonl_lines(path):
+        try:
+            records.append((where, json_object(line)))
+        except ValueError as error:
+            raise DataError(f"{where}: {error}") from None
+    return records
+
+
+def _json_array(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        data = path.read_bytes()
+        array = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text ({error})") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}, line {error.lineno}: invalid JSON ({error.msg})") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error})") from None
+    if not isinstance(array, list) or not all(isinstance(record, dict) for record in array):
+        raise DataError(f"{path}: expected a JSON array of objects, found {found(array)}")
+    return [(f"{path}, record {number}", record) for number, record in enumerate(array, start=1)]
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's kind: what a column holds throughout."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+@dataclass(frozen=True)
+class _Fault:
+    column: str
+    message: str
+
+
+def _mixed_columns(records: list[tuple[str, dict[str, Any]]]) -> dict[str, _Fault]:
+    """Each record (by where it is) holding a value of another kind than its column's first (text where numbers
+    were, ...), and what is wrong."""
+    first: dict[str, tuple[str, str]] = {}
+    faults = {}
+    for where, record in records:
+        for column, value in record.items():
+            if value is None:
+                continue
+            kind = _kind(value)
+            seen_where, seen_kind = first.setdefault(column, (where, kind))
+            if kind != seen_kind and where not in faults:
+                faults[where] = _Fault(
+                    column,
+                    f"{where}: column {column!r} holds {kind} ({json.dumps(value)[:60]}) where {seen_where} holds "
+                    f"{seen_kind}; a column holds one kind of value",
+                )
+    return faults
 
 
 def found(value: Any) -> str:
@@ -168,6 +279,8 @@ class ReadPair(PromptPair):
     """A pair read from a conversation: its prompt rendered for the model, and ``shown`` as a person reads it."""
 
     shown: str = ""
+    prompt_repeated: bool = False
+    """Both responses began with the prompt column's text or turns (``ultrafeedback_binarized``'s shape), read once."""
 
 
 def _shared_prompt(chosen: str, rejected: str) -> PromptPair | str:
@@ -189,7 +302,12 @@ def _text_pair(row: dict[str, Any], columns: PreferenceColumns, keys: MessageKey
     *prompt, chosen, rejected = (str(value) for value in texts.values())
     if chosen == rejected:
         return "identical_responses"
-    return PromptPair(prompt[0], chosen, rejected) if prompt else _shared_prompt(chosen, rejected)
+    if not prompt:
+        return _shared_prompt(chosen, rejected)
+    repeated = bool(prompt[0]) and chosen.startswith(prompt[0]) and rejected.startswith(prompt[0])
+    if repeated:  # TRL's explicit-prompt format holds completions only: this prompt would be read twice
+        chosen, rejected = chosen[len(prompt[0]) :], rejected[len(prompt[0]) :]
+    return ReadPair(prompt[0], chosen, rejected, shown=prompt[0], prompt_repeated=repeated)
 
 
 def _conversation_pair(
@@ -197,7 +315,17 @@ def _conversation_pair(
 ) -> PromptPair | str:
     assert render is not None
     before = [] if columns.prompt is None else _messages(row.get(columns.prompt), f"column {columns.prompt!r}", keys)
-    sides = [before + _messages(row.get(column), f"column {column!r}", keys) for column in (columns.chosen, columns.rejected)]
+    answers = [_messages(row.get(column), f"column {column!r}", keys) for column in (columns.chosen, columns.rejected)]
+    repeated = bool(before) and all(answer[: len(before)] == before for answer in answers)
+    if repeated:  # the messages hold the whole conversation and the prompt column repeats its start: read it once
+        before = []
+    elif before and (opening := next((a[0] for a in answers if a and a[0]["role"] in PROMPT_ROLES), None)):
+        raise ValueError(
+            f"column {columns.chosen!r} or {columns.rejected!r} opens with a {opening['role']} turn that is not the "
+            f"prompt in column {columns.prompt!r}, so the prompt would be read twice: where the messages hold the "
+            "whole conversation, set columns.prompt: null"
+        )
+    sides = [before + answer for answer in answers]
     last = next((side[-1]["role"] if side else "none" for side in sides if not side or side[-1]["role"] != ASSISTANT), None)
     if last is not None:
         return f"no_final_assistant_turn (the last turn's role is {last!r})"
@@ -206,7 +334,7 @@ def _conversation_pair(
         return "prompt_mismatch"
     if chosen["content"] == rejected["content"]:
         return "identical_responses"
-    return ReadPair(render(context), chosen["content"], rejected["content"], shown=readable(context))
+    return ReadPair(render(context), chosen["content"], rejected["content"], shown=readable(context), prompt_repeated=repeated)
 
 
 @dataclass(frozen=True)
@@ -235,7 +363,17 @@ def chat_renderer(tokenizer: PreTrainedTokenizerBase) -> Renderer:
             f"tokenizer {tokenizer.name_or_path!r} has no chat template, which conversational data needs: "
             "set task.chat_template (a Jinja template over messages, e.g. the one in recipes/ultrafeedback_tiny_local.yaml)"
         )
-    return lambda messages: str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    import jinja2
+
+    def render(messages: list[dict[str, str]]) -> str:
+        try:
+            return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        except jinja2.TemplateSyntaxError as error:
+            raise DataError(f"the chat template (task.chat_template or the tokenizer's) is not valid Jinja: {error}") from None
+        except jinja2.TemplateError as error:
+            raise ValueError(f"the chat template refused this conversation: {error}") from None
+
+    return render
 
 
 def _extract(
@@ -249,10 +387,12 @@ def _extract(
     """Batched: each row's prompt, responses and label as text, or why it was dropped (``dropped``, else "")."""
     reader = FORMATS[format]
     render = chat_renderer(tokenizer) if reader.conversational else None
-    out: dict[str, list[Any]] = {"prompt": [], "chosen": [], "rejected": [], "label": [], "dropped": [], "shown": []}
+    out: dict[str, list[Any]] = {name: [] for name in ("prompt", "chosen", "rejected", "label", "dropped", "shown", "repeated")}
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     for index, row in zip(indices, rows, strict=True):
         try:
+            if row.get(MIXED_KINDS):
+                raise ValueError(row[MIXED_KINDS])
             read = reader.extract(row, columns, keys, render)
             label = 1.0 if columns.label is None else _label(row.get(columns.label))
         except ValueError as error:
@@ -264,6 +404,7 @@ def _extract(
         out["label"].append(label)
         out["dropped"].append(dropped)
         out["shown"].append(pair.shown if isinstance(pair, ReadPair) else pair.prompt)
+        out["repeated"].append(isinstance(pair, ReadPair) and pair.prompt_repeated)
     return out
 
 
@@ -299,6 +440,44 @@ def tokenize_pairs(
     return _as_pairs(table.map(_tokenize, batched=True, fn_kwargs={"tokenizer": tokenizer, "config": config}, num_proc=num_proc))
 
 
+def extract_pairs(
+    rows: datasets.Dataset,
+    columns: PreferenceColumns,
+    format: str,
+    tokenizer: PreTrainedTokenizerBase,
+    where: str,
+    skip_malformed: bool = False,
+    num_proc: int | None = None,
+    messages: MessageKeys | None = None,
+) -> datasets.Dataset:
+    """Each row's pair as text (``prompt``, ``chosen``, ``rejected``, ``label``, ``shown``, ``repeated``) or why it is
+    dropped (``dropped``). A missing column, a malformed row unless ``skip_malformed``, or rows of which none is a
+    usable pair are a :class:`DataError`."""
+    named = [column for column in (columns.prompt, columns.chosen, columns.rejected, columns.label) if column is not None]
+    missing = [column for column in named if column not in rows.column_names]
+    if missing:
+        sharegpt = format != "sharegpt" and FORMATS["sharegpt"].prompt_column in rows.column_names
+        hint = " (ShareGPT-style data: format: sharegpt)" if sharegpt else ""
+        raise DataError(f"{where}: no column {', '.join(map(repr, missing))}; its columns: {', '.join(rows.column_names)}{hint}")
+    extracted = rows.map(
+        _extract,
+        batched=True,
+        with_indices=True,
+        fn_kwargs={"columns": columns, "format": format, "keys": messages or FORMATS[format].messages, "tokenizer": tokenizer},
+        remove_columns=rows.column_names,
+        num_proc=num_proc,
+    )
+    first_malformed = next((reason for reason in extracted["dropped"] if reason.startswith(MALFORMED)), None)
+    if first_malformed is not None and not skip_malformed:
+        raise DataError(
+            f"{where}: {first_malformed.removeprefix(MALFORMED + ' (').removesuffix(')')} (skip_malformed: true skips such rows)"
+        )
+    drops = [reason for reason in extracted["dropped"] if reason]
+    if len(drops) == len(rows):
+        raise DataError(f"{where}: no usable pairs left of {len(rows)} rows, dropped:{_drop_examples(drops)}")
+    return extracted
+
+
 def load_pairs(
     rows: datasets.Dataset,
     columns: PreferenceColumns,
@@ -314,32 +493,12 @@ def load_pairs(
     column, a label outside [0, 1]) is a :class:`DataError` naming ``where`` and the row, unless ``skip_malformed``;
     so is a split of which no pair is left, with the count and a first example of each reason. ``messages``: how the
     conversations spell their turns (default: the format's own)."""
-    named = [column for column in (columns.prompt, columns.chosen, columns.rejected, columns.label) if column is not None]
-    missing = [column for column in named if column not in rows.column_names]
-    if missing:
-        sharegpt = format != "sharegpt" and FORMATS["sharegpt"].prompt_column in rows.column_names
-        hint = " (ShareGPT-style data: format: sharegpt)" if sharegpt else ""
-        raise DataError(f"{where}: no column {', '.join(map(repr, missing))}; its columns: {', '.join(rows.column_names)}{hint}")
-    extracted = rows.map(
-        _extract,
-        batched=True,
-        with_indices=True,
-        fn_kwargs={"columns": columns, "format": format, "keys": messages or FORMATS[format].messages, "tokenizer": tokenizer},
-        remove_columns=rows.column_names,
-        num_proc=num_proc,
-    )
+    extracted = extract_pairs(rows, columns, format, tokenizer, where, skip_malformed, num_proc, messages)
     drops = [reason for reason in extracted["dropped"] if reason]
-    reasons = Counter(reason.split(" (", 1)[0] for reason in drops)
-    first_malformed = next((reason for reason in drops if reason.startswith(MALFORMED)), None)
-    if first_malformed is not None and not skip_malformed:
-        raise DataError(
-            f"{where}: {first_malformed.removeprefix(MALFORMED + ' (').removesuffix(')')} (skip_malformed: true skips such rows)"
-        )
-    if len(drops) == len(rows):
-        raise DataError(f"{where}: no usable pairs left of {len(rows)} rows, dropped:{_drop_examples(drops)}")
     kept = extracted.filter(lambda dropped: not dropped, input_columns="dropped", num_proc=num_proc)
     tokenized = kept.map(_tokenize, batched=True, fn_kwargs={"tokenizer": tokenizer, "config": config}, num_proc=num_proc)
-    return _as_pairs(tokenized), LoadReport(len(rows), reasons, kept["shown"])
+    reasons = Counter(reason.split(" (", 1)[0] for reason in drops)
+    return _as_pairs(tokenized), LoadReport(len(rows), reasons, kept["shown"], sum(kept["repeated"]))
 
 
 def _drop_examples(drops: list[str]) -> str:

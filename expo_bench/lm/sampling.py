@@ -16,6 +16,7 @@ from pydantic import Field
 
 from expo_bench.config_model import ConfigModel
 from expo_bench.distributed import map_sharded
+from expo_bench.lm.model import evaluating
 from expo_bench.reporting import Done
 
 if TYPE_CHECKING:
@@ -116,19 +117,16 @@ def _sample_slice(
     for row, prompt in enumerate(prompts):
         input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
         attention_mask[row, width - len(prompt) :] = 1
-    was_training = model.training
-    model.eval()
     # generate() fills every setting left unset from the model's own generation_config: blank it while sampling
     inherited, model.generation_config = model.generation_config, GenerationConfig()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with evaluating(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             output = model.generate(  # type: ignore[operator]
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=generation
             )
     finally:
         model.generation_config = inherited
-        model.train(was_training)
     generated = output[:, width:].tolist()
     per_prompt = generation.num_return_sequences
     return [

@@ -27,7 +27,7 @@ from safetensors.torch import load_model, save_model
 from transformers import PreTrainedModel
 
 from expo_bench import metric_keys
-from expo_bench.cache import atomic_write, digest, locked, unsafe_file
+from expo_bench.cache import atomic_write, digest, file_sha256, locked, sealed_write, unsafe_file
 from expo_bench.distributed import broadcast, is_global_zero
 from expo_bench.errors import UserError
 from expo_bench.lm.data import PairData
@@ -235,6 +235,7 @@ def _train(
     )
     if is_global_zero():
         atomic_write(run_dir / WEIGHTS, lambda path: save_model(policy_model(trained), str(path)))
+    weights_sha256 = broadcast(file_sha256(run_dir / WEIGHTS) if is_global_zero() else "")
     if train.keep == "full":
         trainer.save_checkpoint(resume)  # the final state, not the last periodic save
     training = TrainingResult(
@@ -247,10 +248,11 @@ def _train(
         weights=WEIGHTS,
         weights_step=trainer.global_step,
         grad_norm_history=history.grad_norms,
+        weights_sha256=weights_sha256,
     )
     if is_global_zero():
         record = {"method": unit.run.label, "lam": unit.lam, **unit.identity.as_json(), **asdict(training)}
-        atomic_write(run_dir / RECORD, json.dumps(record, indent=2))  # written last: its presence means the run finished
+        sealed_write(run_dir / RECORD, json.dumps(record, indent=2))  # written last: its presence means the run finished
         if train.keep != "full":
             resume.unlink(missing_ok=True)  # optimizer state is for resuming only
     return policy_model(trained), training
@@ -261,6 +263,11 @@ def _restore(unit: FitUnit, base: PreTrainedModel, training: TrainingResult) -> 
     module = unit.module(base)
     weights = unit.run_dir / (training.weights or WEIGHTS)
     if weights.exists():
+        if training.weights_sha256 and file_sha256(weights) != training.weights_sha256:
+            raise UserError(
+                f"{weights}: not the weights {unit.name} finished with (their sha256 differs from the one in its "
+                f"{RECORD}: swapped or edited?); delete {unit.run_dir} to retrain it"
+            )
         try:
             load_model(policy_model(module), str(weights))
         except (SafetensorError, RuntimeError) as error:

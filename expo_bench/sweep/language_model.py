@@ -56,10 +56,7 @@ class LanguageModelSweep:
 
     def __init__(self, context: SweepContext, task: LanguageModelTask) -> None:
         self.context, self.task = context, task
-        experiment = context.experiment
-        self.progress = SweepProgress(
-            len(experiment.recipe.seeds) * sum(len(run.grid) for run in experiment.runs), context.console
-        )
+        self.progress = SweepProgress(context.experiment.run_count, context.console)
 
     def run(self) -> list[LanguageModelRecord]:
         with rank_zero_first():

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from expo_bench import tracking
-from expo_bench.cache import integer, metrics, number, read_json
+from expo_bench.cache import check_seal, integer, metrics, number, read_json
 from expo_bench.distributed import broadcast, is_global_zero
 from expo_bench.metric_keys import Metric
 from expo_bench.tracking import RunLog, TrackedRun
@@ -175,6 +175,8 @@ class TrainingResult:
     """The optimizer step of those weights: the run's last (-1: unknown, an older record)."""
     grad_norm_history: list[tuple[int, float]]
     """``(step, gradient norm before clipping)`` where the run clips (empty where it does not, or in an older record)."""
+    weights_sha256: str = ""
+    """The final weights' sha256, checked before they are loaded again (empty in an older record)."""
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> TrainingResult:
@@ -188,11 +190,14 @@ class TrainingResult:
             str(record.get("weights", "")),
             integer(record.get("weights_step", -1)),
             [(integer(step), number(norm)) for step, norm in record.get("grad_norm_history", [])],
+            str(record.get("weights_sha256", "")),
         )
 
     @classmethod
     def read(cls, path: Path) -> TrainingResult:
-        """The record at ``path``; :class:`UserError` naming it and what is wrong when it is not one."""
+        """The record at ``path``; :class:`UserError` naming it and what is wrong when it is not one, or when it
+        changed since it was written."""
+        check_seal(path)
         return read_json(path, lambda record: cls.from_json(record))
 
 

@@ -133,6 +133,10 @@ class LanguageModelTask(ConfigModel):
         """Optional batch fields the data carries: reference samples when ``reference_samples`` is set."""
         return frozenset({KL_SAMPLES}) if self.reference_samples is not None else frozenset()
 
+    def check_data(self) -> None:
+        """Read the task's local data ahead of any work, so that a fault is a :class:`~expo_bench.errors.DataError`
+        before anything is written (default: the task reads nothing it could check ahead)."""
+
     def sft_examples(self, seed: int, tokenizer: Any, console: Console) -> SFTExamples:
         """This seed's SFT data (the sweep fine-tunes on it only when ``sft`` is set)."""
         raise NotImplementedError

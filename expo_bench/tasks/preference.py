@@ -14,7 +14,16 @@ from rich.console import Console
 from expo_bench.config_model import ConfigModel
 from expo_bench.errors import DataError
 from expo_bench.lm.evaluation import HeldOutPrompts
-from expo_bench.lm.preference_data import FORMATS, MessageKeys, PreferenceColumns, load_pairs, load_prompts, load_rows
+from expo_bench.lm.preference_data import (
+    FORMATS,
+    MessageKeys,
+    PreferenceColumns,
+    extract_pairs,
+    load_pairs,
+    load_prompts,
+    load_rows,
+    local_path,
+)
 from expo_bench.lm.tokenize import TokenizedPair
 from expo_bench.tasks.language_model import LanguageModelTask, SFTExamples, TaskData
 
@@ -163,8 +172,27 @@ class PreferenceTask(PairsTask):
             tokenizer.chat_template = self.chat_template
         return tokenizer
 
+    @model_validator(mode="after")
+    def _local_source_exists(self) -> PreferenceTask:
+        for source in (self.source, None if self.test is None else self.test.source):
+            if source is not None and local_path(source) and not Path(source).expanduser().exists():
+                raise ValueError(f"source {source!r} names a local file or folder, and there is none")
+        return self
+
+    def check_data(self) -> None:
+        """Every local split read and its rows read as pairs, through the chat template (tokenizing waits for the run)."""
+        if not Path(self.source).exists():
+            return  # a hub dataset: read when the run starts
+        tokenizer = self.load_tokenizer()
+        for split in dict.fromkeys(name for name in self.split_names if name is not None):
+            rows = load_rows(self.source, split, self.name, self.data_dir, self.skip_malformed)
+            where = f"{self.source} ({split})"
+            extract_pairs(rows, self.columns, self.format, tokenizer, where, self.skip_malformed, self.num_proc, self.messages)
+        if self.test is not None and Path(self.test.source or self.source).exists():
+            self.test_prompts(tokenizer)
+
     def split_pairs(self, split: str, tokenizer: Any) -> tuple[list[TokenizedPair], str]:
-        rows = load_rows(self.source, split, self.name, self.data_dir)
+        rows = load_rows(self.source, split, self.name, self.data_dir, self.skip_malformed)
         where = f"{self.source} ({split})"
         pairs, report = load_pairs(
             rows,

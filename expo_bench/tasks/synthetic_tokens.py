@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import statistics
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -30,6 +31,7 @@ from rich.console import Console
 from expo_bench import metric_keys
 from expo_bench.evaluation.judges import OracleJudge
 from expo_bench.lm.evaluation import ExactMetrics, sequence_logps
+from expo_bench.lm.exact import enumerable, sequence_kl
 from expo_bench.lm.model import ModelConfig
 from expo_bench.lm.pairs import PromptPair
 from expo_bench.lm.tokenize import tokenize_pair
@@ -208,13 +210,15 @@ class SyntheticTokensTask(LanguageModelTask):
             f"{len(self.responses)} responses per prompt"
         )
         judge = OracleJudge(self.reward, name="oracle")
-        return TaskData(sft.train, sft.held_out, judge=judge, exact=self.exact_metrics(tokenizer))
+        return TaskData(sft.train, sft.held_out, judge=judge, exact=self.exact_metrics(tokenizer, reference))
 
-    def exact_metrics(self, tokenizer: Any) -> ExactMetrics:
+    def exact_metrics(self, tokenizer: Any, reference: PreTrainedModel) -> ExactMetrics:
         """On the given prompts, by enumerating every well-formed response (seen in training or held out): KL(π*‖π)
-        summed over the prompts (not averaged), split into
-        the distance among well-formed responses and the probability leaked to malformed ones, and the mass on each
-        prompt's best response. For π̃ = π / π(W) on the well-formed set W, KL(π*‖π) = KL(π*‖π̃) − log π(W)."""
+        summed over the prompts (not averaged), split into the distance among well-formed responses and the
+        probability leaked to malformed ones, and the mass on each prompt's best response. For π̃ = π / π(W) on the
+        well-formed set W, KL(π*‖π) = KL(π*‖π̃) − log π(W). And by enumerating every response sampling can draw,
+        KL(π‖π_ref) averaged over the prompts, exact (:func:`~expo_bench.lm.exact.sequence_kl`)."""
+        max_new_tokens = self.evaluation.max_new_tokens if self.evaluation else self.response_length + 1
         index_of = {tokenizer.convert_tokens_to_ids(f"p{prompt}"): prompt for prompt in range(self.prompts)}
         response_ids = [
             [*tokenizer.convert_tokens_to_ids([self._letters[t] for t in response]), tokenizer.eos_token_id]
@@ -235,6 +239,10 @@ class SyntheticTokensTask(LanguageModelTask):
                 metric_keys.KL_WELL_FORMED.key: float((optimal * (optimal.log() - (logps - well_formed))).sum()),
                 metric_keys.MALFORMED_LEAK.key: float(-well_formed.sum()),
                 metric_keys.TOP_RESPONSE_MASS.key: float(logps.exp().gather(1, best[:, None]).mean()),
-            }
+            } | (exact_kl(policy, prompt_ids) if enumerable(reference, max_new_tokens) else {})
+
+        def exact_kl(policy: PreTrainedModel, prompt_ids: Sequence[list[int]]) -> dict[str, float]:
+            found = sequence_kl(policy, reference, prompt_ids, max_new_tokens, tokenizer.eos_token_id)
+            return {metric_keys.KL_EXACT.key: statistics.fmean(found)}
 
         return metrics
