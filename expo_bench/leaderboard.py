@@ -1038,7 +1038,8 @@ def write_leaderboard(tables: Sequence[LeaderboardTable], out_dir: Path, console
         console.print(rich_table(_terminal_title(table), header, rows, console.width, "leaderboard.md", notes + 1, wrap))
         console.print(_caption(table), style="dim", highlight=False)
         header, rows = _display(table)
-        slug = _slug(f"{table.experiment}-{table.dataset}" if several else table.dataset)
+        scope = f"-instance-{table.instances[0]}" if len(table.instances) == 1 else ""  # beside the pooled table's
+        slug = _slug(f"{table.experiment}-{table.dataset}" if several else table.dataset) + scope
         images = [path for name, plot in PLOTS.items() if (path := plot(table, out_dir / f"leaderboard-{slug}-{name}.png"))]
         figures = "".join(f"\n![{path.stem}]({path.name})\n" for path in images)
         sections.append(f"## {_title(table)}\n\n{_caption(table)}\n\n{markdown_table(header, rows)}{figures}")

@@ -4,9 +4,11 @@ that picks each method's configuration on prompts set aside for it, never on the
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import ttost_paired
@@ -22,7 +24,7 @@ from expo_bench.comparison import (
     sign_flip_p,
 )
 from expo_bench.comparison_settings import StatisticsConfig
-from expo_bench.leaderboard import RunRecord, build_table, experiment_tables
+from expo_bench.leaderboard import RunRecord, build_table, experiment_tables, write_leaderboard
 
 RANK, SELECTION = keys.KL_TO_TARGET.key, keys.selection_key(keys.KL_TO_TARGET.key)
 
@@ -271,3 +273,15 @@ def test_instances_are_the_replication_unit_of_the_pooled_table() -> None:
     assert dpo.by_unit(RANK).keys() == {"0", "1", "2"}
     untagged = experiment_tables("store", "exp", runs(True), "dpo")
     assert len(untagged) == 1 and untagged[0].instances == ()
+
+
+def test_each_instance_table_keeps_its_own_plots(tmp_path: Path) -> None:
+    """The per-instance tables' plots sit beside the pooled table's, each section of leaderboard.md showing its own."""
+    written = write_leaderboard(experiment_tables("store", "exp", instance_runs(), "dpo"), tmp_path, Console(quiet=True))
+    rankings = sorted(path.name for path in written if path.name.endswith("-ranking.png"))
+    assert rankings == sorted(
+        f"leaderboard-unknown{scope}-ranking.png" for scope in ("", "-instance-0", "-instance-1", "-instance-2")
+    )
+    sections = (tmp_path / "leaderboard.md").read_text().split("\n## ")[1:]
+    for section, scope in zip(sections, ("-instance-0", "-instance-1", "-instance-2", ""), strict=True):
+        assert f"(leaderboard-unknown{scope}-ranking.png)" in section and section.count("-ranking.png") == 1
