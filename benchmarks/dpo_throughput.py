@@ -199,8 +199,8 @@ def run_harness(setup: Setup) -> Result:
     from expo_bench.lm.model import CausalLMScorer
     from expo_bench.methods.dpo import DPO, DPOParams
     from expo_bench.optim import OptimizerConfig
+    from expo_bench.train_config import TrainConfig
     from expo_bench.trainer import build_trainer
-    from expo_bench.training import TrainConfig
 
     tokenizer = load_tokenizer(setup)
     data = prepare_data(setup, tokenizer)

@@ -39,8 +39,8 @@ def autocast_probe(accelerator: str) -> dict[str, Any]:
     import lightning as L
 
     from expo_bench.optim import clip_gradient_norm
+    from expo_bench.train_config import TrainConfig
     from expo_bench.trainer import build_trainer
-    from expo_bench.training import TrainConfig
 
     headline = yaml.safe_load((ROOT / "recipes" / "hh_pythia28.yaml").read_text())["train"]
     settings = {key: headline[key] for key in ("precision", "strategy", "gradient_clip_val", "optimizer")}

@@ -128,8 +128,8 @@ def run_harness(work: Work, measured: Measured) -> None:
     from expo_bench.lm.tokenize import TokenizedPair
     from expo_bench.methods.dpo import DPO, DPOParams
     from expo_bench.optim import OptimizerConfig
+    from expo_bench.train_config import TrainConfig
     from expo_bench.trainer import build_trainer
-    from expo_bench.training import TrainConfig
 
     policy = build_policy(work)
     optimizer = OptimizerConfig(name="AdamW", lr=work.lr, kwargs={"weight_decay": 0.0})

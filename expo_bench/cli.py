@@ -267,7 +267,8 @@ def describe(experiment: Experiment, width: int | None = None) -> Table:
     header = ["method", "λ", "other params", "epochs", "batch", "optimizer"]
     configurations = sum(len(run.grid) for run in experiment.runs)
     seeds = len(recipe.seeds)
-    instances = f" × {experiment.instance_count} task instances" if experiment.instance_count > 1 else ""
+    count = experiment.recipe.task.instance_count()
+    instances = f" × {count} task instances" if count > 1 else ""
     runs = f"{experiment.run_count:,} runs ({configurations:,} configurations × {seeds} seed{'s' * (seeds != 1)}{instances})"
     title = f"{recipe.experiment} · recipe {recipe.fingerprint()} · seeds {recipe.seeds} · {runs}"
     return rich_table(title, header, rows, width, "--print-config", required=3, wrap=[2])  # what tells the rows apart stays
@@ -293,13 +294,13 @@ def validate(args: argparse.Namespace, console: Console) -> None:
     if args.print_config:
         print_config(experiments, console)
         return
-    from expo_bench.training import Machine
+    from expo_bench.train_config import Machine
 
     machine = None if args.any_machine else Machine.this()
     for experiment in experiments:
         if machine is not None:
             experiment.check_machine(machine)
-        experiment.check_data()
+        experiment.recipe.task.check_data()
         console.print(describe(experiment, console.width))
         console.print(Text(f"{experiment.source}: valid" + ("" if machine is None else " on this machine"), style="green"))
 
@@ -355,13 +356,13 @@ def run(args: argparse.Namespace, console: Console) -> None:
         start_ranks,
     )
     from expo_bench.tracking import check_store, resolve_tracking_uri
-    from expo_bench.training import Machine
+    from expo_bench.train_config import Machine
 
     machine = Machine.this()
     revision = git_revision(Path(__file__).parent)
     for experiment in experiments:  # runnable here, and the places they write writable, before anything is written
         experiment.check_machine(machine)
-        experiment.check_data()
+        experiment.recipe.task.check_data()
         writable(args.results / experiment.recipe.experiment)
         refuse_dirty_overwrite(args.results / experiment.recipe.experiment, revision, args.allow_dirty)
         check_store(resolve_tracking_uri(experiment.recipe.tracking.uri, args.results))

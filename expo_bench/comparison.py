@@ -1,7 +1,7 @@
-"""The statistics a leaderboard's verdict rests on: paired differences between methods (t-test and exact sign-flip
-test), Holm's correction over a column of comparisons, equivalence tests (TOST) for "as good as" verdicts,
-leave-one-seed-out selection, and whether a configuration picked from a grid sits on its edge. docs/statistics.md says
-which test backs which sentence of a leaderboard."""
+"""The statistics a leaderboard's verdict rests on: a mean's Student-t interval, paired differences between methods
+(t-test and exact sign-flip test), Holm's correction over a column of comparisons, equivalence tests (TOST) for "as good
+as" verdicts, leave-one-seed-out selection, and whether a configuration picked from a grid sits on its edge.
+docs/statistics.md says which test backs which sentence of a leaderboard."""
 
 from __future__ import annotations
 
@@ -19,6 +19,25 @@ CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05
 MAX_EXACT_SIGN_FLIPS = 16
 """Up to this many pairs the sign-flip test enumerates all 2^n sign patterns (65,536); beyond, it is not computed."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean over seeds and the half-width of its 95% Student-t interval (None with one seed)."""
+
+    mean: float
+    half_width: float | None
+    n: int
+
+
+def estimate(values: Sequence[float]) -> Estimate:
+    """mean ± t_{0.975, n−1} · sd / √n, sd with n − 1 degrees of freedom."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2 or not math.isfinite(mean):  # a NaN or infinite value has no spread to speak of
+        return Estimate(mean, None, n)
+    half_width = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+    return Estimate(mean, half_width, n)
 
 
 @dataclass(frozen=True)

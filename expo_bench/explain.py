@@ -24,7 +24,7 @@ from expo_bench.errors import UserError
 if TYPE_CHECKING:  # the methods and the recipe import PyTorch: `expo-bench recipes` reads files only
     from expo_bench.methods import PreferenceMethod
     from expo_bench.recipe import Experiment
-    from expo_bench.training import TrainConfig
+    from expo_bench.train_config import TrainConfig
 
 WIDTH = 80
 BOUNDS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤", "min_length": "length ≥"}

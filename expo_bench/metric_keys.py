@@ -217,3 +217,8 @@ CATALOG: dict[str, Metric] = {
     )
 }
 """Every named metric by key."""
+
+
+def selected_metric(key: str) -> Metric | None:
+    """The reported metric a selection key stands in for: ``selection/win_rate`` -> :data:`WIN_RATE` (None: unknown)."""
+    return CATALOG.get(stage_key("eval", key.split("/", 1)[-1]))

@@ -21,12 +21,10 @@ from rich.console import Console
 from expo_bench import tracking
 from expo_bench.distributed import is_global_zero, start_world
 from expo_bench.errors import UserError
-from expo_bench.evaluation.llm_judge import LLMJudgeConfig
 from expo_bench.leaderboard import load_leaderboard, write_leaderboard
 from expo_bench.recipe import Experiment, common_world
 from expo_bench.sweep import SweepContext, sweep_for
 from expo_bench.sweep.records import RunRecord
-from expo_bench.tasks import LanguageModelTask
 
 EXPECTED_WARNINGS = (
     ".*does not have many workers.*",  # tabular data is built in the main process on purpose
@@ -101,11 +99,7 @@ def start_ranks(experiments: Sequence[Experiment], console: Console) -> None:
 
 def preflight(experiment: Experiment, results_root: Path) -> None:
     """Check what a run will need from outside before anything trains: every LLM judge's endpoint and model."""
-    task = experiment.recipe.task
-    evaluation = task.evaluation if isinstance(task, LanguageModelTask) else None
-    for judge in [] if evaluation is None else evaluation.panel:
-        if isinstance(judge, LLMJudgeConfig):
-            judge.build(results_root / experiment.recipe.experiment / "cache" / "judgments", seed=0).check_endpoint()
+    experiment.recipe.task.check_judges(results_root / experiment.recipe.experiment / "cache" / "judgments")
 
 
 def run_experiment(experiment: Experiment, results_root: Path, console: Console, allow_dirty: bool = False) -> Path:

@@ -352,6 +352,32 @@ class TrackedRun:
         self._complete = True
 
 
+class RankMirror(TrackedRun):
+    """A tracked run as the ranks other than zero see it: rank zero records everything, these calls record nothing
+    (the Lightning logger it hands out logs on rank zero only, as Lightning's loggers do)."""
+
+    def __init__(self, uri: str, run_id: str, key: str, complete: bool) -> None:
+        super().__init__(None, uri, run_id, key, complete)  # type: ignore[arg-type]
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_artifacts(self, paths: Iterable[Path | str], artifact_path: str | None = None) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def mark_failed(self, reason: str) -> None:
+        pass
+
+    def mark_complete(self) -> None:
+        self._complete = True
+
+
 @dataclass(frozen=True)
 class RunLog:
     """What a task needs to record its runs: the sweep, and the tags every run of the sweep carries."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from expo_bench import metric_keys
-from expo_bench.training import Machine, TrainConfig
+from expo_bench.train_config import Machine, TrainConfig
 
 LAST = "last.ckpt"
 """The file :class:`LastCheckpoint` writes."""

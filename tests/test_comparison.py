@@ -24,7 +24,7 @@ from expo_bench.comparison import (
     sign_flip_p,
 )
 from expo_bench.comparison_settings import StatisticsConfig
-from expo_bench.leaderboard import RunRecord, build_table, experiment_tables, write_leaderboard
+from expo_bench.leaderboard import StoredRun, build_table, experiment_tables, write_leaderboard
 
 RANK, SELECTION = keys.KL_TO_TARGET.key, keys.selection_key(keys.KL_TO_TARGET.key)
 
@@ -144,7 +144,7 @@ def test_grid_edges() -> None:
     assert grid_edges({"params.beta": "1.0"}, [{"params.beta": "1.0"}]) == []  # one value is no grid
 
 
-def run(method: str, beta: str, seed: int, reported: float, selected: float | None, instance: str | None = None) -> RunRecord:
+def run(method: str, beta: str, seed: int, reported: float, selected: float | None, instance: str | None = None) -> StoredRun:
     metrics = {RANK: reported} | ({} if selected is None else {SELECTION: selected})
     tags = {
         tracking.METHOD: method,
@@ -154,10 +154,10 @@ def run(method: str, beta: str, seed: int, reported: float, selected: float | No
         tracking.RANK_GOAL: "min",
     } | ({} if selected is None else {tracking.SELECTION_METRIC: SELECTION})
     tags |= {} if instance is None else {tracking.INSTANCE: instance}
-    return RunRecord(f"{method}{beta}{seed}{instance}", metrics, {"params.beta": beta}, tags)
+    return StoredRun(f"{method}{beta}{seed}{instance}", metrics, {"params.beta": beta}, tags)
 
 
-def runs(with_selection: bool) -> list[RunRecord]:
+def runs(with_selection: bool) -> list[StoredRun]:
     """expo: β=1 is better on the selection prompts, β=3 on the reported ones (what selection must not see). dpo: far
     worse on every seed. ipo: as good as expo's pick up to noise that does not follow the seeds."""
     found = []
@@ -232,7 +232,7 @@ def test_leave_one_seed_out_row() -> None:
     assert build_table("store", "exp", "data", runs(True), "dpo").verdicts["expo"].leave_one_seed_out is None
 
 
-def instance_runs() -> list[RunRecord]:
+def instance_runs() -> list[StoredRun]:
     """Three task instances × three seeds; expo beats dpo by an instance-specific amount plus seed noise."""
     gains = {"0": 1.0, "1": 0.2, "2": 0.6}
     found = []

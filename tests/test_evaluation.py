@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from expo_bench.errors import UserError
-from expo_bench.lm.evaluation import sequence_logps
+from expo_bench.lm.evaluator import sequence_logps
 from expo_bench.recipe import validate_recipe
 from expo_bench.runner import run_experiment
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from expo_bench.lm.evaluation import sequence_logps
+from expo_bench.lm.evaluator import sequence_logps
 from expo_bench.lm.exact import enumerable, sequence_kl
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 

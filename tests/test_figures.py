@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import pytest
 
 from expo_bench import metric_keys as keys
-from expo_bench.leaderboard import _error_bars
+from expo_bench.leaderboard.plots import _error_bars
 from expo_bench.reporting import METHOD_STYLES, method_style
 from expo_bench.sweep.lm_report import training_figure
 

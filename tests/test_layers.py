@@ -4,6 +4,8 @@ imports itself back through others."""
 from __future__ import annotations
 
 import ast
+import itertools
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "expo_bench"
@@ -12,7 +14,7 @@ LAYERS: list[set[str]] = [
     {"__init__", "errors", "config_model", "metric_keys", "distributed", "reporting"},
     {"contracts", "cache", "comparison_settings", "datafiles"},
     {"optim", "tracking", "comparison", "ui_server"},
-    {"training", "methods", "evaluation", "leaderboard"},
+    {"train_config", "methods", "evaluation", "leaderboard"},
     {"trainer"},
     {"lm", "tabular"},
     {"tasks"},
@@ -104,3 +106,15 @@ def test_no_import_cycles() -> None:
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+def test_the_architecture_page_lists_the_layers_top_down() -> None:
+    """docs/architecture.md's table names the layers in this order (top row: the highest), every one from ``optim``
+    up, and no unit that has no layer."""
+    table = (PACKAGE.parent / "docs" / "architecture.md").read_text().split("| layer | what it is |")[1]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    named = [[name.split(".")[0].rstrip("/") for name in re.findall(r"`([^`]+)`", row)] for row in rows]
+    ranks = [[rank(name) for name in row] for row in named]
+    assert all(min(upper) > max(lower) for upper, lower in itertools.pairwise(ranks)), named
+    listed = {name for row in named for name in row}
+    assert {name for layer in LAYERS[rank("optim") :] for name in layer} - {"__main__"} <= listed

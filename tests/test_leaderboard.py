@@ -23,15 +23,15 @@ from scipy import stats
 from expo_bench import metric_keys as keys
 from expo_bench import tracking
 from expo_bench.cli import EXIT_USER_ERROR, main
+from expo_bench.comparison import estimate
 from expo_bench.leaderboard import (
     LeaderboardTable,
-    RunRecord,
-    _caption,
+    StoredRun,
     build_table,
-    estimate,
     load_leaderboard,
     write_leaderboard,
 )
+from expo_bench.leaderboard.render import _caption
 from expo_bench.tracking import SweepTracker
 
 T_975_2 = 4.302652729911275  # t_{0.975, 2}: three seeds
@@ -409,17 +409,17 @@ def test_an_llm_judged_run_shows_kl_and_its_judges_audit(tmp_path: Path) -> None
 
 
 def test_a_degenerate_length_controlled_win_rate_is_flagged() -> None:
-    from expo_bench.leaderboard import Configuration, RunRecord, lc_warning
+    from expo_bench.leaderboard import Configuration, StoredRun, lc_warning
 
     def row(lc: float, raw: float, judged: float) -> Configuration:
         metrics = {keys.LC_WIN_RATE.key: lc, keys.WIN_RATE.key: raw, keys.JUDGED.key: judged}
-        return Configuration("dpo", "dpo", (RunRecord("r", metrics, {}, {}),))
+        return Configuration("dpo", "dpo", (StoredRun("r", metrics, {}, {}),))
 
     assert lc_warning(row(1.0, 0.19, 16)) == "unreliable: 16 judged, 1.00 beside 0.19 raw"  # the issue's case
     assert lc_warning(row(0.0, 0.4, 805)) == "unreliable: 0.00 beside 0.40 raw"
     assert lc_warning(row(0.62, 0.6, 49)) == "unreliable: 49 judged"
     assert lc_warning(row(0.62, 0.6, 805)) is None and lc_warning(row(0.999, 0.99, 805)) is None  # a real sweep
-    assert lc_warning(Configuration("dpo", "dpo", (RunRecord("r", {keys.WIN_RATE.key: 0.5}, {}, {}),))) is None
+    assert lc_warning(Configuration("dpo", "dpo", (StoredRun("r", {keys.WIN_RATE.key: 0.5}, {}, {}),))) is None
 
 
 def test_the_notes_stay_at_80_columns_beside_a_wide_paired_difference(store: dict[str, Any], tmp_path: Path) -> None:
@@ -439,10 +439,10 @@ def test_a_non_finite_metric_is_never_ranked() -> None:
     """A configuration whose picking metric is NaN is never picked, whatever a sort would make of NaN; a method with no
     finite configuration gets no row, and the caption names it."""
 
-    def run(method: str, key: str, value: float, seed: int) -> RunRecord:
+    def run(method: str, key: str, value: float, seed: int) -> StoredRun:
         tags = {tracking.METHOD: method, tracking.CONFIG_KEY: key, tracking.SEED: str(seed)}
         tags |= {tracking.RANK_METRIC: keys.WIN_RATE.key, tracking.RANK_GOAL: "max"}
-        return RunRecord(f"{key}-{seed}", {keys.WIN_RATE.key: value}, {"params.beta": key}, tags)
+        return StoredRun(f"{key}-{seed}", {keys.WIN_RATE.key: value}, {"params.beta": key}, tags)
 
     runs = [run("dpo", "dpo-nan", math.nan, seed) for seed in range(2)]
     runs += [run("dpo", "dpo-fine", 0.6, seed) for seed in range(2)]

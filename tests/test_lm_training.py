@@ -25,8 +25,8 @@ from expo_bench.methods import available_methods
 from expo_bench.optim import OptimizerConfig
 from expo_bench.recipe import load_recipe, validate_recipe
 from expo_bench.runner import run_experiment
+from expo_bench.train_config import TrainConfig
 from expo_bench.trainer import build_trainer
-from expo_bench.training import TrainConfig
 
 ROOT = Path(__file__).parent.parent
 SHARED = SHARED_DATA

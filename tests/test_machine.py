@@ -15,8 +15,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from expo_bench.cli import main
 from expo_bench.errors import RecipeError
 from expo_bench.recipe import load_recipe, validate_recipe
+from expo_bench.train_config import Machine, TrainConfig
 from expo_bench.trainer import STRATEGIES, FSDPOnCPU
-from expo_bench.training import Machine, TrainConfig
 
 ROOT = Path(__file__).parent.parent
 PYTHIA = ROOT / "recipes" / "hh_pythia28.yaml"

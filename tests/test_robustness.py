@@ -35,8 +35,8 @@ from expo_bench.errors import UserError
 from expo_bench.recipe import validate_recipe
 from expo_bench.runner import run_experiment
 from expo_bench.sweep import fit
+from expo_bench.train_config import TrainConfig
 from expo_bench.trainer import build_trainer
-from expo_bench.training import TrainConfig
 
 ROOT = Path(__file__).parent.parent
 
@@ -98,6 +98,20 @@ def test_a_run_killed_after_any_checkpoint_ends_exactly_where_an_uninterrupted_o
     for key in ("steps", "eval_after", "loss_history", "eval"):
         assert resumed[key] == whole[key], key  # exactly: the data order, step, optimizer, scheduler and random state
     assert resumed["eval"][metric_keys.KL_TO_TARGET.key] > 0
+
+
+def test_run_directories_and_tracking_keys_are_those_earlier_versions_wrote(tmp_path: Path) -> None:
+    """Refactors keep every name a finished store is found by (these are what commit 01590f4 wrote), so a store from
+    before is reused, not retrained."""
+    dpo_run(quickstart(max_epochs=1), tmp_path)
+    runs = tmp_path / "quickstart" / "runs"
+    assert sorted(path.name for path in runs.iterdir() if path.is_dir()) == ["dpo-ac72aa6dcb1b", "sft-reference-0ff00c11b767"]
+    assert {path.name for path in runs.glob("*/evaluation-*")} == {"evaluation-939e02d6b5b8"}
+    client = tracking.open_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("quickstart")
+    assert experiment is not None
+    keys = {run.data.tags.get(tracking.RUN_KEY) for run in client.search_runs([experiment.experiment_id])}
+    assert keys - {None} == {"dpo-ac72aa6dcb1b/939e02d6b5b8", "sft-reference-0ff00c11b767/939e02d6b5b8"}
 
 
 def test_a_finished_run_keeps_its_final_weights_and_is_evaluated_from_them(tmp_path: Path) -> None:

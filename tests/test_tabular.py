@@ -20,8 +20,8 @@ from expo_bench.recipe import validate_recipe
 from expo_bench.runner import run_experiment
 from expo_bench.tabular.data import TabularPreferenceData, bradley_terry, make_batch, population_pairs, sample_pairs
 from expo_bench.tabular.policy import TabularPolicy
+from expo_bench.train_config import TrainConfig
 from expo_bench.trainer import build_trainer
-from expo_bench.training import TrainConfig
 
 PI_STAR = [0.6, 0.3, 0.1]
 PI_REF = torch.tensor([[0.4, 0.4, 0.2]])

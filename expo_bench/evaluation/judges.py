@@ -84,5 +84,8 @@ class RewardModelJudgeConfig(ConfigModel):
     def build(self, cache_dir: Path, seed: int) -> RewardModelJudge:
         return RewardModelJudge(HFRewardModel(self.name_or_path, self.batch_size, self.max_length, accelerator_device()))
 
+    def check_reachable(self, cache_dir: Path) -> None:
+        """Nothing to reach: the model is loaded (locally or from the hub cache) when the run evaluates."""
+
 
 JudgeConfig = Annotated[LLMJudgeConfig | RewardModelJudgeConfig, Field(discriminator="kind")]

@@ -201,6 +201,10 @@ class LLMJudgeConfig(ConfigModel):
     def build(self, cache_dir: Path, seed: int) -> LLMJudge:
         return LLMJudge(self, cache_dir / "llm-judge", seed)
 
+    def check_reachable(self, cache_dir: Path) -> None:
+        """Its endpoint answers and serves its model (a :class:`JudgeError` saying what failed otherwise)."""
+        self.build(cache_dir, seed=0).check_endpoint()
+
 
 class LLMJudge:
     """Asks a chat model which of two responses is better; built by :meth:`LLMJudgeConfig.build`.

@@ -16,6 +16,9 @@ import torch
 
 from expo_bench.errors import DataError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 if TYPE_CHECKING:  # scikit-learn and skops are imported where they are used: a recipe validates without them
     from sklearn.pipeline import Pipeline
 
@@ -119,7 +122,7 @@ def positive_index(id2label: Mapping[int, str], positive_label: str | None = Non
 
 @torch.no_grad()
 def classifier_logits(
-    tokenizer: Any, model: Any, texts: Sequence[str], batch_size: int, max_length: int, device: torch.device
+    tokenizer: PreTrainedTokenizerBase, model: Any, texts: Sequence[str], batch_size: int, max_length: int, device: torch.device
 ) -> torch.Tensor:
     """A sequence classifier's float32 logits for each text, ``(texts, labels)``, in padded, truncated batches
     (the tokenizer's ``truncation_side`` decides which end an over-long text loses)."""

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from expo_bench.config_model import ConfigModel, LocalOrHub, closest, reject_non_finite, reject_unknown_keys
 from expo_bench.contracts import Sequences
+from expo_bench.distributed import accelerator_device
 
 if TYPE_CHECKING:  # transformers' models and peft are imported where they are used: a recipe validates without them
     from transformers import PreTrainedModel
@@ -243,3 +244,19 @@ def evaluating(*models: nn.Module) -> Iterator[None]:
     finally:
         for model, training in modes:
             model.train(training)
+
+
+@contextmanager
+def on_accelerator(*models: nn.Module) -> Iterator[torch.device]:
+    """The models on this process's accelerator for the block, then back on the device each came from (a periodic
+    evaluation runs in the middle of training; the shared SFT model waits on the CPU between uses). ``nn.Module.to``:
+    a transformers model's own ``to`` refuses quantized weights."""
+    device = accelerator_device()
+    homes = [next(model.parameters()).device for model in models]
+    for model in models:
+        nn.Module.to(model, device)
+    try:
+        yield device
+    finally:
+        for model, home in zip(models, homes, strict=True):
+            nn.Module.to(model, home)

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from expo_bench.config_model import ConfigModel
 from expo_bench.errors import DataError
-from expo_bench.lm.evaluation import HeldOutPrompts
+from expo_bench.lm.evaluator import HeldOutPrompts
 from expo_bench.lm.pairs import PromptPair, json_object, jsonl_lines, split_file
 from expo_bench.lm.tokenize import TRUNCATE_PROMPT, TokenizationConfig, TokenizedPair, tokenize_texts, truncate_pair
 
@@ -382,7 +382,7 @@ def _extract(
     columns: PreferenceColumns,
     format: str,
     keys: MessageKeys,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
 ) -> dict[str, list[Any]]:
     """Batched: each row's prompt, responses and label as text, or why it was dropped (``dropped``, else "")."""
     reader = FORMATS[format]
@@ -408,7 +408,9 @@ def _extract(
     return out
 
 
-def _tokenize(batch: dict[str, list[Any]], tokenizer: Any, config: TokenizationConfig) -> dict[str, list[Any]]:
+def _tokenize(
+    batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, config: TokenizationConfig
+) -> dict[str, list[Any]]:
     """Batched :func:`~expo_bench.lm.tokenize.tokenize_pair`: one tokenizer call per column, EOS after each response."""
     ids = tokenize_texts(tokenizer, batch["prompt"], batch["chosen"], batch["rejected"], config)
     pairs = [truncate_pair(*texts, config, label) for texts, label in zip(ids, batch["label"], strict=True)]

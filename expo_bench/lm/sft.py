@@ -25,8 +25,8 @@ from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, finger
 from expo_bench.lm.model import CausalLMScorer, enable_gradient_checkpointing, transformer_blocks
 from expo_bench.lm.tokenize import TokenizedPair
 from expo_bench.optim import OptimizerConfig, clip_gradient_norm
+from expo_bench.train_config import TrainConfig
 from expo_bench.trainer import build_trainer, gathered_state_dict
-from expo_bench.training import TrainConfig
 
 
 class SupervisedFineTuning(L.LightningModule):
@@ -95,7 +95,7 @@ def fine_tune(
     key = {
         "initial": fingerprint_module(base),
         "data": fingerprint_pairs([*train, *held_out]),
-        "sft": config.identity(),
+        "sft": config.result_settings(),
         "seed": seed,
     }
 

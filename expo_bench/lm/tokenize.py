@@ -194,3 +194,10 @@ def fingerprint_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def unseen_prompts(pairs: Sequence[TokenizedPair], seen: Sequence[TokenizedPair]) -> list[TokenizedPair]:
+    """The pairs whose prompt no pair of ``seen`` has: held out means unseen (a policy is not scored on a prompt it
+    trained on)."""
+    prompts = {tuple(pair.prompt_ids) for pair in seen}
+    return [pair for pair in pairs if tuple(pair.prompt_ids) not in prompts]

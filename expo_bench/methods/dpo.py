@@ -1,4 +1,4 @@
-"""DPO (Rafailov et al., 2023, Eq. 7) with label smoothing (conservative DPO, Mitchell 2023)."""
+"""DPO (Rafailov et al., 2023, arXiv:2305.18290, Eq. 7) with label smoothing (conservative DPO, Mitchell 2023)."""
 
 from __future__ import annotations
 

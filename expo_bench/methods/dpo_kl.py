@@ -1,4 +1,5 @@
-"""DPO plus EXPO's regularizer: λ_KL·KL(π_ref ‖ π), estimated on the same reference samples as EXPO-compositional.
+"""DPO plus EXPO's regularizer (arXiv:2506.07492): λ_KL·KL(π_ref ‖ π), on the same reference samples as
+EXPO-compositional.
 
 An ablation, not a published method: EXPO-compositional differs from DPO in two ingredients, its explicit preference
 model (Bradley–Terry on the policy's own preference d_pol instead of on the implicit reward βh) and its forward-KL

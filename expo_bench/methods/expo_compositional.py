@@ -1,4 +1,4 @@
-"""EXPO, compositional form (EXPO paper, ICML 2025; verified against the authors' code).
+"""EXPO, compositional form (Hu et al., ICML 2025, arXiv:2506.07492; verified against the authors' code).
 
 A supervised Bradley–Terry term on the policy's OWN preference, with no reference inside, plus λ times the
 forward KL over the whole response space (estimators: :mod:`expo_bench.methods.kl`):

@@ -1,4 +1,4 @@
-"""EXPO, regression form (EXPO paper, ICML 2025), as reconstructed here.
+"""EXPO, regression form (Hu et al., ICML 2025, arXiv:2506.07492), as reconstructed here.
 
 The policy's own preference p = σ(d_pol) is regressed onto a weighted average of the label's and the
 reference's preference, t = (1 - λ)·z + λ·σ(d_ref), λ ∈ [0, 1]. The paper's equation text was not available to

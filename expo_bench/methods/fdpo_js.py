@@ -1,4 +1,5 @@
-"""f-DPO with the Jensen–Shannon divergence (Wang et al., 2024, Table 1), as in the EXPO synthetic tests."""
+"""f-DPO with the Jensen–Shannon divergence (Wang et al., 2024, arXiv:2309.16240, Table 1), as in the EXPO synthetic
+tests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""IPO (Azar et al., 2024, Eq. 17): squared regression of the log-ratio margin onto 1/(2τ).
+"""IPO (Azar et al., 2024, arXiv:2310.12036, Eq. 17): squared regression of the log-ratio margin onto 1/(2τ).
 
 Summed log-probs by default, as in the IPO paper and the DPO repository; ``length_normalize: true``
 gives TRL's per-token mean. The choice is a logged hyperparameter, never an implicit default.

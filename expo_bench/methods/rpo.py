@@ -1,5 +1,5 @@
-"""RPO (Pang et al., 2024, "Iterative Reasoning Preference Optimization", Eq. 1): DPO plus α times the per-token
-negative log-likelihood of the chosen response, a second regularizer any method could add:
+"""RPO (Pang et al., 2024, "Iterative Reasoning Preference Optimization", arXiv:2404.19733, Eq. 1): DPO plus α times
+the per-token negative log-likelihood of the chosen response, a second regularizer any method could add:
 
     -(z'·log σ(βh - γ) + (1 - z')·log σ(-βh - γ)) - α·(z·log π(y_w) / |y_w| + (1 - z)·log π(y_l) / |y_l|)
 

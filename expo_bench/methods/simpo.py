@@ -1,4 +1,4 @@
-"""SimPO (Meng et al., 2024, Eq. 6): reference-free, length-normalized, with target margin γ.
+"""SimPO (Meng et al., 2024, arXiv:2405.14734, Eq. 6): reference-free, length-normalized, with target margin γ.
 
 γ is absolute: the SimPO repository's ``gamma_beta_ratio`` is γ/β and TRL's ``simpo_gamma`` is γ.
 """

@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from transformers import PreTrainedModel
 
-from expo_bench.lm.evaluation import Evaluator
+from expo_bench.lm.evaluator import Evaluator
 from expo_bench.methods.base import require_finite_weights
 
 PolicyOf = Callable[[L.Trainer, L.LightningModule], PreTrainedModel]

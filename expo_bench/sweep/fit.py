@@ -31,7 +31,7 @@ from expo_bench.cache import atomic_write, digest, file_sha256, locked, sealed_w
 from expo_bench.distributed import broadcast, is_global_zero
 from expo_bench.errors import UserError
 from expo_bench.lm.data import PairData
-from expo_bench.lm.evaluation import Evaluator
+from expo_bench.lm.evaluator import Evaluator
 from expo_bench.lm.model import (
     REFERENCES,
     CausalLMScorer,
@@ -43,7 +43,7 @@ from expo_bench.lm.model import (
 from expo_bench.methods.base import DivergedError, MethodParams, PreferenceMethod, require_finite_weights
 from expo_bench.recipe import MethodRun
 from expo_bench.sweep.callbacks import PeriodicEvaluation
-from expo_bench.sweep.records import LanguageModelIdentity, TrainingResult, display_name
+from expo_bench.sweep.records import RunDirectoryKey, TrainingResult, display_name
 from expo_bench.tracking import TrackedRun
 from expo_bench.trainer import LAST, LastCheckpoint, LossHistory, RandomState, build_trainer, gathered_state_dict
 
@@ -75,14 +75,14 @@ class FitUnit:
         return display_name(self.run.label, self.lam)
 
     @property
-    def identity(self) -> LanguageModelIdentity:
-        return LanguageModelIdentity(
+    def directory_key(self) -> RunDirectoryKey:
+        return RunDirectoryKey(
             method_class=f"{self.run.method.__module__}:{self.run.method.__qualname__}",
             seed=self.seed,
             data_fingerprint=self.data_fingerprint,
             reference_fingerprint=self.reference_fingerprint,
             params=self.params.model_dump(mode="json"),
-            train=self.run.train.identity(),
+            train=self.run.train.result_settings(),
             lora=None if self.lora is None else self.lora.model_dump(),
             reference=self.reference,
             reference_samples=self.reference_samples,
@@ -90,7 +90,7 @@ class FitUnit:
 
     @property
     def run_dir(self) -> Path:
-        return self.runs_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.run.label)}-{digest(self.identity.as_json())}"
+        return self.runs_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.run.label)}-{digest(self.directory_key.as_json())}"
 
     @property
     def finished(self) -> bool:
@@ -251,7 +251,7 @@ def _train(
         weights_sha256=weights_sha256,
     )
     if is_global_zero():
-        record = {"method": unit.run.label, "lam": unit.lam, **unit.identity.as_json(), **asdict(training)}
+        record = {"method": unit.run.label, "lam": unit.lam, **unit.directory_key.as_json(), **asdict(training)}
         sealed_write(run_dir / RECORD, json.dumps(record, indent=2))  # written last: its presence means the run finished
         if train.keep != "full":
             resume.unlink(missing_ok=True)  # optimizer state is for resuming only

@@ -4,20 +4,19 @@ work every method shares (samples, log-probs; cached), then every (method, λ) t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
-from torch import nn
 from transformers import PreTrainedModel
 
 from expo_bench import metric_keys
 from expo_bench.cache import digest
-from expo_bench.distributed import accelerator_device, rank_zero_first
+from expo_bench.distributed import rank_zero_first
 from expo_bench.errors import UserError
 from expo_bench.evaluation.types import Judge
 from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, fingerprint_pairs
-from expo_bench.lm.evaluation import Evaluator, HeldOutPrompts, strip_eos
-from expo_bench.lm.model import count_parameters
+from expo_bench.lm.evaluator import Evaluator, HeldOutPrompts, strip_eos
+from expo_bench.lm.model import count_parameters, on_accelerator
 from expo_bench.lm.reference import attach_reference_logps, attach_reference_samples
 from expo_bench.lm.sft import fine_tune
 from expo_bench.lm.tokenize import fingerprint_tokenizer, pad_token_id
@@ -26,15 +25,18 @@ from expo_bench.sweep import lm_report
 from expo_bench.sweep.context import SweepContext
 from expo_bench.sweep.fit import FitUnit, evaluate, fit
 from expo_bench.sweep.records import (
-    LanguageModelIdentity,
     LanguageModelRecord,
-    RunIdentity,
+    RunDirectoryKey,
     SeedProvenance,
+    TrackedRunSpec,
     display_name,
     open_run,
 )
 from expo_bench.tasks.language_model import LanguageModelTask, TaskData
 from expo_bench.tracking import TrackedRun
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 REFERENCE_LABEL = "sft-reference"
 """How the SFT reference appears among the methods when it is evaluated."""
@@ -71,7 +73,9 @@ class LanguageModelSweep:
     def report(self, records: list[LanguageModelRecord], out_dir: Path) -> list[Path]:
         return lm_report.write(self.context.experiment.recipe.experiment, records, out_dir, self.context.console)
 
-    def _seed(self, tokenizer: Any, seed: int, task: LanguageModelTask, instance: str | None) -> list[LanguageModelRecord]:
+    def _seed(
+        self, tokenizer: PreTrainedTokenizerBase, seed: int, task: LanguageModelTask, instance: str | None
+    ) -> list[LanguageModelRecord]:
         """One seed of one task instance (``instance`` None: the recipe's one instance)."""
         console, cache_dir = self.context.console, self.context.cache_dir
         pad = pad_token_id(tokenizer)
@@ -133,12 +137,15 @@ class LanguageModelSweep:
         for unit in units:
             self.progress.start(f"{unit.name}, seed {seed}")
             tracked = self._open(
-                unit.run.label, unit.lam, unit.identity, unit.run_dir, evaluator, instance, unit.run.method.regularization
+                unit.run.label, unit.lam, unit.directory_key, unit.run_dir, evaluator, instance, unit.run.method.regularization
             )
             pair_data = PairData(*datasets, unit.run.train.batch_size, seed, unit.run.train.group_by_length)
             result = fit(unit, base, pair_data, evaluator, every, tracked, console)
             if result is not None:  # a diverged run is recorded as failed in the store, and left out here
-                records.append(LanguageModelRecord(unit.run.label, unit.lam, unit.identity, provenance, *result))
+                regularization = unit.run.method.regularization
+                records.append(
+                    LanguageModelRecord(unit.run.label, unit.lam, unit.directory_key, provenance, *result, regularization)
+                )
         return records
 
     def _attach_reference_work(
@@ -147,22 +154,21 @@ class LanguageModelSweep:
         """Reference samples (first: the cached reference log-probs cover the samples too), then reference log-probs."""
         task, console, cache_dir = self.task, self.context.console, self.context.cache_dir
         key: dict[str, Any] = {"reference": provenance.reference_fingerprint, "data": provenance.data_fingerprint}
-        nn.Module.to(base, accelerator_device())
-        if task.reference_samples is not None:
-            sampling, per_epoch = task.reference_samples, task.reference_samples.samples_per_prompt
-            if task.redraw_reference_samples:
-                epochs = max(run.train.max_epochs for run in self.context.experiment.runs)
-                sampling = sampling.model_copy(update={"samples_per_prompt": per_epoch * epochs})
-                for dataset in datasets:
-                    dataset.samples_per_epoch = per_epoch
-            key |= {"sampling": sampling.model_dump(), "seed": seed}
-            attach_reference_samples(base, datasets, sampling, eos, seed, key, cache_dir, console)
-        if task.reference == "cached":
-            batch_size = self.context.experiment.runs[0].train.batch_size
-            attach_reference_logps(base, datasets, batch_size, key, cache_dir, console)
-        base.cpu()
+        with on_accelerator(base):
+            if task.reference_samples is not None:
+                sampling, per_epoch = task.reference_samples, task.reference_samples.samples_per_prompt
+                if task.redraw_reference_samples:
+                    epochs = max(run.train.max_epochs for run in self.context.experiment.runs)
+                    sampling = sampling.model_copy(update={"samples_per_prompt": per_epoch * epochs})
+                    for dataset in datasets:
+                        dataset.samples_per_epoch = per_epoch
+                key |= {"sampling": sampling.model_dump(), "seed": seed}
+                attach_reference_samples(base, datasets, sampling, eos, seed, key, cache_dir, console)
+            if task.reference == "cached":
+                batch_size = self.context.experiment.runs[0].train.batch_size
+                attach_reference_logps(base, datasets, batch_size, key, cache_dir, console)
 
-    def _evaluator(self, data: TaskData, tokenizer: Any, base: PreTrainedModel, seed: int) -> Evaluator:
+    def _evaluator(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, base: PreTrainedModel, seed: int) -> Evaluator:
         """The judge, and the task's test prompts or else its held-out prompts: the selection prompts first, then the
         reported ones (the first ``evaluation.prompts`` of the rest)."""
         config = self.task.evaluation
@@ -184,13 +190,13 @@ class LanguageModelSweep:
         return Evaluator(config, tokenizer, base, reported, judges, seed, self.context.cache_dir, data.exact, selection, truth)
 
     @staticmethod
-    def _held_out_prompts(data: TaskData, tokenizer: Any) -> HeldOutPrompts:
+    def _held_out_prompts(data: TaskData, tokenizer: PreTrainedTokenizerBase) -> HeldOutPrompts:
         """Each distinct held-out prompt once, with its first chosen response."""
         pairs = list({tuple(pair.prompt_ids): pair for pair in reversed(data.evaluation)}.values())[::-1]
         eos = tokenizer.eos_token_id
         return HeldOutPrompts(
             [pair.prompt_ids for pair in pairs],
-            [data.prompt_texts.get(tuple(pair.prompt_ids)) or tokenizer.decode(pair.prompt_ids) for pair in pairs],
+            [data.prompt_texts.get(tuple(pair.prompt_ids)) or str(tokenizer.decode(pair.prompt_ids)) for pair in pairs],
             [strip_eos(pair.chosen_ids, eos) for pair in pairs],
         )
 
@@ -198,28 +204,28 @@ class LanguageModelSweep:
         self, evaluator: Evaluator, seed: int, provenance: SeedProvenance, instance: str | None
     ) -> LanguageModelRecord:
         """The SFT reference evaluated like a method: the frontier's origin and the win rate of "no optimization"."""
-        identity = LanguageModelIdentity("reference", seed, provenance.data_fingerprint, provenance.reference_fingerprint)
-        run_dir = self.context.runs_dir / f"{REFERENCE_LABEL}-{digest(identity.as_json())}"
-        tracked = self._open(REFERENCE_LABEL, None, identity, run_dir, evaluator, instance)
+        key = RunDirectoryKey("reference", seed, provenance.data_fingerprint, provenance.reference_fingerprint)
+        run_dir = self.context.runs_dir / f"{REFERENCE_LABEL}-{digest(key.as_json())}"
+        tracked = self._open(REFERENCE_LABEL, None, key, run_dir, evaluator, instance)
         metrics = evaluate(evaluator, REFERENCE_LABEL, evaluator.reference, run_dir, self.context.console)
         if not tracked.complete:
             tracked.log_metrics(metrics)
             tracked.log_artifacts([evaluator.results_dir(run_dir)])
             tracked.mark_complete()
-        return LanguageModelRecord(REFERENCE_LABEL, None, identity, provenance, None, metrics)
+        return LanguageModelRecord(REFERENCE_LABEL, None, key, provenance, None, metrics)
 
     def _open(
         self,
         label: str,
         lam: float | None,
-        identity: LanguageModelIdentity,
+        identity: RunDirectoryKey,
         run_dir: Path,
         evaluator: Evaluator | None,
         instance: str | None,
         regularization: str | None = None,
     ) -> TrackedRun:
         """The tracking-store run of one trained (or reference) policy under one evaluation."""
-        evaluation = None if evaluator is None else evaluator.identity()
+        evaluation = None if evaluator is None else evaluator.key()
         params: dict[str, Any] = {"method": label, **identity.as_json()}
         if identity.params is not None:
             params["lam"] = lam
@@ -229,7 +235,7 @@ class LanguageModelSweep:
         selection = None if evaluator is None else evaluator.config.selection
         return open_run(
             self.context.runs,
-            RunIdentity(
+            TrackedRunSpec(
                 key=f"{run_dir.name}/{evaluation}",
                 name=f"{display_name(label, lam)} s{identity.seed}",
                 method=label,

@@ -16,7 +16,6 @@ from matplotlib.figure import Figure
 from rich.console import Console
 
 from expo_bench import metric_keys, reporting
-from expo_bench.methods import method_class
 from expo_bench.metric_keys import Metric
 from expo_bench.sweep.records import LanguageModelRecord
 
@@ -28,8 +27,7 @@ def _lam(record: LanguageModelRecord) -> str:
     """The run's λ, whichever hyperparameter plays it (DPO's β, EXPO's λ), as the leaderboard shows it."""
     if record.lam is not None:
         return f"{record.lam:g}"
-    params, identity = record.identity.params, record.identity
-    field = None if params is None else method_class(identity.method_class).regularization
+    params, field = record.directory_key.params, record.regularization
     return "—" if params is None or field is None or field not in params else f"{params[field]:g}"
 
 

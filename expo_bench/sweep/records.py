@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,7 +15,7 @@ from expo_bench.tracking import RunLog, TrackedRun
 
 
 @dataclass(frozen=True)
-class RunIdentity:
+class TrackedRunSpec:
     """Who a run is in the tracking store: one run per ``key``, ever; the seeds of one configuration share
     ``config_key`` (the leaderboard averages over them)."""
 
@@ -43,7 +43,7 @@ class RunIdentity:
     """The task instance, where the recipe runs several (seeds pair within one)."""
 
 
-def open_run(runs: RunLog, identity: RunIdentity) -> TrackedRun:
+def open_run(runs: RunLog, identity: TrackedRunSpec) -> TrackedRun:
     """The tracked run of ``identity`` (the one recorded under its key, or a new one), tagged for the leaderboard.
 
     Rank zero alone opens and records it; the other ranks hold a :class:`RankMirror` of it."""
@@ -70,33 +70,7 @@ def open_run(runs: RunLog, identity: RunIdentity) -> TrackedRun:
     if run is not None and run.complete and identity.instance is not None:
         run.set_tags({tracking.INSTANCE: identity.instance})  # a run finished before its recipe named instances: it is one
     uri, run_id, complete = broadcast((run.uri, run.run_id, run.complete) if run else ("", "", False))
-    return run or RankMirror(uri, run_id, identity.key, complete)
-
-
-class RankMirror(TrackedRun):
-    """A tracked run as the ranks other than zero see it: rank zero records everything, these calls record nothing
-    (the Lightning logger it hands out logs on rank zero only, as Lightning's loggers do)."""
-
-    def __init__(self, uri: str, run_id: str, key: str, complete: bool) -> None:
-        super().__init__(None, uri, run_id, key, complete)  # type: ignore[arg-type]
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        pass
-
-    def log_artifacts(self, paths: Iterable[Path | str], artifact_path: str | None = None) -> None:
-        pass
-
-    def refresh(self) -> None:
-        pass
-
-    def mark_failed(self, reason: str) -> None:
-        pass
-
-    def mark_complete(self) -> None:
-        self._complete = True
+    return run or tracking.RankMirror(uri, run_id, identity.key, complete)
 
 
 def display_name(method: str, lam: float | None) -> str:
@@ -202,7 +176,7 @@ class TrainingResult:
 
 
 @dataclass(frozen=True)
-class LanguageModelIdentity:
+class RunDirectoryKey:
     """What identifies a language-model run's directory: its method class, hyperparameters, budget, seed, setup and
     the fingerprints of its data and reference; ``params`` is None for the SFT reference evaluated like a method."""
 
@@ -244,17 +218,19 @@ class LanguageModelRecord:
 
     method: str
     lam: float | None
-    identity: LanguageModelIdentity
+    directory_key: RunDirectoryKey
     provenance: SeedProvenance
     training: TrainingResult | None
     evaluation: dict[str, float] | None
+    regularization: str | None = None
+    """The hyperparameter that is the method's λ (``beta``), if it has one: what the reports show as λ."""
 
     @property
     def seed(self) -> int:
-        return self.identity.seed
+        return self.directory_key.seed
 
     def summary(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {"method": self.method, "lam": self.lam, **self.identity.as_json()}
+        entry: dict[str, Any] = {"method": self.method, "lam": self.lam, **self.directory_key.as_json()}
         if self.training is not None:
             entry |= asdict(self.training)
         else:

@@ -19,12 +19,12 @@ from expo_bench.recipe import MethodRun
 from expo_bench.reporting import SweepProgress, markdown_table, rich_table
 from expo_bench.sweep import tabular_report as report
 from expo_bench.sweep.context import SweepContext
-from expo_bench.sweep.records import RunIdentity, TabularRecord, display_name, open_run
+from expo_bench.sweep.records import TabularRecord, TrackedRunSpec, display_name, open_run
 from expo_bench.tabular.data import TabularPreferenceData, population_pairs, sample_pairs
 from expo_bench.tabular.policy import PolicyTrajectory, TabularPolicy, kl
 from expo_bench.tasks.tabular import TabularTask
+from expo_bench.train_config import TrainConfig
 from expo_bench.trainer import build_trainer
-from expo_bench.training import TrainConfig
 
 MODEL = "tabular softmax"
 
@@ -101,7 +101,7 @@ class TabularSweep:
             configuration = {key: value for key, value in identity.items() if key != "seed"}
             tracked = open_run(
                 self.context.runs,
-                RunIdentity(
+                TrackedRunSpec(
                     key=digest(identity | {"task": self.task.model_dump(mode="json")}),
                     name=f"{display_name(record.method, record.lam)} {record.objective} s{record.seed}",
                     method=record.method,

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import model_validator
 
@@ -15,6 +15,9 @@ from expo_bench.lm.pairs import require_records
 from expo_bench.lm.preference_data import tokenize_pairs
 from expo_bench.lm.tokenize import TokenizedPair
 from expo_bench.tasks.preference import PairsTask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class HHTask(PairsTask):
@@ -53,7 +56,7 @@ class HHTask(PairsTask):
     def split_names(self) -> tuple[str, str | None]:
         return self.train_split, self.eval_split
 
-    def split_pairs(self, split: str, tokenizer: Any) -> tuple[list[TokenizedPair], str]:
+    def split_pairs(self, split: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[TokenizedPair], str]:
         pairs, report = load_hh_pairs(self.source, self.data_dir, split, self.skip_malformed)
         tokenized = tokenize_pairs(pairs, tokenizer, self.tokenization)
         self.remember_prompts(tokenized, [pair.prompt for pair in pairs])  # the judge reads the dialogue untruncated

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 from rich.console import Console
-from torch import nn
 
 from expo_bench import metric_keys
 from expo_bench.cache import cached
@@ -23,15 +22,16 @@ from expo_bench.evaluation.judges import RewardModelJudge
 from expo_bench.evaluation.reward_models import HFSentimentClassifier, RewardModel, TfidfSentiment
 from expo_bench.lm import imdb
 from expo_bench.lm.imdb import Review, label_pairs, load_reviews, make_prompts
+from expo_bench.lm.model import on_accelerator
 from expo_bench.lm.pairs import PromptPair, require_records
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
-from expo_bench.lm.tokenize import TokenizedPair, pad_token_id, tokenize_pair
+from expo_bench.lm.tokenize import TokenizedPair, pad_token_id, tokenize_pair, unseen_prompts
 from expo_bench.metric_keys import Metric
 from expo_bench.reporting import progress
 from expo_bench.tasks.language_model import LanguageModelTask, SFTExamples, TaskData
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class RewardModelConfig(ConfigModel):
@@ -70,7 +70,7 @@ REWARD_MODELS: dict[str, Callable[[RewardModelConfig, list[Review], int, Path], 
 }
 
 
-def review_example(tokenizer: Any, review: Review, max_length: int) -> TokenizedPair:
+def review_example(tokenizer: PreTrainedTokenizerBase, review: Review, max_length: int) -> TokenizedPair:
     """A review as an SFT example: the whole text is the response to an empty prompt (one EOS token as the
     document start), so every review token is in the loss. The rejected side is unused by SFT."""
     eos = tokenizer.eos_token_id
@@ -131,7 +131,7 @@ class IMDbTask(LanguageModelTask):
         random.Random(seed + 1).shuffle(held_out)
         return list(train_reviews), shuffled, held_out
 
-    def sft_examples(self, seed: int, tokenizer: Any, console: Console) -> SFTExamples:
+    def sft_examples(self, seed: int, tokenizer: PreTrainedTokenizerBase, console: Console) -> SFTExamples:
         if self.sft is None:
             return SFTExamples([], [])
         _, shuffled, held_out = self._reviews(seed)
@@ -142,7 +142,13 @@ class IMDbTask(LanguageModelTask):
         )
 
     def task_data(
-        self, seed: int, tokenizer: Any, reference: PreTrainedModel, sft: SFTExamples, cache_dir: Path, console: Console
+        self,
+        seed: int,
+        tokenizer: PreTrainedTokenizerBase,
+        reference: PreTrainedModel,
+        sft: SFTExamples,
+        cache_dir: Path,
+        console: Console,
     ) -> TaskData:
         from expo_bench.lm.data import fingerprint_module  # Lightning: not needed to validate a recipe
 
@@ -158,12 +164,9 @@ class IMDbTask(LanguageModelTask):
 
         def label() -> dict[str, Any]:
             reward = self.reward_model.build(train_reviews, seed, cache_dir)
-            nn.Module.to(reference, accelerator_device())
-            try:
+            with on_accelerator(reference):
                 train, train_report = self._pairs(tokenizer, reference, reward, prompt_reviews[0], seed, pad, console)
                 evaluation, eval_report = self._pairs(tokenizer, reference, reward, prompt_reviews[1], seed + 1, pad, console)
-            finally:
-                reference.cpu()
             return {
                 "reward_model": reward.name,
                 "train": train,
@@ -188,8 +191,7 @@ class IMDbTask(LanguageModelTask):
             for split in ("train", "evaluation")
         )
         # a 2-8 token prefix of a test review can equal a training prefix ("This movie"): held out means unseen
-        seen = {tuple(pair.prompt_ids) for pair in train}
-        kept = [pair for pair in evaluation if tuple(pair.prompt_ids) not in seen]
+        kept = unseen_prompts(evaluation, train)
         provenance = {key: labelled[key] for key in ("reward_model", "labeling", "eval_labeling")}
         provenance["held_out_pairs_dropped_as_training_prompts"] = len(evaluation) - len(kept)
         evaluation = kept
@@ -198,7 +200,7 @@ class IMDbTask(LanguageModelTask):
 
     def _pairs(
         self,
-        tokenizer: Any,
+        tokenizer: PreTrainedTokenizerBase,
         base: PreTrainedModel,
         reward: RewardModel,
         reviews: list[Review],
@@ -212,8 +214,8 @@ class IMDbTask(LanguageModelTask):
         prompts = make_prompts(reviews, tokenizer, low, high, seed)
         with progress(console, "IMDb labelling: completions (prompts)", len(prompts)) as done:
             samples = sample_responses(base, prompts, self.completions, pad, tokenizer.eos_token_id, seed, done)
-        prompt_texts = [tokenizer.decode(prompt) for prompt in prompts]
-        completions = [[tokenizer.decode(sample, skip_special_tokens=True) for sample in group] for group in samples]
+        prompt_texts = [str(tokenizer.decode(prompt)) for prompt in prompts]
+        completions = [[str(tokenizer.decode(sample, skip_special_tokens=True)) for sample in group] for group in samples]
         rewards: list[list[float]] = []
         with progress(console, f"IMDb labelling: rewards by {reward.name} (prompts)", len(prompts)) as done:
             for prompt, group in zip(prompt_texts, completions, strict=True):

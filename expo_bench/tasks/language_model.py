@@ -12,18 +12,19 @@ from pydantic import field_validator, model_validator
 from rich.console import Console
 
 from expo_bench import metric_keys
-from expo_bench.config_model import ConfigModel, LocalOrHub
+from expo_bench.config_model import LocalOrHub
 from expo_bench.evaluation.types import Judge
-from expo_bench.lm.evaluation import EvaluationConfig, ExactMetrics, HeldOutPrompts
+from expo_bench.lm.evaluator import EvaluationConfig, ExactMetrics, HeldOutPrompts
 from expo_bench.lm.model import LoraSettings, ModelConfig, ReferenceKind
 from expo_bench.lm.sampling import SamplingConfig
 from expo_bench.lm.tokenize import TokenizationConfig, TokenizedPair
 from expo_bench.methods.base import KL_SAMPLES
 from expo_bench.metric_keys import Metric
-from expo_bench.training import TrainConfig
+from expo_bench.tasks.base import TaskBase
+from expo_bench.train_config import Machine, TrainConfig
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class TaskData:
     an LLM judge is shown of a held-out prompt instead of its decoded, chat-templated ids."""
 
 
-class LanguageModelTask(ConfigModel):
+class LanguageModelTask(TaskBase):
     """A preference task for causal language models. A subclass names its ``kind`` and supplies
     :meth:`sft_examples` and :meth:`task_data`."""
 
@@ -124,6 +125,30 @@ class LanguageModelTask(ConfigModel):
 
         return AutoTokenizer.from_pretrained(self.tokenizer)
 
+    trains_with_lightning: ClassVar[bool] = True
+
+    def instance_count(self) -> int:
+        return len(self.task_instances())
+
+    def own_stages(self) -> list[tuple[str, TrainConfig]]:
+        return [] if self.sft is None else [("task.sft", self.sft)]
+
+    def machine_problems(self, machine: Machine) -> list[tuple[str, str]]:
+        return [(f"task.model.{field}", why) for field, why in self.model.machine_problems(machine.gpus, machine.packages)]
+
+    def master_weights_problems(self, path: str, precision: str) -> list[tuple[str, str]]:
+        if self.model.dtype == "float32":
+            return []
+        why = (
+            f"{self.model.dtype} master weights under {path}.precision {precision}: mixed precision keeps float32 "
+            "master weights (set float32, or a -true precision to train in 16 bits throughout)"
+        )
+        return [("task.model.dtype", why)]
+
+    def check_judges(self, cache_dir: Path) -> None:
+        for judge in [] if self.evaluation is None else self.evaluation.panel:
+            judge.check_reachable(cache_dir)
+
     def task_instances(self) -> list[tuple[str | None, LanguageModelTask]]:
         """The task instances a recipe runs, each with its name: by default the task itself, unnamed (one instance,
         runs untagged). Seeds are nested in an instance; the leaderboard pairs seeds within one and instances across."""
@@ -133,16 +158,18 @@ class LanguageModelTask(ConfigModel):
         """Optional batch fields the data carries: reference samples when ``reference_samples`` is set."""
         return frozenset({KL_SAMPLES}) if self.reference_samples is not None else frozenset()
 
-    def check_data(self) -> None:
-        """Read the task's local data ahead of any work, so that a fault is a :class:`~expo_bench.errors.DataError`
-        before anything is written (default: the task reads nothing it could check ahead)."""
-
-    def sft_examples(self, seed: int, tokenizer: Any, console: Console) -> SFTExamples:
+    def sft_examples(self, seed: int, tokenizer: PreTrainedTokenizerBase, console: Console) -> SFTExamples:
         """This seed's SFT data (the sweep fine-tunes on it only when ``sft`` is set)."""
         raise NotImplementedError
 
     def task_data(
-        self, seed: int, tokenizer: Any, reference: PreTrainedModel, sft: SFTExamples, cache_dir: Path, console: Console
+        self,
+        seed: int,
+        tokenizer: PreTrainedTokenizerBase,
+        reference: PreTrainedModel,
+        sft: SFTExamples,
+        cache_dir: Path,
+        console: Console,
     ) -> TaskData:
         """This seed's preference pairs, given the reference (the SFT model) and the SFT examples."""
         raise NotImplementedError

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from expo_bench.config_model import ConfigModel
 from expo_bench.errors import DataError
-from expo_bench.lm.evaluation import HeldOutPrompts
+from expo_bench.lm.evaluator import HeldOutPrompts
 from expo_bench.lm.preference_data import (
     FORMATS,
     MessageKeys,
@@ -24,11 +24,11 @@ from expo_bench.lm.preference_data import (
     load_rows,
     local_path,
 )
-from expo_bench.lm.tokenize import TokenizedPair
+from expo_bench.lm.tokenize import TokenizedPair, unseen_prompts
 from expo_bench.tasks.language_model import LanguageModelTask, SFTExamples, TaskData
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class PairsTask(LanguageModelTask):
@@ -50,11 +50,11 @@ class PairsTask(LanguageModelTask):
         """The training split and the held-out split (None: cut the held-out pairs from the training split)."""
         raise NotImplementedError
 
-    def split_pairs(self, split: str, tokenizer: Any) -> tuple[list[TokenizedPair], str]:
+    def split_pairs(self, split: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[TokenizedPair], str]:
         """One split's tokenized pairs, in file order, and a line saying what was kept and dropped."""
         raise NotImplementedError
 
-    def _pairs(self, seed: int, tokenizer: Any) -> tuple[list[TokenizedPair], list[TokenizedPair], list[str]]:
+    def _pairs(self, seed: int, tokenizer: PreTrainedTokenizerBase) -> tuple[list[TokenizedPair], list[TokenizedPair], list[str]]:
         """Training and held-out pairs, no prompt in both: held-out means unseen (a policy is not scored on prompts
         it was trained on), so pairs of a prompt on both sides are dropped from the side cut from the other."""
         train_split, held_out_split = self.split_names
@@ -65,15 +65,13 @@ class PairsTask(LanguageModelTask):
             random.Random(seed).shuffle(train)
             held_out = self.max_eval_pairs or max(1, len(train) // 10)
             evaluation, train = train[:held_out], train[held_out:]
-            seen = {tuple(pair.prompt_ids) for pair in evaluation}
-            kept = [pair for pair in train if tuple(pair.prompt_ids) not in seen]
+            kept = unseen_prompts(train, evaluation)
             notes.append(f"{len(train) - len(kept)} training pairs dropped: their prompt is a held-out prompt")
             train = kept
         else:
             evaluation, note = self.split_pairs(held_out_split, tokenizer)
             notes.append(f"{held_out_split}: {note}")
-            seen = {tuple(pair.prompt_ids) for pair in train}
-            kept = [pair for pair in evaluation if tuple(pair.prompt_ids) not in seen]
+            kept = unseen_prompts(evaluation, train)
             notes.append(f"{len(evaluation) - len(kept)} held-out pairs dropped: their prompt is a training prompt")
             evaluation = kept
         if not train or not evaluation:
@@ -81,14 +79,20 @@ class PairsTask(LanguageModelTask):
             raise DataError(f"{self.dataset}: no usable pairs left for {side} ({'; '.join(notes)})")
         return train[: self.max_train_pairs], evaluation[: self.max_eval_pairs], notes
 
-    def sft_examples(self, seed: int, tokenizer: Any, console: Console) -> SFTExamples:
+    def sft_examples(self, seed: int, tokenizer: PreTrainedTokenizerBase, console: Console) -> SFTExamples:
         train, held_out, notes = self._pairs(seed, tokenizer)
         for note in notes:
             console.print(f"seed {seed}: {note}", highlight=False)
         return SFTExamples(train, held_out)
 
     def task_data(
-        self, seed: int, tokenizer: Any, reference: PreTrainedModel, sft: SFTExamples, cache_dir: Path, console: Console
+        self,
+        seed: int,
+        tokenizer: PreTrainedTokenizerBase,
+        reference: PreTrainedModel,
+        sft: SFTExamples,
+        cache_dir: Path,
+        console: Console,
     ) -> TaskData:
         return TaskData(sft.train, sft.held_out, prompt_texts=dict(self._prompt_texts))
 
@@ -191,7 +195,7 @@ class PreferenceTask(PairsTask):
         if self.test is not None and Path(self.test.source or self.source).exists():
             self.test_prompts(tokenizer)
 
-    def split_pairs(self, split: str, tokenizer: Any) -> tuple[list[TokenizedPair], str]:
+    def split_pairs(self, split: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[TokenizedPair], str]:
         rows = load_rows(self.source, split, self.name, self.data_dir, self.skip_malformed)
         where = f"{self.source} ({split})"
         pairs, report = load_pairs(
@@ -208,7 +212,7 @@ class PreferenceTask(PairsTask):
         self.remember_prompts(pairs, report.prompts)
         return pairs, report.summary()
 
-    def test_prompts(self, tokenizer: Any) -> HeldOutPrompts | None:
+    def test_prompts(self, tokenizer: PreTrainedTokenizerBase) -> HeldOutPrompts | None:
         if self.test is None:
             return None
         source = self.test.source or self.source
@@ -220,7 +224,13 @@ class PreferenceTask(PairsTask):
         )
 
     def task_data(
-        self, seed: int, tokenizer: Any, reference: PreTrainedModel, sft: SFTExamples, cache_dir: Path, console: Console
+        self,
+        seed: int,
+        tokenizer: PreTrainedTokenizerBase,
+        reference: PreTrainedModel,
+        sft: SFTExamples,
+        cache_dir: Path,
+        console: Console,
     ) -> TaskData:
         test = self.test_prompts(tokenizer)
         if test is not None:

@@ -22,7 +22,7 @@ import statistics
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -30,7 +30,7 @@ from rich.console import Console
 
 from expo_bench import metric_keys
 from expo_bench.evaluation.judges import OracleJudge
-from expo_bench.lm.evaluation import ExactMetrics, sequence_logps
+from expo_bench.lm.evaluator import ExactMetrics, sequence_logps
 from expo_bench.lm.exact import enumerable, sequence_kl
 from expo_bench.lm.model import ModelConfig
 from expo_bench.lm.pairs import PromptPair
@@ -39,7 +39,7 @@ from expo_bench.metric_keys import Metric
 from expo_bench.tasks.language_model import LanguageModelTask, SFTExamples, TaskData
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
@@ -192,7 +192,7 @@ class SyntheticTokensTask(LanguageModelTask):
     def dataset(self) -> str:
         return "synthetic_tokens"
 
-    def sft_examples(self, seed: int, tokenizer: Any, console: Console) -> SFTExamples:
+    def sft_examples(self, seed: int, tokenizer: PreTrainedTokenizerBase, console: Console) -> SFTExamples:
         rng = random.Random(seed)
         train = self._pairs(self.train_pairs_per_prompt, rng, held_out=False)
         evaluation = self._pairs(self.eval_pairs_per_prompt, rng, held_out=True)
@@ -202,7 +202,13 @@ class SyntheticTokensTask(LanguageModelTask):
         )
 
     def task_data(
-        self, seed: int, tokenizer: Any, reference: PreTrainedModel, sft: SFTExamples, cache_dir: Path, console: Console
+        self,
+        seed: int,
+        tokenizer: PreTrainedTokenizerBase,
+        reference: PreTrainedModel,
+        sft: SFTExamples,
+        cache_dir: Path,
+        console: Console,
     ) -> TaskData:
         optimal = self.optimal_policy()
         console.print(
@@ -212,17 +218,17 @@ class SyntheticTokensTask(LanguageModelTask):
         judge = OracleJudge(self.reward, name="oracle")
         return TaskData(sft.train, sft.held_out, judge=judge, exact=self.exact_metrics(tokenizer, reference))
 
-    def exact_metrics(self, tokenizer: Any, reference: PreTrainedModel) -> ExactMetrics:
+    def exact_metrics(self, tokenizer: PreTrainedTokenizerBase, reference: PreTrainedModel) -> ExactMetrics:
         """On the given prompts, by enumerating every well-formed response (seen in training or held out): KL(π*‖π)
         summed over the prompts (not averaged), split into the distance among well-formed responses and the
         probability leaked to malformed ones, and the mass on each prompt's best response. For π̃ = π / π(W) on the
         well-formed set W, KL(π*‖π) = KL(π*‖π̃) − log π(W). And by enumerating every response sampling can draw,
         KL(π‖π_ref) averaged over the prompts, exact (:func:`~expo_bench.lm.exact.sequence_kl`)."""
         max_new_tokens = self.evaluation.max_new_tokens if self.evaluation else self.response_length + 1
-        index_of = {tokenizer.convert_tokens_to_ids(f"p{prompt}"): prompt for prompt in range(self.prompts)}
+        vocabulary = tokenizer.get_vocab()
+        index_of = {vocabulary[f"p{prompt}"]: prompt for prompt in range(self.prompts)}
         response_ids = [
-            [*tokenizer.convert_tokens_to_ids([self._letters[t] for t in response]), tokenizer.eos_token_id]
-            for response in self.responses
+            [*(vocabulary[self._letters[t]] for t in response), tokenizer.eos_token_id] for response in self.responses
         ]
         optimal_policy = self.optimal_policy()
         best_responses = self.rewards.argmax(-1)

@@ -11,6 +11,7 @@ from expo_bench import metric_keys
 from expo_bench.config_model import ConfigModel
 from expo_bench.methods.base import KL_SAMPLES
 from expo_bench.metric_keys import Metric
+from expo_bench.tasks.base import TaskBase
 
 
 class TabularPrompt(ConfigModel):
@@ -41,7 +42,7 @@ class PopulationObjective(ConfigModel):
     lr: float = Field(0.01, gt=0)
 
 
-class TabularTask(ConfigModel):
+class TabularTask(TaskBase):
     """Softmax policy over a few responses per prompt, trained on sampled pairs and on the population."""
 
     kind: Literal["tabular"]

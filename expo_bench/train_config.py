@@ -64,7 +64,7 @@ class TrainConfig(ConfigModel):
             )
         return self
 
-    def identity(self) -> dict[str, Any]:
+    def result_settings(self) -> dict[str, Any]:
         """What the numbers of a run depend on: everything but what it keeps on disk."""
         return self.model_dump(mode="json", exclude={"keep"})
 

@@ -18,22 +18,21 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
-from torch import nn
 
 from expo_bench import cache, metric_keys
 from expo_bench.cache import atomic_write, cached, digest, read_json
 from expo_bench.config_model import ConfigModel, closest
-from expo_bench.distributed import accelerator_device, broadcast, is_global_zero, map_sharded, on_rank_zero
+from expo_bench.distributed import broadcast, is_global_zero, map_sharded, on_rank_zero
 from expo_bench.evaluation.judges import JudgeConfig
 from expo_bench.evaluation.types import Comparison, Judge, Verdict
-from expo_bench.lm.model import evaluating, response_logps
+from expo_bench.lm.model import evaluating, on_accelerator, response_logps
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.tokenize import pad_token_id, padded_sequences
 from expo_bench.reporting import progress
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ExactMetrics = Callable[["PreTrainedModel", Sequence[list[int]]], dict[str, float]]
 """Metrics a task can compute exactly from a policy's weights on the given prompts (the synthetic task's distance to
@@ -153,7 +152,7 @@ class Evaluator:
     def __init__(
         self,
         config: EvaluationConfig,
-        tokenizer: Any,
+        tokenizer: PreTrainedTokenizerBase,
         reference: PreTrainedModel,
         held_out: HeldOutPrompts,
         judges: Sequence[Judge],
@@ -206,7 +205,7 @@ class Evaluator:
 
     def results_dir(self, run_dir: Path) -> Path:
         """Where this evaluation (config and judge) of a run keeps its samples, verdicts and metrics."""
-        return run_dir / f"evaluation-{self.identity()}"
+        return run_dir / f"evaluation-{self.key()}"
 
     @property
     def judge(self) -> Judge:
@@ -220,7 +219,7 @@ class Evaluator:
             return self.judge.name
         return ", ".join(f"{label}={judge.name}" for label, judge in self.judges.items())
 
-    def identity(self) -> str:
+    def key(self) -> str:
         """A digest of what makes two evaluations of one policy differ: the config (every judge in it) and the judge."""
         return digest({"evaluation": self.config.model_dump(mode="json"), "judge": self.judge.name})
 
@@ -256,12 +255,8 @@ class Evaluator:
         at the leaderboard temperature; samples and verdicts go to ``out_dir/T<t>/{samples,judgments}.jsonl``. With
         ``with_selection``, also the ``selection/...`` metrics on the selection prompts at the leaderboard temperature
         (in ``out_dir/selection-T<t>/``)."""
-        homes = [next(policy.parameters()).device, next(self.reference.parameters()).device]
-        device = accelerator_device()
-        nn.Module.to(policy, device)
-        nn.Module.to(self.reference, device)
         metrics: dict[str, float] = {}
-        try:
+        with on_accelerator(policy, self.reference):
             for temperature in temperatures or self.config.temperatures:
                 where = out_dir / f"T{temperature:g}"
                 results = self._evaluate_at(policy, self.held_out, "test", temperature, where, provenance, console)
@@ -277,9 +272,6 @@ class Evaluator:
                 if self.exact is not None:
                     chosen |= self.exact(policy, self.selection.prompt_ids)
                 metrics |= {metric_keys.selection_key(key): value for key, value in chosen.items()}
-        finally:  # back where they were: a periodic evaluation runs in the middle of training
-            nn.Module.to(policy, homes[0])
-            nn.Module.to(self.reference, homes[1])
         return metrics
 
     def _evaluate_at(
