@@ -225,11 +225,9 @@ class SyntheticTokensTask(LanguageModelTask):
         well-formed set W, KL(π*‖π) = KL(π*‖π̃) − log π(W). And by enumerating every response sampling can draw,
         KL(π‖π_ref) averaged over the prompts, exact (:func:`~expo_bench.lm.exact.sequence_kl`)."""
         max_new_tokens = self.evaluation.max_new_tokens if self.evaluation else self.response_length + 1
-        vocabulary = tokenizer.get_vocab()
-        index_of = {vocabulary[f"p{prompt}"]: prompt for prompt in range(self.prompts)}
-        response_ids = [
-            [*(vocabulary[self._letters[t]] for t in response), tokenizer.eos_token_id] for response in self.responses
-        ]
+        token_id = tokenizer.get_vocab()
+        index_of = {token_id[f"p{prompt}"]: prompt for prompt in range(self.prompts)}
+        response_ids = [[*(token_id[self._letters[t]] for t in response), tokenizer.eos_token_id] for response in self.responses]
         optimal_policy = self.optimal_policy()
         best_responses = self.rewards.argmax(-1)
 
@@ -240,15 +238,15 @@ class SyntheticTokensTask(LanguageModelTask):
             logps = logps.view(len(prompts), len(self.responses))
             optimal, best = optimal_policy[prompts], best_responses[prompts]
             well_formed = logps.logsumexp(-1, keepdim=True)  # log π(W)
-            return {
+            found = {
                 metric_keys.KL_TO_TARGET.key: float((optimal * (optimal.log() - logps)).sum()),
                 metric_keys.KL_WELL_FORMED.key: float((optimal * (optimal.log() - (logps - well_formed))).sum()),
                 metric_keys.MALFORMED_LEAK.key: float(-well_formed.sum()),
                 metric_keys.TOP_RESPONSE_MASS.key: float(logps.exp().gather(1, best[:, None]).mean()),
-            } | (exact_kl(policy, prompt_ids) if enumerable(reference, max_new_tokens) else {})
-
-        def exact_kl(policy: PreTrainedModel, prompt_ids: Sequence[list[int]]) -> dict[str, float]:
-            found = sequence_kl(policy, reference, prompt_ids, max_new_tokens, tokenizer.eos_token_id)
-            return {metric_keys.KL_EXACT.key: statistics.fmean(found)}
+            }
+            if enumerable(policy, max_new_tokens):  # else the metric is left out
+                kl = sequence_kl(policy, reference, prompt_ids, max_new_tokens, tokenizer.eos_token_id)
+                found[metric_keys.KL_EXACT.key] = statistics.fmean(kl)
+            return found
 
         return metrics
