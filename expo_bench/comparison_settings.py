@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from expo_bench.config_model import ConfigModel
 
@@ -20,6 +20,18 @@ class StatisticsConfig(ConfigModel):
     leave_one_seed_out: bool = False
     """Also report the rank metric of a pick made without in-sample bias: each seed's value from the configuration that
     is best on the *other* seeds' selection metric (:func:`expo_bench.comparison.leave_one_out_pick`)."""
+
+    kl_budgets: list[float] = Field([], max_length=4)
+    """Also rank at each of these KL(π‖π_ref) budgets (the reward–KL frontier read at fixed KL): a table per budget in
+    which each method competes only with its configurations whose mean KL on the selection prompts is within it, the
+    best of those by the selection metric."""
+
+    @field_validator("kl_budgets")
+    @classmethod
+    def _positive(cls, budgets: list[float]) -> list[float]:
+        if any(budget <= 0 for budget in budgets):
+            raise ValueError(f"KL budgets must be positive, got {budgets}")
+        return budgets
 
     def margin(self, best_gap: float | None) -> float | None:
         """The TOST margin, given the best row's mean paired difference from the baseline (None: no baseline)."""

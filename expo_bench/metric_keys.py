@@ -125,7 +125,7 @@ def judge_label(index: int) -> str:
     return f"j{index + 1}"
 
 
-PER_JUDGE = (WIN_RATE, FIRST_POSITION_WINS, SELF_CONSISTENCY)
+PER_JUDGE = (REWARD, WIN_RATE, FIRST_POSITION_WINS, SELF_CONSISTENCY)
 """What the leaderboard shows of each judge after the first (``eval/<label>/<name>``)."""
 AGREEMENT = Metric("eval/agreement", "agreement", "max")
 KAPPA = Metric("eval/kappa", "κ", "max")

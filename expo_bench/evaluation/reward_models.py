@@ -3,14 +3,15 @@
 Sentiment classifiers are the IMDb task's ground truth, scoring by P(positive) in [0, 1]: the DPO paper labels
 pairs and evaluates with siebert/sentiment-roberta-large-english (:class:`HFSentimentClassifier`);
 :class:`TfidfSentiment` is a CPU-trainable stand-in for tests and small runs, trained on the IMDb train split in
-seconds. :class:`HFRewardModel` is a Hugging Face reward model with one output logit.
+seconds, and :class:`NaiveBayesSentiment` an independent second scorer of another model family.
+:class:`HFRewardModel` is a Hugging Face reward model with one output logit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import torch
 
@@ -41,35 +42,22 @@ class LabelledText(Protocol):
     def label(self) -> int: ...
 
 
-class TfidfSentiment:
-    """Hashed word uni+bigram TF-IDF features and logistic regression: 0.90 accuracy on the IMDb test split.
+class SklearnSentiment:
+    """A scikit-learn text classifier scoring by P(positive), with the file format both sentiment models share.
 
     Saved with skops rather than pickle/joblib: loading a skops file builds only types skops trusts (the
-    scikit-learn and numpy types this pipeline uses) and refuses anything else, so a crafted model file
+    scikit-learn and numpy types these pipelines use) and refuses anything else, so a crafted model file
     cannot run code. Features are hashed (2**20 buckets) rather than looked up in a fitted vocabulary:
     skops writes a 200k-term vocabulary dict entry by entry (minutes), while hashed state is numpy arrays
     (17 MB, milliseconds); on IMDb test that costs about 0.4 points of accuracy.
     """
 
-    name = "tfidf-logreg"
+    name = "sklearn"
+    trusted: tuple[str, ...] = ()
+    """scikit-learn types beyond skops' defaults that this model's file holds and loading may build."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
-
-    @classmethod
-    def train(cls, reviews: Sequence[LabelledText], seed: int = 0) -> TfidfSentiment:
-        """Fit on cleaned review texts; ``seed`` reaches the solver (lbfgs, the default, is deterministic anyway)."""
-        from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-
-        pipeline = make_pipeline(
-            HashingVectorizer(ngram_range=(1, 2), n_features=2**20, alternate_sign=False, norm=None),
-            TfidfTransformer(sublinear_tf=True),
-            LogisticRegression(C=8.0, max_iter=1000, random_state=seed),
-        )
-        pipeline.fit([review.text for review in reviews], [review.label for review in reviews])
-        return cls(pipeline)
 
     def score(self, texts: Sequence[str]) -> list[float]:
         if not texts:
@@ -87,20 +75,68 @@ class TfidfSentiment:
         skops.io.dump(self.pipeline, path)
 
     @classmethod
-    def load(cls, path: Path) -> TfidfSentiment:
+    def load(cls, path: Path) -> Self:
         """The saved pipeline; a file holding types skops does not trust by default is refused, never loaded."""
         import skops.io
         from sklearn.pipeline import Pipeline
         from skops.io.exceptions import UntrustedTypesFoundException
 
         try:
-            pipeline = skops.io.load(path)
+            pipeline = skops.io.load(path, trusted=list(cls.trusted) or None)
         except UntrustedTypesFoundException as error:
             raise DataError(f"{path}: refusing to load untrusted types ({error})") from None
         except (OSError, ValueError) as error:  # a missing file, or not a skops archive
             raise DataError(f"{path}: cannot read a skops model ({error})") from error
         if not isinstance(pipeline, Pipeline):
             raise DataError(f"{path}: expected a scikit-learn Pipeline, got {type(pipeline).__name__}")
+        return cls(pipeline)
+
+
+class TfidfSentiment(SklearnSentiment):
+    """Hashed word uni+bigram TF-IDF features and logistic regression: 0.90 accuracy on the IMDb test split."""
+
+    name = "tfidf-logreg"
+
+    @classmethod
+    def train(cls, reviews: Sequence[LabelledText], seed: int = 0) -> TfidfSentiment:
+        """Fit on cleaned review texts; ``seed`` reaches the solver (lbfgs, the default, is deterministic anyway)."""
+        from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+
+        pipeline = make_pipeline(
+            HashingVectorizer(ngram_range=(1, 2), n_features=2**20, alternate_sign=False, norm=None),
+            TfidfTransformer(sublinear_tf=True),
+            LogisticRegression(C=8.0, max_iter=1000, random_state=seed),
+        )
+        pipeline.fit([review.text for review in reviews], [review.label for review in reviews])
+        return cls(pipeline)
+
+
+class NaiveBayesSentiment(SklearnSentiment):
+    """Another model family on other features: multinomial naive Bayes on binary character 3-5-gram presence
+    (within word boundaries), a generative classifier where :class:`TfidfSentiment` is a discriminative one on words;
+    its probabilities, extreme as naive Bayes' are, are calibrated by Platt scaling over 3 folds. An independent second
+    judge: a policy that games one model's features is unlikely to game both. 0.82 accuracy on the IMDb test split."""
+
+    name = "char-naive-bayes"
+    trusted = ("sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration")
+
+    @classmethod
+    def train(cls, reviews: Sequence[LabelledText], seed: int = 0) -> NaiveBayesSentiment:
+        """Fit on cleaned review texts (naive Bayes has no randomness; ``seed`` is accepted for a common signature)."""
+        from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.feature_extraction.text import HashingVectorizer
+        from sklearn.naive_bayes import MultinomialNB
+        from sklearn.pipeline import make_pipeline
+
+        pipeline = make_pipeline(
+            HashingVectorizer(
+                analyzer="char_wb", ngram_range=(3, 5), n_features=2**20, alternate_sign=False, binary=True, norm=None
+            ),
+            CalibratedClassifierCV(MultinomialNB(alpha=1.0), method="sigmoid", cv=3),
+        )
+        pipeline.fit([review.text for review in reviews], [review.label for review in reviews])
         return cls(pipeline)
 
 

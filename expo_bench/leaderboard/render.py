@@ -212,6 +212,11 @@ def _caption(table: LeaderboardTable) -> str:
             "the evaluation prompts set aside for selection and never reported (whether they are also training prompts "
             "depends on the task: see docs/statistics.md)"
         )
+    if table.kl_budget is not None:
+        picked += (
+            f"; only configurations whose mean KL(π‖π_ref) is at most {table.kl_budget:g} compete (measured on "
+            "the selection prompts where they were set aside)"
+        )
     unit = "seed"
     if len(table.instances) > 1:
         unit = "task instance"
@@ -246,7 +251,10 @@ def _caption(table: LeaderboardTable) -> str:
 def _unranked_note(table: LeaderboardTable) -> str:
     if not table.unranked:
         return ""
-    return f" Not ranked (a non-finite metric in every configuration): {', '.join(table.unranked)}."
+    why = "a non-finite metric in every configuration"
+    if table.kl_budget is not None:
+        why = f"no configuration within KL ≤ {table.kl_budget:g} with finite metrics"
+    return f" Not ranked ({why}): {', '.join(table.unranked)}."
 
 
 def _lc_caption(table: LeaderboardTable) -> str:
@@ -353,8 +361,10 @@ def _csv_columns(tables: Sequence[LeaderboardTable]) -> list[tuple[str, Cell]]:
     ]
 
 
-def _write_csv(tables: Sequence[LeaderboardTable], path: Path) -> None:
+def _write_csv(tables: Sequence[LeaderboardTable], path: Path, with_budget: bool = False) -> None:
     columns = _csv_columns(tables)
+    if with_budget:
+        columns.insert(1, ("kl_budget", lambda table, row: _number_or_blank(table.kl_budget)))
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([name for name, _ in columns])
@@ -380,6 +390,7 @@ def write_leaderboard(tables: Sequence[LeaderboardTable], out_dir: Path, console
         console.print(_caption(table), style="dim", highlight=False)
         header, rows = _display(table)
         scope = f"-instance-{table.instances[0]}" if len(table.instances) == 1 else ""  # beside the pooled table's
+        scope += "" if table.kl_budget is None else f"-kl-{table.kl_budget:g}"
         slug = _slug(f"{table.experiment}-{table.dataset}" if several else table.dataset) + scope
         images = [path for name, plot in PLOTS.items() if (path := plot(table, out_dir / f"leaderboard-{slug}-{name}.png"))]
         figures = "".join(f"\n![{path.stem}]({path.name})\n" for path in images)
@@ -388,5 +399,10 @@ def write_leaderboard(tables: Sequence[LeaderboardTable], out_dir: Path, console
     markdown = out_dir / "leaderboard.md"
     markdown.write_text("\n".join(sections))
     table_csv = out_dir / "leaderboard.csv"
-    _write_csv(tables, table_csv)
+    _write_csv([table for table in tables if table.kl_budget is None], table_csv)
+    at_budgets = [table for table in tables if table.kl_budget is not None]
+    if at_budgets:  # their own file: leaderboard.csv keeps its columns
+        budgets_csv = out_dir / "leaderboard-kl-budgets.csv"
+        _write_csv(at_budgets, budgets_csv, with_budget=True)
+        written.insert(0, budgets_csv)
     return [markdown, table_csv, *written]

@@ -31,11 +31,13 @@ from expo_bench.comparison_settings import StatisticsConfig
 from expo_bench.errors import UserError
 from expo_bench.metric_keys import (
     CATALOG,
+    KL,
     LEADERBOARD_COLUMNS,
     Goal,
     Metric,
     panel_columns,
     selected_metric,
+    selection_key,
     standard_error_key,
 )
 from expo_bench.reporting import Z_95
@@ -200,7 +202,22 @@ class LeaderboardTable:
     """The task instances its runs span (several: a pooled table whose unit is the instance; none: not tagged)."""
 
     unranked: tuple[str, ...] = ()
-    """Methods left out: every configuration's picking or rank metric is non-finite (NaN, ±inf) or missing."""
+    """Methods left out: every configuration's picking or rank metric is non-finite (NaN, ±inf) or missing, or (under a
+    KL budget) none is within the budget."""
+    kl_budget: float | None = None
+    """Only configurations whose mean KL(π‖π_ref) on the selection prompts is at most this competed (None: all)."""
+
+
+def budget_kl_key(configuration: Configuration) -> str:
+    """The KL a budget is checked on: measured on the selection prompts where they were set aside, else the reported
+    one (a budget then checked on the reported prompts, which the caption says)."""
+    on_selection = selection_key(KL.key)
+    return on_selection if on_selection in configuration.estimates else KL.key
+
+
+def _within(configuration: Configuration, budget: float) -> bool:
+    found = configuration.estimates.get(budget_kl_key(configuration))
+    return found is not None and found.mean <= budget
 
 
 def _finite(configuration: Configuration, key: str) -> bool:
@@ -229,7 +246,10 @@ def build_table(
     runs: Sequence[StoredRun],
     baseline: str | None = "dpo",
     settings: StatisticsConfig | None = None,
+    kl_budget: float | None = None,
 ) -> LeaderboardTable:
+    """Each method's picked configuration (only those within ``kl_budget`` compete, when given), ranked, with every
+    row's paired comparisons to the baseline and to the best row."""
     groups: dict[tuple[str, str], list[StoredRun]] = defaultdict(list)
     for run in runs:
         groups[run.tags.get(METHOD, run.tags.get("mlflow.runName", run.run_id)), run.tags.get(CONFIG_KEY, run.run_id)].append(run)
@@ -237,11 +257,15 @@ def build_table(
     by_method: dict[str, list[Configuration]] = defaultdict(list)
     for configuration in configurations:
         by_method[configuration.method].append(configuration)
+    eligible = {
+        method: [c for c in candidates if kl_budget is None or _within(c, kl_budget)] for method, candidates in by_method.items()
+    }
     ranks = {method: Counter(c.rank for c in candidates).most_common(1)[0][0] for method, candidates in by_method.items()}
-    picks = {method: _pick(candidates, ranks[method]) for method, candidates in by_method.items()}
+    picks = {method: _pick(eligible[method], ranks[method]) for method in by_method}
     picked = {method: found for method, found in picks.items() if found is not None}
     if not picked:
-        raise NothingToRank(f"{experiment} · {dataset}: every configuration's rank metric is non-finite or missing")
+        within = "" if kl_budget is None else f" or outside KL ≤ {kl_budget:g}"
+        raise NothingToRank(f"{experiment} · {dataset}: every configuration's rank metric is non-finite or missing{within}")
     rank_metric, rank_goal = Counter(ranks.values()).most_common(1)[0][0]  # methods may disagree: the majority sorts
     rows = sorted((best for best, _ in picked.values()), key=_sort_key(rank_metric, rank_goal))
     logged = {key for row in rows for key in row.estimates}
@@ -273,7 +297,7 @@ def build_table(
             equivalent_to_best=None
             if margin is None or row is rows[0]
             else equivalence(row.by_unit(rank_metric), rows[0].by_unit(rank_metric), margin),
-            leave_one_seed_out=_leave_one_seed_out(by_method[row.method], rank_metric, rank_goal)
+            leave_one_seed_out=_leave_one_seed_out(eligible[row.method], rank_metric, rank_goal)
             if settings.leave_one_seed_out
             else None,
         )
@@ -293,6 +317,7 @@ def build_table(
         margin,
         tuple(sorted({instance for row in rows for instance in row.instances})),
         tuple(sorted(method for method, found in picks.items() if found is None)),
+        kl_budget,
     )
 
 
@@ -320,7 +345,8 @@ def experiment_tables(
     store: str, experiment: str, runs: Sequence[StoredRun], baseline: str | None, settings: StatisticsConfig | None = None
 ) -> list[LeaderboardTable]:
     """One table per dataset; where a dataset's runs span several task instances, one per instance (seeds paired
-    within it) before the pooled one (instances paired)."""
+    within it) before the pooled one (instances paired); each followed by one per KL budget of ``settings``."""
+    settings = settings or StatisticsConfig()
     by_dataset: dict[str, list[StoredRun]] = defaultdict(list)
     for run in runs:
         by_dataset[run.tags.get(DATASET, "unknown")].append(run)
@@ -332,10 +358,11 @@ def experiment_tables(
             by_instance[run.tags.get(INSTANCE, "")].append(run)
         names = sorted(by_instance, key=lambda name: (len(name), name)) if len(by_instance) > 1 else []  # 2 before 10
         for group in [*(by_instance[name] for name in names), members]:  # the pooled table last
-            try:
-                tables.append(build_table(store, experiment, dataset, group, baseline, settings))
-            except NothingToRank as error:
-                skipped.append(str(error))
+            for budget in [None, *settings.kl_budgets]:
+                try:
+                    tables.append(build_table(store, experiment, dataset, group, baseline, settings, budget))
+                except NothingToRank as error:
+                    skipped.append(str(error))
     if skipped and not tables:
         raise UserError(f"nothing to rank: {'; '.join(skipped)}")
     return tables
@@ -357,4 +384,5 @@ def spread(row: Configuration, key: str, stderr_key: str | None = None) -> Estim
 def table_title(table: LeaderboardTable) -> str:
     count = len(table.instances)
     scope = "" if not count else f" · instance {table.instances[0]}" if count == 1 else f" · pooled over {count} instances"
-    return f"{table.experiment} · {table.dataset}{scope}"
+    budget = "" if table.kl_budget is None else f" · KL ≤ {table.kl_budget:g}"
+    return f"{table.experiment} · {table.dataset}{scope}{budget}"

@@ -207,6 +207,10 @@ class Evaluator:
         """Where this evaluation (config and judge) of a run keeps its samples, verdicts and metrics."""
         return run_dir / f"evaluation-{self.key()}"
 
+    def samples_path(self, run_dir: Path) -> Path:
+        """Where a run's samples on the reported prompts at the leaderboard temperature are."""
+        return self.results_dir(run_dir) / f"T{self.config.headline_temperature:g}" / "samples.jsonl"
+
     @property
     def judge(self) -> Judge:
         """The judge whose verdicts are the win rate."""
@@ -220,8 +224,10 @@ class Evaluator:
         return ", ".join(f"{label}={judge.name}" for label, judge in self.judges.items())
 
     def key(self) -> str:
-        """A digest of what makes two evaluations of one policy differ: the config (every judge in it) and the judge."""
-        return digest({"evaluation": self.config.model_dump(mode="json"), "judge": self.judge.name})
+        """A digest of what makes two evaluations of one policy differ: the config (every judge in it) and the judge, or
+        every judge where the task brings several of its own."""
+        task_judges = {} if self.config.panel or len(self.judges) == 1 else {"task_judges": self.judge_names}
+        return digest({"evaluation": self.config.model_dump(mode="json"), "judge": self.judge.name} | task_judges)
 
     def has_result(self, run_dir: Path) -> bool:
         """Whether the run's metrics under this evaluation are stored (rank zero's answer, on every rank)."""
@@ -306,15 +312,20 @@ class Evaluator:
         policy_logps = sequence_logps(policy, prompt_ids, flat, self.pad, self.config.batch_size, temperature)
         reference_logps = sequence_logps(self.reference, prompt_ids, flat, self.pad, self.config.batch_size)
         results: dict[str, float] = {}
-        rewarded = next((label for label, judge in self.judges.items() if judge.gives_rewards), None)
+        rewarded = [label for label, judge in self.judges.items() if judge.gives_rewards]
         rewards: list[float] | None = None
-        if rewarded is None:
+        if not rewarded:
             results |= scalars(kl_summary(policy_logps, reference_logps))
-        else:
-            rewards = [math.nan if verdict.candidate_reward is None else verdict.candidate_reward for verdict in panel[rewarded]]
+        for position, label in enumerate(rewarded):  # the first rewarding judge's reward is the reward, the others' beside
+            scored = [math.nan if verdict.candidate_reward is None else verdict.candidate_reward for verdict in panel[label]]
             reward_kl = RewardKL(sync_on_compute=False)
-            reward_kl.update(torch.tensor(rewards, dtype=torch.float64), policy_logps, reference_logps)
-            results |= scalars(reward_kl.compute())
+            reward_kl.update(torch.tensor(scored, dtype=torch.float64), policy_logps, reference_logps)
+            summary = reward_kl.compute()
+            if position:
+                results |= scalars({f"{label}/{name}": summary[name] for name in ("reward", "reward_stderr")})
+            else:
+                rewards = scored
+                results |= scalars(summary)
         win_rate = WinRate(resamples=self.config.bootstrap_resamples, sync_on_compute=False)
         win_rate.update(
             torch.tensor([verdict.outcome for verdict in verdicts]),

@@ -62,7 +62,7 @@ class LanguageModelSweep:
 
     def run(self) -> list[LanguageModelRecord]:
         with rank_zero_first():
-            tokenizer = self.task.load_tokenizer()
+            tokenizer = self.task.load_tokenizer(self.context.cache_dir)
         return [
             record
             for instance, task in self.task.task_instances()
@@ -79,13 +79,16 @@ class LanguageModelSweep:
         """One seed of one task instance (``instance`` None: the recipe's one instance)."""
         console, cache_dir = self.context.console, self.context.cache_dir
         pad = pad_token_id(tokenizer)
-        L.seed_everything(seed, verbose=False)
+        sft_seed = seed if task.sft_seed is None else task.sft_seed
+        L.seed_everything(sft_seed, verbose=False)
         with rank_zero_first():  # one rank downloads the weights and the data, the others then read its copies
             base = task.model.build(vocab_size=len(tokenizer))
-            examples = task.sft_examples(seed, tokenizer, console)
+            examples = task.sft_examples(sft_seed, tokenizer, console)
         sft = {}
         if task.sft is not None:
-            sft = fine_tune(base, examples.train, examples.held_out, pad, seed, task.sft, cache_dir, console).provenance()
+            sft = fine_tune(base, examples.train, examples.held_out, pad, sft_seed, task.sft, cache_dir, console).provenance()
+        if sft_seed != seed:
+            L.seed_everything(seed, verbose=False)
         data = task.task_data(seed, tokenizer, base, examples, cache_dir, console)
         pairs = data.train + data.evaluation
         provenance = SeedProvenance(
@@ -143,8 +146,11 @@ class LanguageModelSweep:
             result = fit(unit, base, pair_data, evaluator, every, tracked, console)
             if result is not None:  # a diverged run is recorded as failed in the store, and left out here
                 regularization = unit.run.method.regularization
+                samples = None if evaluator is None else evaluator.samples_path(unit.run_dir)
                 records.append(
-                    LanguageModelRecord(unit.run.label, unit.lam, unit.directory_key, provenance, *result, regularization)
+                    LanguageModelRecord(
+                        unit.run.label, unit.lam, unit.directory_key, provenance, *result, regularization, samples
+                    )
                 )
         return records
 
@@ -174,10 +180,9 @@ class LanguageModelSweep:
         config = self.task.evaluation
         assert config is not None
         judges: list[Judge] = [judge.build(self.context.cache_dir / "judgments", seed) for judge in config.panel]
-        if not judges and data.judge is not None:
-            judges = [data.judge]
+        judges = judges or list(data.judges)
         assert judges, "the recipe validator requires a judge for tasks without their own"
-        truth = data.judge if config.calibrate else None
+        truth = data.judges[0] if config.calibrate else None
         found = data.test or self._held_out_prompts(data, tokenizer)
         set_aside = 0 if config.selection is None else config.selection.prompts
         reported = found.cut(set_aside, None if config.prompts is None else set_aside + config.prompts)
@@ -212,7 +217,7 @@ class LanguageModelSweep:
             tracked.log_metrics(metrics)
             tracked.log_artifacts([evaluator.results_dir(run_dir)])
             tracked.mark_complete()
-        return LanguageModelRecord(REFERENCE_LABEL, None, key, provenance, None, metrics)
+        return LanguageModelRecord(REFERENCE_LABEL, None, key, provenance, None, metrics, samples=evaluator.samples_path(run_dir))
 
     def _open(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import lzma
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ from matplotlib.figure import Figure
 from rich.console import Console
 
 from expo_bench import metric_keys, reporting
+from expo_bench.cache import atomic_write
 from expo_bench.metric_keys import Metric
 from expo_bench.sweep.records import LanguageModelRecord
 
@@ -161,4 +164,29 @@ def write(experiment: str, records: Sequence[LanguageModelRecord], out_dir: Path
     table.write_text(text)
     curves = out_dir / "training.png"
     plot_training(trained, curves)
-    return [table, curves]
+    samples = write_samples(records, out_dir / SAMPLES)
+    return [table, curves, *([] if samples is None else [samples])]
+
+
+SAMPLES = "samples.jsonl.xz"
+"""Every evaluated policy's samples on the reported prompts, one JSON object a line: what anyone can judge again."""
+
+
+def write_samples(records: Sequence[LanguageModelRecord], path: Path) -> Path | None:
+    """Each evaluated run's samples on the reported prompts at the leaderboard temperature (prompt, completion, method,
+    its hyperparameters, seed and the reward where the judge gives one), xz-compressed; None when none was evaluated."""
+    rows = []
+    for record in sorted(records, key=lambda r: (r.method, json.dumps(r.directory_key.params, sort_keys=True), r.seed)):
+        if record.samples is None or not record.samples.exists():
+            continue
+        common = {"method": record.method, "lam": record.lam, "params": record.directory_key.params, "seed": record.seed}
+        if (instance := record.provenance.facts.get("instance")) is not None:
+            common["instance"] = instance
+        for line in record.samples.read_text(encoding="utf-8").splitlines():
+            sample = json.loads(line)
+            kept = {"prompt_index": sample["prompt_index"], "prompt": sample["prompt"], "completion": sample["response"]}
+            rows.append(json.dumps(common | kept | {k: sample[k] for k in ("reward",) if k in sample}, ensure_ascii=False))
+    if not rows:
+        return None
+    atomic_write(path, lzma.compress(("\n".join(rows) + "\n").encode("utf-8"), preset=9))
+    return path

@@ -224,6 +224,8 @@ class LanguageModelRecord:
     evaluation: dict[str, float] | None
     regularization: str | None = None
     """The hyperparameter that is the method's λ (``beta``), if it has one: what the reports show as λ."""
+    samples: Path | None = None
+    """The evaluation's samples on the reported prompts at the leaderboard temperature (None: not evaluated)."""
 
     @property
     def seed(self) -> int:

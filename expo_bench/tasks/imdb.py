@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -19,10 +19,12 @@ from expo_bench.config_model import ConfigModel, LocalOrHub
 from expo_bench.distributed import accelerator_device, rank_zero_first
 from expo_bench.errors import DataError
 from expo_bench.evaluation.judges import RewardModelJudge
-from expo_bench.evaluation.reward_models import HFSentimentClassifier, RewardModel, TfidfSentiment
+from expo_bench.evaluation.reward_models import HFSentimentClassifier, NaiveBayesSentiment, RewardModel, TfidfSentiment
 from expo_bench.lm import imdb
+from expo_bench.lm.fitted_tokenizer import FittedTokenizer
 from expo_bench.lm.imdb import Review, label_pairs, load_reviews, make_prompts
 from expo_bench.lm.model import on_accelerator
+from expo_bench.lm.ngram import bigram_nll
 from expo_bench.lm.pairs import PromptPair, require_records
 from expo_bench.lm.sampling import SamplingConfig, sample_responses
 from expo_bench.lm.tokenize import TokenizedPair, pad_token_id, tokenize_pair, unseen_prompts
@@ -35,39 +37,76 @@ if TYPE_CHECKING:
 
 
 class RewardModelConfig(ConfigModel):
-    """The ground-truth reward: ``tfidf`` (trained here on the IMDb train reviews, cached) or a
-    ``huggingface`` sequence classifier (the DPO paper used siebert/sentiment-roberta-large-english)."""
+    """A sentiment reward: ``tfidf`` (word TF-IDF logistic regression) or ``naive_bayes`` (character n-gram naive
+    Bayes), both fitted here on IMDb training reviews and cached, or a ``huggingface`` sequence classifier (the DPO
+    paper used siebert/sentiment-roberta-large-english)."""
 
-    kind: Literal["tfidf", "huggingface"] = "tfidf"
+    kind: Literal["tfidf", "naive_bayes", "huggingface"] = "tfidf"
     name_or_path: LocalOrHub = "siebert/sentiment-roberta-large-english"
+    fold: tuple[int, int] | None = None
+    """``[k, n]``: fit on the training reviews in fold k of n, a review's fold fixed by a hash of its id (the files are
+    sorted by label, so a prefix of them is one-sided); unset: every training review. Two scorers fitted on different
+    folds of one n never saw each other's reviews."""
     train_reviews: int | None = Field(None, gt=0)
-    """``tfidf``: fit on the first this many training reviews (all when unset)."""
+    """Fit on the first this many training reviews (of the fold; all when unset)."""
+    added_later: ClassVar[frozenset[str]] = frozenset({"fold"})
 
-    def build(self, reviews: list[Review], seed: int, cache_dir: Path) -> RewardModel:
-        return REWARD_MODELS[self.kind](self, reviews, seed, cache_dir)
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> RewardModelConfig:
+        if self.fold is not None and not 0 <= self.fold[0] < self.fold[1]:
+            raise ValueError(f"fold must be [k, n] with 0 <= k < n, got {list(self.fold)}")
+        return self
+
+    @property
+    def fitted_here(self) -> bool:
+        return self.kind != "huggingface"
+
+    def fitting_reviews(self, reviews: Sequence[Review]) -> list[Review]:
+        """The training reviews this scorer is fitted on."""
+        chosen = list(reviews) if self.fold is None else [review for review in reviews if in_fold(review.id, *self.fold)]
+        return chosen[: self.train_reviews]
+
+    def build(self, reviews: Sequence[Review], seed: int, cache_dir: Path) -> RewardModel:
+        if not self.fitted_here:
+            return HFSentimentClassifier(self.name_or_path, device=accelerator_device())
+        model_class = FITTED_HERE[self.kind]
+        subset = self.fitting_reviews(reviews)
+        digest = hashlib.sha256(("|".join(review.id for review in subset) + f"|{seed}").encode()).hexdigest()[:16]
+        path = cache_dir / f"sentiment-{self.kind}-{digest}.skops"
+        with rank_zero_first():  # rank zero trains and saves it, the other ranks load its file
+            if path.exists():
+                return model_class.load(path)
+            model = model_class.train(subset, seed)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            model.save(path)
+            return model
 
 
-def _tfidf(config: RewardModelConfig, reviews: list[Review], seed: int, cache_dir: Path) -> RewardModel:
-    subset = reviews[: config.train_reviews]
-    digest = hashlib.sha256(("|".join(review.id for review in subset) + f"|{seed}").encode()).hexdigest()[:16]
-    path = cache_dir / f"sentiment-tfidf-{digest}.skops"
-    with rank_zero_first():  # rank zero trains and saves it, the other ranks load its file
-        if path.exists():
-            return TfidfSentiment.load(path)
-        model = TfidfSentiment.train(subset, seed)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        model.save(path)
-        return model
-
-
-def _huggingface(config: RewardModelConfig, reviews: list[Review], seed: int, cache_dir: Path) -> RewardModel:
-    return HFSentimentClassifier(config.name_or_path, device=accelerator_device())
-
-
-REWARD_MODELS: dict[str, Callable[[RewardModelConfig, list[Review], int, Path], RewardModel]] = {
-    "tfidf": _tfidf,
-    "huggingface": _huggingface,
+FITTED_HERE: dict[str, type[TfidfSentiment] | type[NaiveBayesSentiment]] = {
+    "tfidf": TfidfSentiment,
+    "naive_bayes": NaiveBayesSentiment,
 }
+
+
+def in_fold(review_id: str, k: int, n: int) -> bool:
+    """Whether a review is in fold k of n: by the sha256 of its id, so the split is the same in every run and seed."""
+    return int(hashlib.sha256(review_id.encode()).hexdigest()[:8], 16) % n == k
+
+
+def independence_problem(labeller: RewardModelConfig, second: RewardModelConfig) -> str | None:
+    """Why ``second`` is not independent of the labelling reward model, or None: fitted here, it must be fitted on a
+    fold of the training reviews the labeller's fold excludes; from the hub, it must be another model."""
+    if labeller.fitted_here != second.fitted_here:
+        return None
+    if not labeller.fitted_here:
+        return None if labeller.name_or_path != second.name_or_path else f"both are {second.name_or_path}"
+    folds = labeller.fold, second.fold
+    if None in folds or folds[0][1] != folds[1][1] or folds[0][0] == folds[1][0]:  # type: ignore[index]
+        return (
+            "both are fitted on IMDb training reviews, so each needs its own fold of one split: e.g. "
+            "reward_model.fold [0, 2] and second_reward_model.fold [1, 2]"
+        )
+    return None
 
 
 def review_example(tokenizer: PreTrainedTokenizerBase, review: Review, max_length: int) -> TokenizedPair:
@@ -84,7 +123,7 @@ class IMDbTask(LanguageModelTask):
     kind: Literal["imdb"]
     has_own_judge: ClassVar[bool] = True
     rank_by: ClassVar[Metric] = metric_keys.REWARD
-    tokenizer: LocalOrHub = "gpt2-large"
+    tokenizer: LocalOrHub | FittedTokenizer = "gpt2-large"
     source: str = imdb.HUB_ID
     train_split: str = "train"
     eval_split: str = "test"
@@ -100,6 +139,10 @@ class IMDbTask(LanguageModelTask):
     reward_model: RewardModelConfig = RewardModelConfig()
     margin: float = Field(0.1, gt=0)
     """Keep a pair of completions only if their rewards (P(positive)) differ by at least this much."""
+    second_reward_model: RewardModelConfig | None = None
+    """An independent sentiment scorer that judges every evaluated policy beside the labelling reward model and is
+    never used to label or train: its reward and win rate are reported as ``eval/j2/reward`` and ``eval/j2/win_rate``,
+    with the two scorers' agreement. A gain the labeller sees and this scorer does not is reward hacking."""
 
     @model_validator(mode="after")
     def _source_exists(self) -> IMDbTask:
@@ -111,6 +154,8 @@ class IMDbTask(LanguageModelTask):
                     require_records(Path(self.source), split)
                 except DataError as error:
                     raise ValueError(str(error)) from None
+        if self.second_reward_model is not None and (why := independence_problem(self.reward_model, self.second_reward_model)):
+            raise ValueError(f"second_reward_model must be independent of reward_model: {why}")
         low, high = self.prompt_tokens
         if not 1 <= low <= high:
             raise ValueError(f"prompt_tokens must be [low, high] with 1 <= low <= high, got {list(self.prompt_tokens)}")
@@ -119,6 +164,10 @@ class IMDbTask(LanguageModelTask):
     @property
     def dataset(self) -> str:
         return "imdb"
+
+    def tokenizer_texts(self) -> list[str]:
+        """Every training review: what SFT trains on and ``tokenizer: {fit: ...}`` is fitted to."""
+        return [review.text for review in _load(self.source, self.train_split, self.skip_malformed)]
 
     def _reviews(self, seed: int) -> tuple[list[Review], list[Review], list[Review]]:
         """All training reviews, and the training and held-out reviews shuffled by seed."""
@@ -195,8 +244,13 @@ class IMDbTask(LanguageModelTask):
         provenance = {key: labelled[key] for key in ("reward_model", "labeling", "eval_labeling")}
         provenance["held_out_pairs_dropped_as_training_prompts"] = len(evaluation) - len(kept)
         evaluation = kept
-        judge = None if self.evaluation is None else RewardModelJudge(self.reward_model.build(train_reviews, seed, cache_dir))
-        return TaskData(train, evaluation, provenance, judge=judge)
+        if sft.train and sft.held_out:
+            provenance["bigram_val_nll"] = bigram_nll(sft.train, sft.held_out, len(tokenizer))
+        scorers = [self.reward_model, *([] if self.second_reward_model is None else [self.second_reward_model])]
+        judges = (
+            () if self.evaluation is None else tuple(RewardModelJudge(s.build(train_reviews, seed, cache_dir)) for s in scorers)
+        )
+        return TaskData(train, evaluation, provenance, judges=judges)
 
     def _pairs(
         self,

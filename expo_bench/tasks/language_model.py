@@ -15,6 +15,7 @@ from expo_bench import metric_keys
 from expo_bench.config_model import LocalOrHub
 from expo_bench.evaluation.types import Judge
 from expo_bench.lm.evaluator import EvaluationConfig, ExactMetrics, HeldOutPrompts
+from expo_bench.lm.fitted_tokenizer import FittedTokenizer
 from expo_bench.lm.model import LoraSettings, ModelConfig, ReferenceKind
 from expo_bench.lm.sampling import SamplingConfig
 from expo_bench.lm.tokenize import TokenizationConfig, TokenizedPair
@@ -43,8 +44,9 @@ class TaskData:
     evaluation: list[TokenizedPair]
     provenance: Mapping[str, str | int | float] = field(default_factory=dict)
     """Task-specific facts recorded with every run (e.g. how IMDb's pairs were labelled)."""
-    judge: Judge | None = None
-    """The task's own ground-truth judge (a reward model, an oracle), used when the recipe names none."""
+    judges: tuple[Judge, ...] = ()
+    """The task's own judges, used when the recipe names none: the ground truth (a reward model, an oracle) first, then
+    any independent scorer beside it (IMDb's second reward model)."""
     exact: ExactMetrics | None = None
     test: HeldOutPrompts | None = None
     """Evaluation prompts with reference responses of their own (AlpacaEval-style); None: each distinct held-out
@@ -58,11 +60,16 @@ class LanguageModelTask(TaskBase):
     """A preference task for causal language models. A subclass names its ``kind`` and supplies
     :meth:`sft_examples` and :meth:`task_data`."""
 
-    tokenizer: LocalOrHub
+    tokenizer: LocalOrHub | FittedTokenizer
+    """A tokenizer from the hub or a local folder, or ``{fit: {vocab_size: 4096}}``: byte-level BPE fitted to the task's
+    training texts (cached), where the task has some of its own (IMDb's reviews)."""
     tokenization: TokenizationConfig = TokenizationConfig()
     model: ModelConfig
     sft: TrainConfig | None = None
     """Supervised fine-tuning first; its result is the reference and every method's start."""
+    sft_seed: int | None = None
+    """Build and fine-tune one SFT model from this seed for every seed of the recipe (the DPO paper's one SFT model):
+    seeds then vary the pairs, training and evaluation draws, not the reference. Unset: each seed its own SFT model."""
     reference_samples: SamplingConfig | None = None
     """Sample responses from the reference (the SFT model) once per seed and cache them: EXPO's
     ``kl_estimator: reference_samples`` estimates KL(π_ref ‖ π) on them."""
@@ -97,6 +104,10 @@ class LanguageModelTask(TaskBase):
 
     @model_validator(mode="after")
     def _lora_reference(self) -> LanguageModelTask:
+        if isinstance(self.tokenizer, FittedTokenizer) and type(self).tokenizer_texts is LanguageModelTask.tokenizer_texts:
+            raise ValueError(
+                "tokenizer: this task kind has no texts of its own to fit a tokenizer to: name one (a hub id or a folder)"
+            )
         if self.redraw_reference_samples and self.reference_samples is None:
             raise ValueError("redraw_reference_samples needs reference_samples to redraw")
         if self.reference == "adapter_disabled" and self.lora is None:
@@ -120,10 +131,17 @@ class LanguageModelTask(TaskBase):
         tiny = self.model.tiny or {}
         return self.model.name_or_path or f"tiny {tiny.get('model_type')}"
 
-    def load_tokenizer(self) -> Any:
+    def load_tokenizer(self, cache_dir: Path | None = None) -> Any:
+        """The tokenizer; ``cache_dir`` keeps what a task builds for itself (a fitted tokenizer)."""
         from transformers import AutoTokenizer
 
+        if isinstance(self.tokenizer, FittedTokenizer):
+            return self.tokenizer.fit.tokenizer(self.tokenizer_texts(), cache_dir)
         return AutoTokenizer.from_pretrained(self.tokenizer)
+
+    def tokenizer_texts(self) -> list[str]:
+        """The texts ``tokenizer: {fit: ...}`` is fitted to; a task without texts of its own to fit one leaves this."""
+        raise NotImplementedError
 
     trains_with_lightning: ClassVar[bool] = True
 

@@ -170,8 +170,8 @@ class PreferenceTask(PairsTask):
     def split_names(self) -> tuple[str, str | None]:
         return self.splits.train, self.splits.validation
 
-    def load_tokenizer(self) -> Any:
-        tokenizer = super().load_tokenizer()
+    def load_tokenizer(self, cache_dir: Path | None = None) -> Any:
+        tokenizer = super().load_tokenizer(cache_dir)
         if self.chat_template is not None:
             tokenizer.chat_template = self.chat_template
         return tokenizer

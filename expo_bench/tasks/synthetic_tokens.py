@@ -136,7 +136,7 @@ class SyntheticTokensTask(LanguageModelTask):
         """π*(y | x) ∝ exp r(x, y) over every response: ``(prompts, responses)``."""
         return torch.softmax(self.rewards, dim=-1)
 
-    def load_tokenizer(self) -> PreTrainedTokenizerFast:
+    def load_tokenizer(self, cache_dir: Path | None = None) -> PreTrainedTokenizerFast:
         from tokenizers import Tokenizer, models, pre_tokenizers
         from transformers import PreTrainedTokenizerFast
 
@@ -216,7 +216,7 @@ class SyntheticTokensTask(LanguageModelTask):
             f"{len(self.responses)} responses per prompt"
         )
         judge = OracleJudge(self.reward, name="oracle")
-        return TaskData(sft.train, sft.held_out, judge=judge, exact=self.exact_metrics(tokenizer, reference))
+        return TaskData(sft.train, sft.held_out, judges=(judge,), exact=self.exact_metrics(tokenizer, reference))
 
     def exact_metrics(self, tokenizer: PreTrainedTokenizerBase, reference: PreTrainedModel) -> ExactMetrics:
         """On the given prompts, by enumerating every well-formed response (seen in training or held out): KL(π*‖π)
