@@ -2,8 +2,8 @@
 
 The pipeline: prompts are the first 2–8 tokens of a review; the SFT model samples k completions per prompt;
 a sentiment classifier scores them; every pair of completions whose scores differ by at least a margin
-becomes a preference pair, the higher score chosen. The same classifier is the ground-truth reward at
-evaluation (:mod:`expo_bench.lm.sentiment`).
+becomes a preference pair, the higher score chosen (:class:`Labelling`). The same classifier is the ground-truth
+reward at evaluation.
 """
 
 from __future__ import annotations
@@ -19,10 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expo_bench.errors import DataError
+from expo_bench.evaluation.reward_models import RewardModel
+from expo_bench.lm.model import on_accelerator
 from expo_bench.lm.pairs import PromptPair, json_object, jsonl_lines, split_file
+from expo_bench.lm.sampling import SamplingConfig, sample_responses
+from expo_bench.lm.tokenize import pad_token_id
+from expo_bench.reporting import progress
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from rich.console import Console
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 HUB_ID = "stanfordnlp/imdb"
 EXPECTED = "a JSON object with string 'text', 'label' 0 or 1 and, if present, string 'id'"
@@ -160,3 +166,62 @@ def label_pairs(
                 pairs.append(PromptPair(prompt, chosen, rejected))
     report.kept_pairs = len(pairs)
     return pairs, report
+
+
+@dataclass(frozen=True)
+class Labelling:
+    """How preference pairs are made from reviews: each review's 2–8 token prefix is a prompt, the SFT model samples
+    completions of it, the reward model scores prefix + completion, and :func:`label_pairs` keeps pairs by margin."""
+
+    prompt_tokens: tuple[int, int]
+    completions: SamplingConfig
+    margin: float
+
+    def label(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        model: PreTrainedModel,
+        reward: RewardModel,
+        reviews: tuple[Sequence[Review], Sequence[Review]],
+        seed: int,
+        console: Console,
+    ) -> dict[str, Any]:
+        """The training and held-out pairs (``[prompt, chosen, rejected]`` texts) and what labelling kept of each:
+        what the task caches."""
+        with on_accelerator(model):
+            train, train_report = self.pairs(tokenizer, model, reward, reviews[0], seed, console)
+            evaluation, eval_report = self.pairs(tokenizer, model, reward, reviews[1], seed + 1, console)
+        return {
+            "reward_model": reward.name,
+            "train": train,
+            "evaluation": evaluation,
+            "labeling": train_report,
+            "eval_labeling": eval_report,
+        }
+
+    def pairs(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        model: PreTrainedModel,
+        reward: RewardModel,
+        reviews: Sequence[Review],
+        seed: int,
+        console: Console,
+    ) -> tuple[list[list[str]], str]:
+        """Sample completions of each review's prefix, score prefix + completion, keep pairs by margin; the pairs come
+        back as ``[prompt, chosen, rejected]`` texts, with the labelling report's summary."""
+        low, high = self.prompt_tokens
+        prompts = make_prompts(reviews, tokenizer, low, high, seed)
+        pad = pad_token_id(tokenizer)
+        with progress(console, "IMDb labelling: completions (prompts)", len(prompts)) as done:
+            samples = sample_responses(model, prompts, self.completions, pad, tokenizer.eos_token_id, seed, done)
+        prompt_texts = [str(tokenizer.decode(prompt)) for prompt in prompts]
+        completions = [[str(tokenizer.decode(sample, skip_special_tokens=True)) for sample in group] for group in samples]
+        rewards: list[list[float]] = []
+        with progress(console, f"IMDb labelling: rewards by {reward.name} (prompts)", len(prompts)) as done:
+            for prompt, group in zip(prompt_texts, completions, strict=True):
+                rewards.append(reward.score([prompt + text for text in group]))
+                if done is not None:
+                    done(len(rewards))
+        pairs, report = label_pairs(prompt_texts, completions, rewards, self.margin)
+        return [[pair.prompt, pair.chosen, pair.rejected] for pair in pairs], report.summary()

@@ -22,14 +22,12 @@ from expo_bench.evaluation.judges import RewardModelJudge
 from expo_bench.evaluation.reward_models import HFSentimentClassifier, NaiveBayesSentiment, RewardModel, TfidfSentiment
 from expo_bench.lm import imdb
 from expo_bench.lm.fitted_tokenizer import FittedTokenizer
-from expo_bench.lm.imdb import Review, label_pairs, load_reviews, make_prompts
-from expo_bench.lm.model import on_accelerator
+from expo_bench.lm.imdb import Labelling, Review, load_reviews
 from expo_bench.lm.ngram import bigram_nll
 from expo_bench.lm.pairs import PromptPair, require_records
-from expo_bench.lm.sampling import SamplingConfig, sample_responses
-from expo_bench.lm.tokenize import TokenizedPair, pad_token_id, tokenize_pair, unseen_prompts
+from expo_bench.lm.sampling import SamplingConfig
+from expo_bench.lm.tokenize import TokenizedPair, tokenize_pair, unseen_prompts
 from expo_bench.metric_keys import Metric
-from expo_bench.reporting import progress
 from expo_bench.tasks.language_model import LanguageModelTask, SFTExamples, TaskData
 
 if TYPE_CHECKING:
@@ -202,7 +200,6 @@ class IMDbTask(LanguageModelTask):
         from expo_bench.lm.data import fingerprint_module  # Lightning: not needed to validate a recipe
 
         train_reviews, shuffled, held_out = self._reviews(seed)
-        pad = pad_token_id(tokenizer)
         prompt_reviews = shuffled[: self.train_prompts], held_out[: self.eval_prompts]
         key = {
             "sft_model": fingerprint_module(reference),
@@ -211,18 +208,11 @@ class IMDbTask(LanguageModelTask):
             "seed": seed,
         }
 
+        labelling = Labelling(self.prompt_tokens, self.completions, self.margin)
+
         def label() -> dict[str, Any]:
             reward = self.reward_model.build(train_reviews, seed, cache_dir)
-            with on_accelerator(reference):
-                train, train_report = self._pairs(tokenizer, reference, reward, prompt_reviews[0], seed, pad, console)
-                evaluation, eval_report = self._pairs(tokenizer, reference, reward, prompt_reviews[1], seed + 1, pad, console)
-            return {
-                "reward_model": reward.name,
-                "train": train,
-                "evaluation": evaluation,
-                "labeling": train_report,
-                "eval_labeling": eval_report,
-            }
+            return labelling.label(tokenizer, reference, reward, prompt_reviews, seed, console)
 
         labelled, hit = cached(cache_dir, "imdb-pairs", key, label)
         console.print(
@@ -251,33 +241,6 @@ class IMDbTask(LanguageModelTask):
             () if self.evaluation is None else tuple(RewardModelJudge(s.build(train_reviews, seed, cache_dir)) for s in scorers)
         )
         return TaskData(train, evaluation, provenance, judges=judges)
-
-    def _pairs(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        base: PreTrainedModel,
-        reward: RewardModel,
-        reviews: list[Review],
-        seed: int,
-        pad: int,
-        console: Console,
-    ) -> tuple[list[list[str]], str]:
-        """Sample completions of each review's prefix, score prefix + completion, keep pairs by margin;
-        the pairs come back as ``[prompt, chosen, rejected]`` texts (what the cache stores)."""
-        low, high = self.prompt_tokens
-        prompts = make_prompts(reviews, tokenizer, low, high, seed)
-        with progress(console, "IMDb labelling: completions (prompts)", len(prompts)) as done:
-            samples = sample_responses(base, prompts, self.completions, pad, tokenizer.eos_token_id, seed, done)
-        prompt_texts = [str(tokenizer.decode(prompt)) for prompt in prompts]
-        completions = [[str(tokenizer.decode(sample, skip_special_tokens=True)) for sample in group] for group in samples]
-        rewards: list[list[float]] = []
-        with progress(console, f"IMDb labelling: rewards by {reward.name} (prompts)", len(prompts)) as done:
-            for prompt, group in zip(prompt_texts, completions, strict=True):
-                rewards.append(reward.score([prompt + text for text in group]))
-                if done is not None:
-                    done(len(rewards))
-        pairs, report = label_pairs(prompt_texts, completions, rewards, self.margin)
-        return [[pair.prompt, pair.chosen, pair.rejected] for pair in pairs], report.summary()
 
 
 @functools.lru_cache(maxsize=4)
