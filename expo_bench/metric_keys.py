@@ -154,6 +154,13 @@ def panel_columns(keys: Iterable[str]) -> list[Metric]:
     return [metric for _, _, metric in sorted(found, key=lambda entry: entry[:2])]
 
 
+def judge_of(key: str, metric: Metric) -> str | None:
+    """The label of the later judge whose ``metric`` ``key`` is (``eval/j2/reward`` -> ``j2``), else None."""
+    head, _, name = metric.key.rpartition("/")
+    match = re.fullmatch(rf"{re.escape(head)}/({_LABEL})/{re.escape(name)}", key)
+    return None if match is None else match.group(1)
+
+
 def standard_error_key(key: str) -> str:
     """The key of a metric's standard error within one run: ``.../win_rate`` -> ``.../stderr`` (AlpacaEval's name),
     any other ``key`` -> ``key_stderr``."""

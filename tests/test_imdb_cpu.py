@@ -5,6 +5,7 @@ recipe rehearsed as shipped through the installed console script."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import lzma
 import math
@@ -22,7 +23,7 @@ from rich.console import Console
 
 from expo_bench import tracking
 from expo_bench.errors import RecipeError
-from expo_bench.leaderboard.render import _caption
+from expo_bench.leaderboard.render import _caption, write_leaderboard
 from expo_bench.leaderboard.table import StoredRun, build_table
 from expo_bench.lm.fitted_tokenizer import TokenizerFit
 from expo_bench.lm.imdb import load_reviews
@@ -234,3 +235,21 @@ def test_the_shipped_recipe_runs_through_the_console_script(tmp_path: Path) -> N
     summary = json.loads((out / "summary.json").read_text())
     facts = summary["runs"][0]
     assert facts["sft_val_nll_after"] < facts["sft_val_nll_before"] and facts["bigram_val_nll"] > 0
+
+
+def test_a_gain_the_second_judge_does_not_see_is_flagged(tmp_path: Path) -> None:
+    def run(method: str, reward: float, second: float, seed: int) -> StoredRun:
+        tags = {tracking.METHOD: method, tracking.CONFIG_KEY: method, tracking.SEED: str(seed)}
+        tags |= {tracking.RANK_METRIC: REWARD.key, tracking.RANK_GOAL: "max"}
+        return StoredRun(f"{method}-{seed}", {REWARD.key: reward, "eval/j2/reward": second}, {}, tags)
+
+    noise = (0.0, 0.01, -0.01)
+    runs = [run("dpo", 0.6 + e, 0.6 + e, s) for s, e in enumerate(noise)]
+    runs += [run("hacker", 0.8 + e, 0.6 - e, s) for s, e in enumerate(noise)]  # the labeller's gain alone
+    runs += [run("honest", 0.7 + e, 0.7 + e, s) for s, e in enumerate(noise)]  # seen by both judges
+    table = build_table("sqlite:///store.db", "demo", "imdb", runs)
+    assert set(table.verdicts["hacker"].unconfirmed) == {"j2"} and table.verdicts["honest"].unconfirmed == {}
+    assert table.verdicts["dpo"].unconfirmed == {}
+    output = io.StringIO()
+    write_leaderboard([table], tmp_path, Console(file=output, width=200))
+    assert "gain not confirmed by j2" in output.getvalue()

@@ -104,6 +104,10 @@ def _notes(verdict: RowVerdict) -> str:
         notes = ["best"]
     else:
         notes = ["not distinguishable from best" if verdict.not_distinguishable_from_best else "worse than best"]
+    notes += [
+        f"gain not confirmed by {label} (Δ {_difference(found, None)}): reward hacking?"
+        for label, found in verdict.unconfirmed.items()
+    ]
     notes += [f"grid edge: {edge}" for edge in verdict.edges]
     return "; ".join(notes)
 

@@ -7,7 +7,7 @@ import math
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import matplotlib
@@ -33,8 +33,10 @@ from expo_bench.metric_keys import (
     CATALOG,
     KL,
     LEADERBOARD_COLUMNS,
+    REWARD,
     Goal,
     Metric,
+    judge_of,
     panel_columns,
     selected_metric,
     selection_key,
@@ -161,6 +163,9 @@ class RowVerdict:
     """TOST of this row and the best at the table's equivalence margin (None: the best row, or no margin)."""
     leave_one_seed_out: Estimate | None = None
     """The rank metric when each seed's configuration is picked on the other seeds' selection metric (where asked)."""
+    unconfirmed: dict[str, PairedDifference | None] = field(default_factory=dict)
+    """Ranked by a judge's reward, a gain over the baseline its 95% CI shows that another judge's reward does not
+    (reward hacking, or a judge's quirk): that judge's label → its paired difference from the baseline."""
 
     @property
     def not_distinguishable_from_best(self) -> bool:
@@ -300,6 +305,9 @@ def build_table(
             leave_one_seed_out=_leave_one_seed_out(eligible[row.method], rank_metric, rank_goal)
             if settings.leave_one_seed_out
             else None,
+            unconfirmed={}
+            if baseline_row is None or row is baseline_row
+            else _unconfirmed(row, baseline_row, rank_metric, versus_baseline.get(row.method)),
         )
         for row in rows
     }
@@ -319,6 +327,26 @@ def build_table(
         tuple(sorted(method for method, found in picks.items() if found is None)),
         kl_budget,
     )
+
+
+def _shown_gain(found: PairedDifference | None) -> bool:
+    return found is not None and found.half_width is not None and found.mean - found.half_width > 0
+
+
+def _unconfirmed(
+    row: Configuration, baseline: Configuration, rank_metric: str, gain: PairedDifference | None
+) -> dict[str, PairedDifference | None]:
+    """The other judges (``eval/<label>/reward``) whose reward does not show the gain over the baseline that the rank
+    metric, a reward, shows."""
+    if rank_metric != REWARD.key or not _shown_gain(gain):
+        return {}
+    found = {}
+    for key in sorted(row.estimates):
+        if (label := judge_of(key, REWARD)) is not None:
+            other = paired_difference(row.by_unit(key), baseline.by_unit(key))
+            if not _shown_gain(other):
+                found[label] = other
+    return found
 
 
 def _holm(column: dict[str, PairedDifference | None]) -> dict[str, float]:
