@@ -39,11 +39,12 @@ class PairDataset(Dataset[PreferenceBatch]):
         reference_logps: Tensor | None = None,
         reference_samples: Sequence[list[list[int]]] | None = None,
         reference_sample_logps: Sequence[list[float]] | None = None,
+        samples_per_epoch: int | None = None,
     ) -> None:
         self.pairs, self.pad_token_id = pairs, pad_token_id
         self.reference_logps, self.reference_samples = reference_logps, reference_samples
         self.reference_sample_logps = reference_sample_logps
-        self.samples_per_epoch: int | None = None
+        self.samples_per_epoch = samples_per_epoch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -14,10 +14,10 @@ from expo_bench.cache import digest
 from expo_bench.distributed import rank_zero_first
 from expo_bench.errors import UserError
 from expo_bench.evaluation.types import Judge
-from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, fingerprint_pairs
+from expo_bench.lm.data import PairData, fingerprint_module, fingerprint_pairs
 from expo_bench.lm.evaluator import Evaluator, HeldOutPrompts, strip_eos
 from expo_bench.lm.model import count_parameters, on_accelerator
-from expo_bench.lm.reference import attach_reference_logps, attach_reference_samples
+from expo_bench.lm.reference import ReferenceWork, Splits, reference_work
 from expo_bench.lm.sft import fine_tune
 from expo_bench.lm.tokenize import fingerprint_tokenizer, pad_token_id
 from expo_bench.reporting import SweepProgress
@@ -103,8 +103,8 @@ class LanguageModelSweep:
             facts={**sft, **data.provenance, **({} if instance is None else {"instance": instance})},
         )
         console.print(seed_line(seed, provenance), highlight=False)
-        datasets = PairDataset(data.train, pad), PairDataset(data.evaluation, pad)
-        self._attach_reference_work(base, datasets, tokenizer.eos_token_id, seed, provenance)
+        splits = data.train, data.evaluation
+        datasets = self._reference_work(base, splits, pad, tokenizer.eos_token_id, seed, provenance).datasets(splits, pad)
         units = [
             FitUnit(
                 run,
@@ -154,25 +154,22 @@ class LanguageModelSweep:
                 )
         return records
 
-    def _attach_reference_work(
-        self, base: PreTrainedModel, datasets: tuple[PairDataset, PairDataset], eos: int, seed: int, provenance: SeedProvenance
-    ) -> None:
-        """Reference samples (first: the cached reference log-probs cover the samples too), then reference log-probs."""
-        task, console, cache_dir = self.task, self.context.console, self.context.cache_dir
+    def _reference_work(
+        self, base: PreTrainedModel, splits: Splits, pad: int, eos: int, seed: int, provenance: SeedProvenance
+    ) -> ReferenceWork:
+        """The reference's samples and log-probs the recipe asks for, computed once for every method (cached)."""
+        task = self.task
         key: dict[str, Any] = {"reference": provenance.reference_fingerprint, "data": provenance.data_fingerprint}
+        sampling, per_epoch = task.reference_samples, None
+        if sampling is not None and task.redraw_reference_samples:  # every epoch's samples drawn up front
+            per_epoch = sampling.samples_per_prompt
+            epochs = max(run.train.max_epochs for run in self.context.experiment.runs)
+            sampling = sampling.model_copy(update={"samples_per_prompt": per_epoch * epochs})
+        batch_size = self.context.experiment.runs[0].train.batch_size if task.reference == "cached" else None
         with on_accelerator(base):
-            if task.reference_samples is not None:
-                sampling, per_epoch = task.reference_samples, task.reference_samples.samples_per_prompt
-                if task.redraw_reference_samples:
-                    epochs = max(run.train.max_epochs for run in self.context.experiment.runs)
-                    sampling = sampling.model_copy(update={"samples_per_prompt": per_epoch * epochs})
-                    for dataset in datasets:
-                        dataset.samples_per_epoch = per_epoch
-                key |= {"sampling": sampling.model_dump(), "seed": seed}
-                attach_reference_samples(base, datasets, sampling, eos, seed, key, cache_dir, console)
-            if task.reference == "cached":
-                batch_size = self.context.experiment.runs[0].train.batch_size
-                attach_reference_logps(base, datasets, batch_size, key, cache_dir, console)
+            return reference_work(
+                base, splits, pad, eos, sampling, per_epoch, batch_size, seed, key, self.context.cache_dir, self.context.console
+            )
 
     def _evaluator(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, base: PreTrainedModel, seed: int) -> Evaluator:
         """The judge, and the task's test prompts or else its held-out prompts: the selection prompts first, then the
