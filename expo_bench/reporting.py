@@ -161,21 +161,26 @@ def clock_text(seconds: float) -> str:
 
 class SweepProgress:
     """Where a whole sweep stands, printed as each of its runs starts: ``run 17 of 54: dpo λ=0.1, seed 1 · 8:12
-    elapsed, about 17:40 left``. The estimate is the mean time per run so far times the runs left (reused runs make
+    elapsed, about 17:40 left``. The estimate is the mean time per run since the first run began times the runs left:
+    the setup before it (SFT, labelling) is not a run's, though a later seed's setup is counted in (reused runs make
     it short at first). A line per run rather than a bar: a log keeps it, and the phases' own bars stay free. Only
     rank zero's console prints (the others are quiet)."""
 
     def __init__(self, total: int, console: Console, clock: Callable[[], float] = time.perf_counter) -> None:
         self.total, self.console, self.clock = total, console, clock
         self.started = clock()
+        self.first_run_started: float | None = None
         self.begun = 0
 
     def start(self, what: str) -> None:
         """Run ``what`` begins."""
-        elapsed = self.clock() - self.started
+        now = self.clock()
+        elapsed = now - self.started
+        if self.first_run_started is None:
+            self.first_run_started = now
         done, self.begun = self.begun, self.begun + 1
         timing = ""
         if done:
-            left = elapsed / done * (self.total - done)
+            left = (now - self.first_run_started) / done * (self.total - done)
             timing = f" · {clock_text(elapsed)} elapsed, about {clock_text(left)} left"
         self.console.print(f"run {self.begun} of {self.total}: {what}{timing}", style="bold", highlight=False)

@@ -39,13 +39,14 @@ def test_progress_shows_the_time_left_on_a_terminal_and_nothing_in_a_log() -> No
 def test_sweep_progress_says_which_run_of_how_many_and_the_time_left() -> None:
     output, now = io.StringIO(), [100.0]
     sweep = SweepProgress(54, Console(file=output, width=120), clock=lambda: now[0])
+    now[0] += 600.0  # SFT and labelling before the first run: not a run's time
     sweep.start("dpo λ=0.1, seed 0")
     now[0] += 16 * 30.0  # 16 runs of 30 s each
     sweep.begun = 16
     sweep.start("ipo λ=1, seed 1")
     first, seventeenth = output.getvalue().splitlines()
     assert first == "run 1 of 54: dpo λ=0.1, seed 0"  # nothing to estimate from yet
-    assert seventeenth == "run 17 of 54: ipo λ=1, seed 1 · 8:00 elapsed, about 19:00 left"  # 38 runs × 30 s
+    assert seventeenth == "run 17 of 54: ipo λ=1, seed 1 · 18:00 elapsed, about 19:00 left"  # 38 runs × 30 s
     assert clock_text(3725) == "1:02:05" and clock_text(59.6) == "1:00"
     quiet = io.StringIO()
     SweepProgress(2, Console(file=quiet, quiet=True)).start("x")  # another rank's console: nothing
