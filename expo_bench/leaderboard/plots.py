@@ -169,12 +169,11 @@ def _scatter(table: LeaderboardTable, path: Path, points: dict[str, list[Point]]
         return None
     styles = _styles(table)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for index, (method, found) in enumerate(sorted(points.items())):
+    for method, found in sorted(points.items()):  # measured on both axes: drawn where measured, never dodged
         xs, ys, x_errors, y_errors = zip(*found, strict=True)
         style = {**styles[method], "linestyle": "none"}
         x_bars, y_bars = _error_bars(x, xs, x_errors), _error_bars(y, ys, y_errors)
-        series = ax.errorbar(xs, ys, xerr=x_bars, yerr=y_bars, capsize=2, markersize=5, alpha=0.85, label=method, **style)
-        _dodge(series, fig, ax, index, len(points))
+        ax.errorbar(xs, ys, xerr=x_bars, yerr=y_bars, capsize=2, markersize=5, alpha=0.85, label=method, **style)
     ax.set_xlabel(_axis_label(x))
     ax.set_ylabel(_axis_label(y))
     return _save(fig, ax, path, f"{table_title(table)}: {title}")
