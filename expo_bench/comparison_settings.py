@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field, field_validator
 
 from expo_bench.config_model import ConfigModel
@@ -21,6 +23,7 @@ class StatisticsConfig(ConfigModel):
     """Also report the rank metric of a pick made without in-sample bias: each seed's value from the configuration that
     is best on the *other* seeds' selection metric (:func:`expo_bench.comparison.leave_one_out_pick`)."""
 
+    added_later: ClassVar[frozenset[str]] = frozenset({"kl_budgets"})
     kl_budgets: list[float] = Field([], max_length=4)
     """Also rank at each of these KL(π‖π_ref) budgets (the reward–KL frontier read at fixed KL): a table per budget in
     which each method competes only with its configurations whose mean KL on the selection prompts is within it, the

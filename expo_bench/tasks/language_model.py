@@ -86,6 +86,7 @@ class LanguageModelTask(TaskBase):
     evaluation: EvaluationConfig | None = None
     """Sample every trained policy on the evaluation prompts (held out from training, except in the synthetic-token
     task, which holds out responses) and judge the samples (win rate, diversity, reward, KL)."""
+    added_later: ClassVar[frozenset[str]] = frozenset({"sft_seed"})
     has_own_judge: ClassVar[bool] = False
     """Whether :meth:`task_data` supplies a ground-truth judge, so ``evaluation.judge`` may be left unset."""
     rank_by: ClassVar[Metric] = metric_keys.WIN_RATE
