@@ -27,7 +27,7 @@ from expo_bench.leaderboard.render import _caption, write_leaderboard
 from expo_bench.leaderboard.table import StoredRun, build_table
 from expo_bench.lm.fitted_tokenizer import TokenizerFit
 from expo_bench.lm.imdb import load_reviews
-from expo_bench.lm.ngram import Bigram, bigram_nll
+from expo_bench.lm.ngram import PRIOR_WEIGHTS, Bigram, bigram_nll
 from expo_bench.lm.tokenize import TokenizedPair, fingerprint_tokenizer
 from expo_bench.metric_keys import KL, REWARD, selection_key
 from expo_bench.recipe import validate_recipe
@@ -90,8 +90,12 @@ def test_the_bigram_is_a_distribution_and_matches_a_hand_derivation() -> None:
 
 def test_the_bigram_baseline_picks_its_prior_on_training_data_only() -> None:
     train = [example([0], [1, 2, 0])] * 9 + [example([0], [2, 1, 0])]
-    held_out = [example([0], [1, 2, 0])]
-    assert bigram_nll(train, held_out, vocab_size=3) < bigram_nll(train, [example([0], [2, 2, 0])], vocab_size=3)
+    held_out = [example([0], [2, 2, 0])]
+    # the prior weight is the one best on the last tenth of train (one example) for a bigram fitted on the rest
+    fit, tune = train[:9], train[9:]
+    best = min(PRIOR_WEIGHTS, key=lambda weight: Bigram(fit, 3).nll(tune, weight))
+    assert bigram_nll(train, held_out, vocab_size=3) == pytest.approx(Bigram(train, 3).nll(held_out, best))
+    assert best == PRIOR_WEIGHTS[-1]  # tune's transitions never occur in fit: the most smoothing wins
 
 
 # --- the second scorer's independence ----------------------------------------------------------------------------
