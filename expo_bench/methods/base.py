@@ -17,7 +17,7 @@ clipping (per replica, and across ranks under FSDP) and logging.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from lightning import LightningModule
     from lightning.pytorch.utilities.types import OptimizerLRScheduler
 else:
-    LightningModule = object  # attached on instantiation: see PreferenceMethod.__new__
+
+    class LightningModule:
+        """Lightning's base is attached on instantiation: see PreferenceMethod.__new__."""
 
 REGISTRY: dict[str, type[PreferenceMethod]] = {}
 """Built-in methods by name; filled as each module under ``expo_bench.methods`` is imported."""
@@ -52,6 +54,10 @@ class MethodParams(ConfigModel):
 
     gamma: float = Field(0.0, ge=0)
     length_normalize: bool = False
+
+
+ParamsT = TypeVar("ParamsT", bound=MethodParams)
+"""A method's own hyperparameter class: ``class DPO(PreferenceMethod[DPOParams])`` types ``self.params``."""
 
 
 class DivergedError(RuntimeError):
@@ -107,7 +113,7 @@ class _Trainable:
         return trainable(owner)
 
 
-class PreferenceMethod(LightningModule):
+class PreferenceMethod(LightningModule, Generic[ParamsT]):
     """A preference-optimization method as a LightningModule.
 
     ``policy`` is a module implementing :class:`~expo_bench.contracts.Policy`, ``reference`` a
@@ -135,7 +141,7 @@ class PreferenceMethod(LightningModule):
     a method that overrides it is refused a nonzero ``gamma`` at validation."""
 
     @classmethod
-    def requires(cls, params: MethodParams) -> frozenset[str]:
+    def requires(cls, params: ParamsT) -> frozenset[str]:
         """Optional batch fields (e.g. ``kl_samples``) these hyperparameters need from the task's data."""
         return frozenset()
 
@@ -157,7 +163,7 @@ class PreferenceMethod(LightningModule):
         self,
         policy: nn.Module,
         reference: nn.Module | None,
-        params: Sequence[MethodParams],
+        params: Sequence[ParamsT],
         optimizer: OptimizerConfig,
     ) -> None:
         super().__init__()
@@ -169,7 +175,7 @@ class PreferenceMethod(LightningModule):
         self.reference = None if self.reference_free else reference
         if self.reference is not None:
             self.reference.requires_grad_(False).eval()
-        self.params = params[0]
+        self.params: ParamsT = params[0]
         self.replicas = len(params)
         self.optimizer_config = optimizer
         self._needs_samples = KL_SAMPLES in self.requires(self.params)
@@ -207,7 +213,7 @@ class PreferenceMethod(LightningModule):
         """ℓ(u): the loss of ranking the labelled winner ahead by logit u (default: Bradley–Terry, −log σ(u))."""
         return bradley_terry(logit)
 
-    def target(self, logps: PairLogps, batch: PreferenceBatch) -> Tensor:
+    def target(self, logps: PairLogps, batch: PreferenceBatch) -> Tensor | float:
         """The probability that y_w wins which the loss regresses onto (default: the label z)."""
         return batch.label
 

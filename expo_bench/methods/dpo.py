@@ -32,7 +32,7 @@ class DPOParams(MethodParams):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
 
 
-class DPO(PreferenceMethod):
+class DPO(PreferenceMethod[DPOParams]):
     """s = βh, Bradley–Terry link, target z' (cDPO)."""
 
     name = "dpo"
@@ -42,5 +42,5 @@ class DPO(PreferenceMethod):
     def preference_logit(self, logps: PairLogps) -> Tensor:
         return self.hp("beta") * logps.log_ratio_margin
 
-    def target(self, logps: PairLogps, batch: PreferenceBatch) -> Tensor:
-        return smoothed_label(batch.label, self.hp("label_smoothing"))  # type: ignore[return-value]
+    def target(self, logps: PairLogps, batch: PreferenceBatch) -> Tensor | float:
+        return smoothed_label(batch.label, self.hp("label_smoothing"))

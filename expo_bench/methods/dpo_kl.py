@@ -23,7 +23,7 @@ class DPOKLParams(DPOParams, KLParams):
     """λ_KL, the weight of KL(π_ref ‖ π) (β stays DPO's λ)."""
 
 
-class DPOKL(KLRegularized, DPO):
+class DPOKL(KLRegularized[DPOKLParams], DPO):
     """DPO's pairwise term (s = βh) + λ_KL·KL(π_ref ‖ π)."""
 
     name = "dpo_kl"

@@ -32,7 +32,7 @@ class EXPOCompositionalParams(KLParams):
     lam: float = Field(0.1, gt=0)
 
 
-class EXPOCompositional(KLRegularized):
+class EXPOCompositional(KLRegularized[EXPOCompositionalParams]):
     """s = d_pol (the policy's own preference), Bradley–Terry link, + λ·KL(π_ref ‖ π)."""
 
     name = "expo_compositional"

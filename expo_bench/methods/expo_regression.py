@@ -56,7 +56,7 @@ class EXPORegressionParams(MethodParams):
     distance: Literal["bce", "squared"] = "bce"
 
 
-class EXPORegression(PreferenceMethod):
+class EXPORegression(PreferenceMethod[EXPORegressionParams]):
     """s = d_pol, target t = (1 - λ)z + λσ(d_ref), link from ``distance``."""
 
     name = "expo_regression"
@@ -67,7 +67,7 @@ class EXPORegression(PreferenceMethod):
         return logps.policy_margin
 
     def link(self, logit: Tensor) -> Tensor:
-        return DISTANCES[self.params.distance](logit)  # type: ignore[attr-defined]
+        return DISTANCES[self.params.distance](logit)
 
     def target(self, logps: PairLogps, batch: PreferenceBatch) -> Tensor:
         return regression_target(logps.reference_margin, batch.label, self.hp("lam"))

@@ -41,7 +41,7 @@ class FDPOJSParams(MethodParams):
     beta: float = Field(0.1, gt=0)
 
 
-class FDPOJS(PreferenceMethod):
+class FDPOJS(PreferenceMethod[FDPOJSParams]):
     """s = β(t(y_w) - t(y_l)), Bradley–Terry link."""
 
     name = "fdpo_js"

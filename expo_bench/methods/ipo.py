@@ -32,7 +32,7 @@ class IPOParams(MethodParams):
     tau: float = Field(0.1, gt=0)
 
 
-class IPO(PreferenceMethod):
+class IPO(PreferenceMethod[IPOParams]):
     """s = h, link (u - 1/(2τ))²."""
 
     name = "ipo"

@@ -14,7 +14,7 @@ i.e. ``kl_scale: 1/3`` reproduces their λ.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field
 from torch import Tensor
@@ -49,18 +49,21 @@ class KLParams(MethodParams):
     kl_scale: float = Field(1.0, gt=0)
 
 
-class KLRegularized(PreferenceMethod):
+KLParamsT = TypeVar("KLParamsT", bound=KLParams)
+
+
+class KLRegularized(PreferenceMethod[KLParamsT]):
     """Adds ``kl_weight() · kl_scale · KL(π_ref ‖ π)`` to the method's loss, logged as the term ``kl``."""
 
     Params = KLParams
 
     @classmethod
-    def requires(cls, params: MethodParams) -> frozenset[str]:
-        return frozenset({KL_SAMPLES}) if params.kl_estimator == "reference_samples" else frozenset()  # type: ignore[attr-defined]
+    def requires(cls, params: KLParamsT) -> frozenset[str]:
+        return frozenset({KL_SAMPLES}) if params.kl_estimator == "reference_samples" else frozenset()
 
     def kl_weight(self) -> Tensor | float:
         raise NotImplementedError
 
     def regularizers(self, logps: PairLogps, batch: PreferenceBatch) -> dict[str, Tensor]:
-        kl = KL_ESTIMATORS[self.params.kl_estimator](logps)  # type: ignore[attr-defined]
+        kl = KL_ESTIMATORS[self.params.kl_estimator](logps)
         return {"kl": (self.kl_weight() * self.hp("kl_scale") * kl).mean(-1)}

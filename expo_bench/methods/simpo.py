@@ -25,7 +25,7 @@ class SimPOParams(MethodParams):
     length_normalize: bool = True
 
 
-class SimPO(PreferenceMethod):
+class SimPO(PreferenceMethod[SimPOParams]):
     """s = β(log π(y_w)/|y_w| - log π(y_l)/|y_l|), Bradley–Terry link, no reference."""
 
     name = "simpo"
