@@ -9,6 +9,9 @@
 ``compute()`` returns the names after ``eval/`` in :mod:`expo_bench.metric_keys`. The metrics keep per-example
 ``cat`` states, which torchmetrics gathers in rank order, so a DDP ``compute()`` sees exactly the data one process
 would have seen (given each example, or each prompt's samples, to one rank only).
+
+The language-model evaluator runs every metric registered with :func:`sample_metric` on each policy's samples: a new
+metric is a registered function here, its keys declared (title, direction) in ``metric_keys``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import bisect
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, ClassVar
 
@@ -26,6 +30,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
+
+from expo_bench import metric_keys
 
 Sample = Sequence[int] | str
 """One sampled response: token ids (unpadded) or text, which is split on whitespace into words."""
@@ -584,3 +590,83 @@ class RewardKL(_CatMetric):
 
     def compute(self) -> dict[str, Tensor]:
         return self._as_tensors(_reward_kl(self._gathered("rewards"), self._gathered("log_ratios")))
+
+
+# --- the evaluator's registry ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvaluatedSamples:
+    """One policy's evaluation at one temperature, everything a sample metric may read: one entry per sample (prompt
+    after prompt) unless said otherwise."""
+
+    samples: Sequence[Sequence[Sequence[int]]]
+    """Per prompt, its samples' token ids without EOS."""
+    outcomes: Tensor
+    """The first judge's verdict on each sample against its baseline (1 win, 0 loss, ½ tie, NaN invalid)."""
+    length_difference: Tensor
+    """len(sample) − len(baseline), in tokens."""
+    clusters: Tensor
+    """Each sample's prompt: a bootstrap resamples a prompt's samples together."""
+    rewards: Tensor | None
+    """The first rewarding judge's reward of each sample (None: no judge gives rewards)."""
+    policy_logps: Tensor
+    """log π(y | x) of each sample under the distribution it was drawn from."""
+    reference_logps: Tensor
+    resamples: int
+    """Bootstrap resamples for confidence intervals."""
+
+
+SampleMetric = Callable[[EvaluatedSamples], Mapping[str, Tensor | float]]
+
+
+@dataclass(frozen=True)
+class RegisteredMetric:
+    compute: SampleMetric
+    outputs: tuple[metric_keys.Metric, ...]
+    """The headline metrics it reports (declared in :mod:`expo_bench.metric_keys`, with their titles and goals);
+    it may report their standard errors and intervals beside them."""
+
+
+SAMPLE_METRICS: dict[str, RegisteredMetric] = {}
+"""What the language-model evaluator computes on every policy's samples, in registration order (a later metric's
+key overrides an earlier one's)."""
+
+
+def sample_metric(name: str, *outputs: metric_keys.Metric) -> Callable[[SampleMetric], SampleMetric]:
+    """Register ``compute(evaluated) -> {name after eval/: value}`` under ``name`` for the evaluator to run on every
+    policy's samples; ``outputs`` are the declared metrics it reports."""
+
+    def register(compute: SampleMetric) -> SampleMetric:
+        if name in SAMPLE_METRICS:
+            raise ValueError(f"sample metric {name!r} is registered twice")
+        unknown = [metric.key for metric in outputs if metric_keys.CATALOG.get(metric.key) != metric]
+        if unknown or not outputs:
+            raise ValueError(f"sample metric {name!r}: declare its outputs in expo_bench.metric_keys (not {unknown})")
+        SAMPLE_METRICS[name] = RegisteredMetric(compute, outputs)
+        return compute
+
+    return register
+
+
+@sample_metric("reward_kl", metric_keys.REWARD, metric_keys.KL)
+def _reward_and_kl(evaluated: EvaluatedSamples) -> Mapping[str, Tensor | float]:
+    if evaluated.rewards is None:
+        return kl_summary(evaluated.policy_logps, evaluated.reference_logps)
+    metric = RewardKL(sync_on_compute=False)  # every rank holds every sample here: no gathering
+    metric.update(evaluated.rewards, evaluated.policy_logps, evaluated.reference_logps)
+    return metric.compute()
+
+
+@sample_metric("win_rate", metric_keys.WIN_RATE, metric_keys.LC_WIN_RATE, metric_keys.JUDGED, metric_keys.INVALID_VERDICTS)
+def _win_rate(evaluated: EvaluatedSamples) -> Mapping[str, Tensor | float]:
+    metric = WinRate(resamples=evaluated.resamples, sync_on_compute=False)
+    metric.update(evaluated.outcomes, evaluated.length_difference, clusters=evaluated.clusters)
+    return metric.compute()
+
+
+@sample_metric("diversity", metric_keys.DISTINCT_2, metric_keys.SELF_BLEU, metric_keys.ENTROPY_2, metric_keys.MEAN_LENGTH)
+def _diversity(evaluated: EvaluatedSamples) -> Mapping[str, Tensor | float]:
+    metric = Diversity(sync_on_compute=False)
+    metric.update(evaluated.samples)
+    return metric.compute()

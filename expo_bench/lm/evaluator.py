@@ -290,7 +290,7 @@ class Evaluator:
         provenance: dict[str, Any],
         console: Console | None,
     ) -> dict[str, float]:
-        from expo_bench.evaluation.metrics import Diversity, RewardKL, WinRate, kl_summary  # not needed to validate
+        from expo_bench.evaluation.metrics import SAMPLE_METRICS, EvaluatedSamples, RewardKL  # not needed to validate
 
         samples = self._sample(policy, held_out, temperature, str(provenance.get("method", "the policy")), console)
         baselines = self._baselines_for(held_out, stage, temperature, console)
@@ -305,42 +305,42 @@ class Evaluator:
                 lengths.append(len(strip_eos(sample, eos)) - len(strip_eos(baseline, eos)))
         # one request per comparison and judge, whatever the world
         panel = on_rank_zero(lambda: {label: self._judge(judge, comparisons, console) for label, judge in self.judges.items()})
-        verdicts = next(iter(panel.values()))
         # every rank holds every verdict and sample here: the metrics must not gather them again across ranks
         flat = [sample for group in samples for sample in group]
         prompt_ids = [held_out.prompt_ids[index] for index in prompts]
         policy_logps = sequence_logps(policy, prompt_ids, flat, self.pad, self.config.batch_size, temperature)
         reference_logps = sequence_logps(self.reference, prompt_ids, flat, self.pad, self.config.batch_size)
-        results: dict[str, float] = {}
-        rewarded = [label for label, judge in self.judges.items() if judge.gives_rewards]
-        rewards: list[float] | None = None
-        if not rewarded:
-            results |= scalars(kl_summary(policy_logps, reference_logps))
-        for position, label in enumerate(rewarded):  # the first rewarding judge's reward is the reward, the others' beside
-            scored = [math.nan if verdict.candidate_reward is None else verdict.candidate_reward for verdict in panel[label]]
-            reward_kl = RewardKL(sync_on_compute=False)
-            reward_kl.update(torch.tensor(scored, dtype=torch.float64), policy_logps, reference_logps)
-            summary = reward_kl.compute()
-            if position:
-                results |= scalars({f"{label}/{name}": summary[name] for name in ("reward", "reward_stderr")})
-            else:
-                rewards = scored
-                results |= scalars(summary)
-        win_rate = WinRate(resamples=self.config.bootstrap_resamples, sync_on_compute=False)
-        win_rate.update(
-            torch.tensor([verdict.outcome for verdict in verdicts]),
-            torch.tensor(lengths, dtype=torch.float64),
+        rewards = {
+            label: torch.tensor(
+                [math.nan if verdict.candidate_reward is None else verdict.candidate_reward for verdict in panel[label]],
+                dtype=torch.float64,
+            )
+            for label, judge in self.judges.items()
+            if judge.gives_rewards
+        }
+        evaluated = EvaluatedSamples(
+            samples=[[strip_eos(sample, eos) for sample in group] for group in samples],
+            outcomes=torch.tensor([verdict.outcome for verdict in next(iter(panel.values()))]),
+            length_difference=torch.tensor(lengths, dtype=torch.float64),
             clusters=torch.tensor(prompts),  # a prompt's samples are resampled together
+            rewards=next(iter(rewards.values()), None),  # the first rewarding judge's reward is the reward
+            policy_logps=policy_logps,
+            reference_logps=reference_logps,
+            resamples=self.config.bootstrap_resamples,
         )
-        diversity = Diversity(sync_on_compute=False)
-        diversity.update([[strip_eos(sample, eos) for sample in group] for group in samples])
-        audit = panel_metrics(
-            panel, torch.tensor(lengths, dtype=torch.float64), torch.tensor(prompts), self.config.bootstrap_resamples
-        )
-        results |= {**scalars(win_rate.compute()), **scalars(diversity.compute()), **scalars(audit)}
+        results: dict[str, float] = {}
+        for registered in SAMPLE_METRICS.values():
+            results |= scalars(registered.compute(evaluated))
+        for label, scored in list(rewards.items())[1:]:  # the other rewarding judges' rewards beside it
+            reward_kl = RewardKL(sync_on_compute=False)
+            reward_kl.update(scored, policy_logps, reference_logps)
+            summary = reward_kl.compute()
+            results |= scalars({f"{label}/{name}": summary[name] for name in ("reward", "reward_stderr")})
+        results |= scalars(panel_metrics(panel, evaluated.length_difference, evaluated.clusters, evaluated.resamples))
         if is_global_zero():
             common = {**provenance, "seed": self.seed, "temperature": temperature}
-            self._write(out_dir, common, prompts, comparisons, panel, rewards)
+            first_reward = None if evaluated.rewards is None else evaluated.rewards.tolist()
+            self._write(out_dir, common, prompts, comparisons, panel, first_reward)
         return results
 
     def _write(
@@ -420,7 +420,7 @@ def strip_eos(ids: list[int], eos_token_id: int) -> list[int]:
     return ids[:-1] if ids and ids[-1] == eos_token_id else ids
 
 
-def scalars(computed: dict[str, Any]) -> dict[str, float]:
+def scalars(computed: Mapping[str, Any]) -> dict[str, float]:
     """A metric's ``compute()`` as evaluation metric keys (``win_rate`` -> ``eval/win_rate``)."""
     return {metric_keys.stage_key(metric_keys.EVAL, name): float(value) for name, value in computed.items()}
 

@@ -37,6 +37,7 @@ else:
     class LightningModule:
         """Lightning's base is attached on instantiation: see PreferenceMethod.__new__."""
 
+
 REGISTRY: dict[str, type[PreferenceMethod]] = {}
 """Built-in methods by name; filled as each module under ``expo_bench.methods`` is imported."""
 
