@@ -110,8 +110,15 @@ def test_run_directories_and_tracking_keys_are_those_earlier_versions_wrote(tmp_
     client = tracking.open_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("quickstart")
     assert experiment is not None
-    keys = {run.data.tags.get(tracking.RUN_KEY) for run in client.search_runs([experiment.experiment_id])}
-    assert keys - {None} == {"dpo-ac72aa6dcb1b/939e02d6b5b8", "sft-reference-0ff00c11b767/939e02d6b5b8"}
+    tracked = {
+        run.data.tags[tracking.RUN_KEY]: (run.info.run_name, run.data.tags[tracking.CONFIG_KEY], len(run.data.params))
+        for run in client.search_runs([experiment.experiment_id])
+        if tracking.RUN_KEY in run.data.tags
+    }
+    assert tracked == {  # the leaderboard groups seeds by config key
+        "dpo-ac72aa6dcb1b/939e02d6b5b8": ("dpo λ=0.1 s0", "fdde16428c6d", 52),
+        "sft-reference-0ff00c11b767/939e02d6b5b8": ("sft-reference s0", "5efbf9cb5404", 19),
+    }
 
 
 def test_a_finished_run_keeps_its_final_weights_and_is_evaluated_from_them(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 import yaml
 from rich.console import Console
 
+from expo_bench import tracking
 from expo_bench.errors import RecipeError
 from expo_bench.methods import method_class
 from expo_bench.optim import OptimizerConfig
@@ -119,6 +120,22 @@ def test_run_writes_summary_tables_and_plots(tmp_path: Path) -> None:
     assert table.count("| expo_regression |") == 4
     for plot in ("trajectories.png", "lambda_sweep.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tracked_runs_keep_the_keys_names_and_config_keys_earlier_versions_wrote(tmp_path: Path) -> None:
+    """A finished store from before a refactor is found again (these are what commit e661a43 wrote)."""
+    run_tiny(tmp_path, tiny_recipe())
+    client = tracking.open_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracked = {
+        run.data.tags[tracking.RUN_KEY]: (run.info.run_name, run.data.tags[tracking.CONFIG_KEY], run.data.tags[tracking.DATASET])
+        for experiment in client.search_experiments()
+        for run in client.search_runs([experiment.experiment_id])
+        if tracking.RUN_KEY in run.data.tags
+    }
+    assert len(tracked) == 12
+    assert tracked["112b537c3016"] == ("dpo λ=0.1 population s7", "c01b8b0f4d96", "tiny/population")
+    assert tracked["d6854f1f7c85"] == ("expo_compositional λ=10 population s7", "901910590e0e", "tiny/population")
+    assert tracked["2dca436d0918"] == ("expo_regression λ=0.9 sampled s7", "fac77d53337d", "tiny/sampled")
 
 
 def test_same_seed_reproduces_the_same_numbers(tmp_path: Path) -> None:

@@ -28,9 +28,8 @@ from expo_bench.sweep.records import (
     LanguageModelRecord,
     RunDirectoryKey,
     SeedProvenance,
-    TrackedRunSpec,
-    display_name,
     open_run,
+    tracked_run_spec,
 )
 from expo_bench.tasks.language_model import LanguageModelTask, TaskData
 from expo_bench.tracking import TrackedRun
@@ -228,32 +227,22 @@ class LanguageModelSweep:
     ) -> TrackedRun:
         """The tracking-store run of one trained (or reference) policy under one evaluation."""
         evaluation = None if evaluator is None else evaluator.key()
-        params: dict[str, Any] = {"method": label, **identity.as_json()}
-        if identity.params is not None:
-            params["lam"] = lam
-        if evaluator is not None:
-            params["evaluation"] = evaluator.config.model_dump(mode="json")
         rank_by = self.task.rank_by if evaluator is not None else metric_keys.VAL_PREFERENCE_ACCURACY
         selection = None if evaluator is None else evaluator.config.selection
         return open_run(
             self.context.runs,
-            TrackedRunSpec(
-                key=f"{run_dir.name}/{evaluation}",
-                name=f"{display_name(label, lam)} s{identity.seed}",
-                method=label,
-                method_class=identity.method_class,
-                seed=identity.seed,
-                config_key=digest(identity.configuration(lam) | {"evaluation": evaluation}),
-                dataset=self.task.dataset,
-                model=self.task.model_name,
-                rank_by=rank_by,
-                params=params,
+            tracked_run_spec(
+                f"{run_dir.name}/{evaluation}",
+                label,
+                lam,
+                identity.as_json(),
+                identity.configuration(lam) | {"evaluation": evaluation},
+                (self.task.dataset, self.task.model_name, rank_by),
+                logged=None if evaluator is None else {"evaluation": evaluator.config.model_dump(mode="json")},
                 selection_by=None
                 if selection is None
                 else metric_keys.stage_key(metric_keys.SELECTION, selection.metric or rank_by.name),
                 judge=None if evaluator is None else evaluator.judge_names,
-                data_fingerprint=identity.data_fingerprint,
-                model_fingerprint=identity.reference_fingerprint,
                 regularization=regularization,
                 instance=instance,
             ),

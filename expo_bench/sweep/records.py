@@ -1,4 +1,5 @@
-"""Typed run records, and the one function that opens a run in the tracking store (and so writes its tags)."""
+"""Typed run records, the one builder of a tracked run's spec, and the one function that opens a run in the tracking store
+(and so writes its tags)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from expo_bench import tracking
-from expo_bench.cache import check_seal, integer, metrics, number, read_json
+from expo_bench.cache import check_seal, digest, integer, metrics, number, read_json
 from expo_bench.distributed import broadcast, is_global_zero
 from expo_bench.metric_keys import Metric
 from expo_bench.tracking import RunLog, TrackedRun
@@ -41,6 +42,48 @@ class TrackedRunSpec:
     """The name of the hyperparameter that is the method's λ (``beta``), if it has one."""
     instance: str | None = None
     """The task instance, where the recipe runs several (seeds pair within one)."""
+
+
+def tracked_run_spec(
+    key: str,
+    label: str,
+    lam: float | None,
+    identity: Mapping[str, Any],
+    shared: Mapping[str, Any],
+    table: tuple[str, str, Metric],
+    *,
+    detail: str = "",
+    logged: Mapping[str, Any] | None = None,
+    selection_by: str | None = None,
+    judge: str | None = None,
+    regularization: str | None = None,
+    instance: str | None = None,
+) -> TrackedRunSpec:
+    """The spec of every tracked run, language model or tabular. ``identity`` is what the run is (its ``method_class``,
+    ``params``, ``seed`` and, for a language model, its data and reference fingerprints), ``shared`` what the seeds of
+    its configuration share (digested into the config key), ``table`` its leaderboard table's (dataset, model, rank
+    metric). The run is named ``<label> λ=<lam> <detail> s<seed>`` and records as params its label, its λ (a method's:
+    the SFT reference has no ``params`` and no λ), ``identity`` and ``logged``."""
+    seed = int(identity["seed"])
+    dataset, model, rank_by = table
+    return TrackedRunSpec(
+        key=key,
+        name=" ".join(part for part in (display_name(label, lam), detail, f"s{seed}") if part),
+        method=label,
+        method_class=str(identity["method_class"]),
+        seed=seed,
+        config_key=digest(dict(shared)),
+        dataset=dataset,
+        model=model,
+        rank_by=rank_by,
+        params={"method": label, **({} if identity.get("params") is None else {"lam": lam}), **identity, **(logged or {})},
+        selection_by=selection_by,
+        judge=judge,
+        data_fingerprint=identity.get("data_fingerprint"),
+        model_fingerprint=identity.get("reference_fingerprint"),
+        regularization=regularization,
+        instance=instance,
+    )
 
 
 def open_run(runs: RunLog, identity: TrackedRunSpec) -> TrackedRun:

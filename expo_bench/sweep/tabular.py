@@ -19,7 +19,7 @@ from expo_bench.recipe import MethodRun
 from expo_bench.reporting import SweepProgress, markdown_table, rich_table
 from expo_bench.sweep import tabular_report as report
 from expo_bench.sweep.context import SweepContext
-from expo_bench.sweep.records import TabularRecord, TrackedRunSpec, display_name, open_run
+from expo_bench.sweep.records import TabularRecord, open_run, tracked_run_spec
 from expo_bench.tabular.data import TabularPreferenceData, population_pairs, sample_pairs
 from expo_bench.tabular.policy import PolicyTrajectory, TabularPolicy, kl
 from expo_bench.tasks.tabular import TabularTask
@@ -98,20 +98,16 @@ class TabularSweep:
                 "objective": record.objective,
                 "seed": record.seed,
             }
-            configuration = {key: value for key, value in identity.items() if key != "seed"}
             tracked = open_run(
                 self.context.runs,
-                TrackedRunSpec(
-                    key=digest(identity | {"task": self.task.model_dump(mode="json")}),
-                    name=f"{display_name(record.method, record.lam)} {record.objective} s{record.seed}",
-                    method=record.method,
-                    method_class=record.method_class,
-                    seed=record.seed,
-                    config_key=digest(configuration),
-                    dataset=f"{self.context.experiment.recipe.experiment}/{record.objective}",
-                    model=MODEL,
-                    rank_by=self.task.rank_by,
-                    params={"method": record.method, "lam": record.lam, **identity},
+                tracked_run_spec(
+                    digest(identity | {"task": self.task.model_dump(mode="json")}),
+                    record.method,
+                    record.lam,
+                    identity,
+                    {key: value for key, value in identity.items() if key != "seed"},
+                    (f"{self.context.experiment.recipe.experiment}/{record.objective}", MODEL, self.task.rank_by),
+                    detail=record.objective,
                     regularization=regularization[record.method],
                 ),
             )
