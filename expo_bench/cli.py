@@ -27,6 +27,7 @@ from expo_bench.reporting import rich_table
 
 if TYPE_CHECKING:
     from expo_bench.recipe import Experiment
+    from expo_bench.sweep.claims import SweepShare
 
 EXIT_USER_ERROR = 2
 RUNS = Path("runs")
@@ -111,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
                 help="write into a results folder that git tracks even though the code has uncommitted changes "
                 "(refused otherwise: committed results must regenerate from a commit); recorded in summary.json",
             )
+            command.add_argument(
+                "--workers",
+                type=int,
+                default=1,
+                metavar="N",
+                help="share a language-model recipe's runs among N worker processes on this machine, each with its share "
+                "of the CPU threads or its own GPU(s); the same numbers as one process (default: 1, this process)",
+            )
+            # one stage of a shared-out sweep, as the pool and expo-bench submit start it (see expo_bench.pool)
+            command.add_argument("--stage", choices=["all", "prepare", "work"], default="all", help=argparse.SUPPRESS)
+            command.add_argument("--claims", type=Path, default=None, help=argparse.SUPPRESS)
+            command.add_argument("--worker-name", default="worker", help=argparse.SUPPRESS)
             command.add_argument(
                 "--yes",
                 action="store_true",
@@ -367,10 +380,37 @@ def run(args: argparse.Namespace, console: Console) -> None:
         refuse_dirty_overwrite(args.results / experiment.recipe.experiment, revision, args.allow_dirty)
         check_store(resolve_tracking_uri(experiment.recipe.tracking.uri, args.results))
         preflight(experiment, args.results)  # every recipe's judge answers before the first one trains
+    share = sweep_share(args, experiments)
+    if args.workers > 1:
+        from expo_bench.pool import run_with_workers, slices_for, worker_command
+
+        slices = [slices_for(experiment, args.workers, machine) for experiment in experiments]
+        for experiment, shares in zip(experiments, slices, strict=True):
+            console.print(describe(experiment, console.width))
+            command = worker_command(experiment.source, args.overrides, args.only, args.results, args.allow_dirty)
+            run_with_workers(experiment, command, args.results, console, shares, args.allow_dirty)
+        return
     start_ranks(experiments, console)
     for experiment in experiments:
         console.print(describe(experiment, console.width))
-        run_experiment(experiment, args.results, console, args.allow_dirty)
+        run_experiment(experiment, args.results, console, args.allow_dirty, share)
+
+
+def sweep_share(args: argparse.Namespace, experiments: list[Experiment]) -> SweepShare:
+    """The part of the sweep this process does: all of it, unless a pool or a cluster job started it as one stage."""
+    from expo_bench.sweep.claims import Claims, SweepShare
+
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: pass a number of worker processes, 1 or more")
+    if args.stage == "all":
+        return SweepShare()
+    if args.workers > 1:
+        raise UserError("--workers starts the stages itself: leave out --stage")
+    if len(experiments) != 1 or not experiments[0].recipe.task.trains_with_lightning:
+        raise UserError("--stage shares out the runs of one language-model recipe")
+    if args.stage == "work" and args.claims is None:
+        raise UserError("--stage work needs --claims FOLDER, shared by the workers of one sweep")
+    return SweepShare(args.stage, None if args.claims is None else Claims(args.claims, args.worker_name))
 
 
 def methods(args: argparse.Namespace, console: Console) -> None:

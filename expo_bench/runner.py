@@ -24,6 +24,7 @@ from expo_bench.errors import UserError
 from expo_bench.leaderboard import load_leaderboard, write_leaderboard
 from expo_bench.recipe import Experiment, common_world
 from expo_bench.sweep import SweepContext, sweep_for
+from expo_bench.sweep.claims import SweepShare
 from expo_bench.sweep.records import RunRecord
 
 EXPECTED_WARNINGS = (
@@ -102,9 +103,13 @@ def preflight(experiment: Experiment, results_root: Path) -> None:
     experiment.recipe.task.check_judges(results_root / experiment.recipe.experiment / "cache" / "judgments")
 
 
-def run_experiment(experiment: Experiment, results_root: Path, console: Console, allow_dirty: bool = False) -> Path:
+def run_experiment(
+    experiment: Experiment, results_root: Path, console: Console, allow_dirty: bool = False, share: SweepShare | None = None
+) -> Path:
     """Train and evaluate every method of the recipe, recording each run in the tracking store; write
-    results, the leaderboard among them, under ``results_root/<experiment>``."""
+    results, the leaderboard among them, under ``results_root/<experiment>``. A ``share`` of the sweep (its shared work
+    alone, or the runs a worker claims) writes no report: the sweep that runs it all afterwards reuses every run."""
+    share = share or SweepShare()
     preflight(experiment, results_root)
     recipe = experiment.recipe
     out_dir = results_root / recipe.experiment
@@ -123,9 +128,9 @@ def run_experiment(experiment: Experiment, results_root: Path, console: Console,
             for message in EXPECTED_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
             runs = tracking.RunLog(sweep, tags)
-            family = sweep_for(SweepContext(experiment, console, out_dir / "cache", out_dir / "runs", runs))
+            family = sweep_for(SweepContext(experiment, console, out_dir / "cache", out_dir / "runs", runs, share))
             records = family.run()
-        if not is_global_zero():  # the reports, the summary and the leaderboard are rank zero's
+        if not is_global_zero() or share.stage != "all":  # the reports are rank zero's, once every run is done
             return out_dir
         written = family.report(records, out_dir)
         summary_path = write_summary(experiment, records, out_dir, revision, started, started_at, versions, allow_dirty)

@@ -21,6 +21,7 @@ LAYERS: list[set[str]] = [
     {"recipe"},
     {"sweep"},
     {"runner", "explain"},
+    {"pool"},
     {"cli"},
     {"__main__"},
 ]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
 from expo_bench.recipe import Experiment
+from expo_bench.sweep.claims import SweepShare
 from expo_bench.tracking import RunLog
 
 
@@ -21,3 +22,5 @@ class SweepContext:
     """One directory per run: checkpoints, ``record.json``, evaluations."""
     runs: RunLog
     """The sweep's tracking-store parent run and the tags every run carries."""
+    share: SweepShare = field(default_factory=SweepShare)
+    """Which part of the sweep this process does: all of it, unless the sweep is shared out among workers."""

@@ -3,6 +3,7 @@ work every method shares (samples, log-probs; cached), then every (method, λ) t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,12 +15,13 @@ from expo_bench.cache import digest
 from expo_bench.distributed import rank_zero_first
 from expo_bench.errors import UserError
 from expo_bench.evaluation.types import Judge
-from expo_bench.lm.data import PairData, fingerprint_module, fingerprint_pairs
+from expo_bench.lm.data import PairData, PairDataset, fingerprint_module, fingerprint_pairs
 from expo_bench.lm.evaluator import Evaluator, HeldOutPrompts, strip_eos
 from expo_bench.lm.model import count_parameters, on_accelerator
 from expo_bench.lm.reference import ReferenceWork, Splits, reference_work
 from expo_bench.lm.sft import fine_tune
 from expo_bench.lm.tokenize import fingerprint_tokenizer, pad_token_id
+from expo_bench.recipe import MethodRun
 from expo_bench.reporting import SweepProgress
 from expo_bench.sweep import lm_report
 from expo_bench.sweep.context import SweepContext
@@ -52,6 +54,40 @@ def seed_line(seed: int, provenance: SeedProvenance) -> str:
     )
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """What the runs of one seed share."""
+
+    seed: int
+    base: PreTrainedModel
+    provenance: SeedProvenance
+    datasets: tuple[PairDataset, PairDataset]
+    evaluator: Evaluator | None
+
+    @staticmethod
+    def unit_of(
+        run: MethodRun, index: int, seed: int, provenance: SeedProvenance, task: LanguageModelTask, runs_dir: Path
+    ) -> FitUnit:
+        """Configuration ``index`` of ``run``'s grid, at ``seed``, as one run to train."""
+        return FitUnit(
+            run,
+            run.grid[index],
+            None if run.lam is None else run.lam[index],
+            seed,
+            provenance.data_fingerprint,
+            provenance.reference_fingerprint,
+            task.lora,
+            task.reference,
+            None
+            if task.reference_samples is None
+            else task.reference_samples.model_dump() | {"redraw": task.redraw_reference_samples},
+            runs_dir,
+        )
+
+    def unit(self, run: MethodRun, index: int, task: LanguageModelTask, runs_dir: Path) -> FitUnit:
+        return self.unit_of(run, index, self.seed, self.provenance, task, runs_dir)
+
+
 class LanguageModelSweep:
     """Every (seed, method, λ) of a recipe whose task is a :class:`LanguageModelTask`."""
 
@@ -75,7 +111,30 @@ class LanguageModelSweep:
     def _seed(
         self, tokenizer: PreTrainedTokenizerBase, seed: int, task: LanguageModelTask, instance: str | None
     ) -> list[LanguageModelRecord]:
-        """One seed of one task instance (``instance`` None: the recipe's one instance)."""
+        """One seed of one task instance (``instance`` None: the recipe's one instance): the work its runs share, prepared
+        once (in stage ``work``, only when this process claims one of them), then each run this process takes."""
+        share = self.context.share
+        prepared: _Prepared | None = None
+        records = []
+        if share.stage != "work":
+            prepared = self._prepare(tokenizer, seed, task, instance)
+            if prepared.evaluator is not None:
+                records.append(self._evaluate_reference(prepared.evaluator, seed, prepared.provenance, instance))
+        slots = [(run, index) for run in self.context.experiment.runs for index in range(len(run.grid))]
+        for run, index in slots:
+            slot = "/".join(part for part in (instance, f"s{seed}", run.label, str(index)) if part)
+            if not share.takes(slot):
+                continue
+            prepared = prepared or self._prepare(tokenizer, seed, task, instance)
+            record = self._run(prepared, prepared.unit(run, index, task, self.context.runs_dir), instance)
+            share.finished(slot)
+            if record is not None:  # a diverged run is recorded as failed in the store, and left out here
+                records.append(record)
+        return records
+
+    def _prepare(self, tokenizer: PreTrainedTokenizerBase, seed: int, task: LanguageModelTask, instance: str | None) -> _Prepared:
+        """What every run of a seed shares: the SFT reference, the pairs, the reference's samples and log-probs (each
+        cached, computed by the first process that needs it while the others wait), and the evaluator."""
         console, cache_dir = self.context.console, self.context.cache_dir
         pad = pad_token_id(tokenizer)
         sft_seed = seed if task.sft_seed is None else task.sft_seed
@@ -104,26 +163,13 @@ class LanguageModelSweep:
         console.print(seed_line(seed, provenance), highlight=False)
         splits = data.train, data.evaluation
         datasets = self._reference_work(base, splits, pad, tokenizer.eos_token_id, seed, provenance).datasets(splits, pad)
-        units = [
-            FitUnit(
-                run,
-                params,
-                None if run.lam is None else run.lam[index],
-                seed,
-                provenance.data_fingerprint,
-                provenance.reference_fingerprint,
-                task.lora,
-                task.reference,
-                None
-                if task.reference_samples is None
-                else task.reference_samples.model_dump() | {"redraw": task.redraw_reference_samples},
-                self.context.runs_dir,
-            )
-            for run in self.context.experiment.runs
-            for index, params in enumerate(run.grid)
-        ]
         evaluation = task.evaluation
         if evaluation is not None and evaluation.evaluate_only:
+            units = [
+                _Prepared.unit_of(run, index, seed, provenance, task, self.context.runs_dir)
+                for run in self.context.experiment.runs
+                for index in range(len(run.grid))
+            ]
             missing = [unit for unit in units if not unit.finished]
             if missing:
                 raise UserError(
@@ -132,26 +178,23 @@ class LanguageModelSweep:
                     "train them first (task.evaluation.evaluate_only: false)"
                 )
         evaluator = None if evaluation is None else self._evaluator(data, tokenizer, base, seed)
-        records = []
-        if evaluator is not None:
-            records.append(self._evaluate_reference(evaluator, seed, provenance, instance))
-        every = None if evaluation is None else evaluation.every_n_steps
-        for unit in units:
-            self.progress.start(f"{unit.name}, seed {seed}")
-            tracked = self._open(
-                unit.run.label, unit.lam, unit.directory_key, unit.run_dir, evaluator, instance, unit.run.method.regularization
-            )
-            pair_data = PairData(*datasets, unit.run.train.batch_size, seed, unit.run.train.group_by_length)
-            result = fit(unit, base, pair_data, evaluator, every, tracked, console)
-            if result is not None:  # a diverged run is recorded as failed in the store, and left out here
-                regularization = unit.run.method.regularization
-                samples = None if evaluator is None else evaluator.samples_path(unit.run_dir)
-                records.append(
-                    LanguageModelRecord(
-                        unit.run.label, unit.lam, unit.directory_key, provenance, *result, regularization, samples
-                    )
-                )
-        return records
+        return _Prepared(seed, base, provenance, datasets, evaluator)
+
+    def _run(self, prepared: _Prepared, unit: FitUnit, instance: str | None) -> LanguageModelRecord | None:
+        """Train (or reuse, or resume) one run, evaluate and record it; None when it diverged."""
+        evaluator, seed = prepared.evaluator, prepared.seed
+        every = None if self.task.evaluation is None else self.task.evaluation.every_n_steps
+        self.progress.start(f"{unit.name}, seed {seed}")
+        regularization = unit.run.method.regularization
+        tracked = self._open(unit.run.label, unit.lam, unit.directory_key, unit.run_dir, evaluator, instance, regularization)
+        pair_data = PairData(*prepared.datasets, unit.run.train.batch_size, seed, unit.run.train.group_by_length)
+        result = fit(unit, prepared.base, pair_data, evaluator, every, tracked, self.context.console)
+        if result is None:
+            return None
+        samples = None if evaluator is None else evaluator.samples_path(unit.run_dir)
+        return LanguageModelRecord(
+            unit.run.label, unit.lam, unit.directory_key, prepared.provenance, *result, regularization, samples
+        )
 
     def _reference_work(
         self, base: PreTrainedModel, splits: Splits, pad: int, eos: int, seed: int, provenance: SeedProvenance
