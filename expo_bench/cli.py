@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, summary in (
         ("run", run, "train and evaluate every method of each recipe; write runs/<experiment>/"),
         ("validate", validate, "check a recipe (types, ranges, method names) without running it"),
+        ("submit", submit, "run a recipe's sweep as SLURM jobs through submitit: prepare, a job array of runs, the report"),
     ):
         command = commands.add_parser(name, help=summary, description=summary)
         command.set_defaults(handler=handler)
@@ -99,7 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="print the resolved recipe (every default filled in) as YAML and exit",
         )
-        if name == "run":
+        if name == "submit":
+            command.add_argument("--results", type=Path, default=RUNS, help="results root (default: runs/)")
+            command.add_argument("--allow-dirty", action="store_true", help="as for run")
+            command.add_argument("--workers", type=int, default=8, metavar="N", help="runs trained at once (default: 8)")
+            command.add_argument(
+                "--cluster",
+                choices=["slurm", "local"],
+                default="slurm",
+                help="slurm (default), or local: submitit's local executor, each stage waited for, on this machine",
+            )
+            command.add_argument("--partition", help="SLURM partition")
+            command.add_argument("--timeout-min", type=int, default=240, help="each job's time limit (default: 240)")
+            command.add_argument("--cpus-per-task", type=int, default=8, help="CPUs each job takes (default: 8)")
+            command.add_argument(
+                "--gpus-per-run",
+                type=int,
+                default=None,
+                help="GPUs each job takes (default: the recipe's train.devices on GPUs, else 0)",
+            )
+            command.add_argument("--mem-gb", type=int, default=None, help="memory each job takes (default: the partition's)")
+        elif name == "run":
             command.add_argument(
                 "--results",
                 type=Path,
@@ -124,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--stage", choices=["all", "prepare", "work"], default="all", help=argparse.SUPPRESS)
             command.add_argument("--claims", type=Path, default=None, help=argparse.SUPPRESS)
             command.add_argument("--worker-name", default="worker", help=argparse.SUPPRESS)
+            command.add_argument("--max-runs", type=int, default=None, help=argparse.SUPPRESS)
             command.add_argument(
                 "--yes",
                 action="store_true",
@@ -201,6 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-writes",
         action="store_true",
         help="let the UI (and anyone who reaches it) create, edit and delete runs (default: read-only)",
+    )
+    server_command = commands.add_parser(
+        "server",
+        help="serve the results root's tracking store to sweeps on other processes and nodes (MLflow tracking server)",
+        description="Start an MLflow tracking server over RESULTS/mlflow.db with its artifacts in RESULTS/mlartifacts, "
+        "for sweeps whose jobs run on several nodes (expo-bench submit): they record through it, never into the SQLite "
+        "file. Ctrl-C stops it.",
+    )
+    server_command.set_defaults(handler=server)
+    server_command.add_argument("--results", type=Path, default=RUNS, help="results root (default: runs/)")
+    server_command.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    server_command.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for jobs on other nodes)",
     )
     for command in (board, ui_command):
         command.add_argument(
@@ -382,18 +419,50 @@ def run(args: argparse.Namespace, console: Console) -> None:
         preflight(experiment, args.results)  # every recipe's judge answers before the first one trains
     share = sweep_share(args, experiments)
     if args.workers > 1:
-        from expo_bench.pool import run_with_workers, slices_for, worker_command
+        from expo_bench.pool import run_arguments, run_with_workers, slices_for
 
         slices = [slices_for(experiment, args.workers, machine) for experiment in experiments]
         for experiment, shares in zip(experiments, slices, strict=True):
             console.print(describe(experiment, console.width))
-            command = worker_command(experiment.source, args.overrides, args.only, args.results, args.allow_dirty)
-            run_with_workers(experiment, command, args.results, console, shares, args.allow_dirty)
+            arguments = run_arguments(experiment.source, args.overrides, args.only, args.results, args.allow_dirty)
+            run_with_workers(experiment, arguments, args.results, console, shares, args.allow_dirty)
         return
     start_ranks(experiments, console)
     for experiment in experiments:
         console.print(describe(experiment, console.width))
         run_experiment(experiment, args.results, console, args.allow_dirty, share)
+
+
+def submit(args: argparse.Namespace, console: Console) -> None:
+    experiments = load(args)
+    if len(experiments) != 1:
+        raise UserError("expo-bench submit takes one recipe")
+    (experiment,) = experiments
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: pass how many runs may train at once, 1 or more")
+    if not experiment.recipe.task.trains_with_lightning:
+        raise UserError(f"{experiment.source}: a tabular task trains in one process in seconds: expo-bench run it")
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    from expo_bench.cluster import JobSettings
+    from expo_bench.cluster import submit as submit_jobs
+    from expo_bench.pool import run_arguments
+
+    world = experiment.world
+    on_gpus = world.accelerator in ("gpu", "cuda") and isinstance(world.devices, int)
+    gpus = args.gpus_per_run if args.gpus_per_run is not None else (world.devices if on_gpus else 0)
+    settings = JobSettings(args.cluster, args.timeout_min, args.cpus_per_task, int(gpus), args.partition, args.mem_gb)
+    arguments = run_arguments(experiment.source.absolute(), args.overrides, args.only, args.results.absolute(), args.allow_dirty)
+    console.print(describe(experiment, console.width))
+    try:
+        jobs = submit_jobs(experiment, arguments, args.results, args.workers, settings, console)
+    except (FailedJobError, UncompletedJobError) as error:
+        raise UserError(f"a job of the sweep failed: {str(error).strip().splitlines()[0]}; the same command resumes it") from None
+    out = args.results / experiment.recipe.experiment
+    if args.cluster == "slurm":
+        console.print(f"queued {len(jobs)} jobs; the leaderboard lands in {out} when job {jobs[-1]} ends", soft_wrap=True)
+    else:
+        console.print(f"every job finished; the leaderboard is in {out}", soft_wrap=True)
 
 
 def sweep_share(args: argparse.Namespace, experiments: list[Experiment]) -> SweepShare:
@@ -410,7 +479,8 @@ def sweep_share(args: argparse.Namespace, experiments: list[Experiment]) -> Swee
         raise UserError("--stage shares out the runs of one language-model recipe")
     if args.stage == "work" and args.claims is None:
         raise UserError("--stage work needs --claims FOLDER, shared by the workers of one sweep")
-    return SweepShare(args.stage, None if args.claims is None else Claims(args.claims, args.worker_name))
+    claims = None if args.claims is None else Claims(args.claims, args.worker_name)
+    return SweepShare(args.stage, claims, args.max_runs)
 
 
 def methods(args: argparse.Namespace, console: Console) -> None:
@@ -478,52 +548,78 @@ def ui(args: argparse.Namespace, console: Console) -> None:
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
         raise UserError(f"no tracking store at {database} (URI {uri}): run a recipe first (expo-bench run RECIPE)")
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed port in TIME_WAIT is free
-        try:
-            probe.bind((args.host, args.port))
-        except (OSError, OverflowError) as error:
-            raise UserError(f"cannot listen on {args.host}:{args.port} ({error}): pass another --port") from error
+    free_port(args.host, args.port)
     url = f"http://{args.host}:{args.port}"
     for name, experiment_id in leaderboard_views(uri).items():  # URLs on one line each, never folded: they are clicked
         console.print(f"{name}: {url}/#/experiments/{experiment_id}?viewStateShareKey={LEADERBOARD_VIEW}", soft_wrap=True)
-    if not loopback(args.host):
-        Console(stderr=True).print(
-            Text("warning: ", style="bold yellow")
-            + Text(
-                f"listening on {args.host or 'every interface'!r}, beyond this machine: anyone who can reach it can browse "
-                + ("and change the tracking store (--allow-writes)" if args.allow_writes else "the tracking store (read-only)")
-            )
-        )
     server_module = "mlflow" if args.allow_writes else "expo_bench.ui_server"  # ui_server: mlflow server, read-only
     command = [sys.executable, "-m", server_module, *(["server"] if args.allow_writes else [])]
-    command += ["--backend-store-uri", uri, "--host", args.host]
-    log = Path(tempfile.gettempdir()) / f"expo-bench-ui-{args.port}.log"
+    changes = "and change the tracking store (--allow-writes)" if args.allow_writes else "the tracking store (read-only)"
+    serve([*command, "--backend-store-uri", uri], args.host, args.port, f"MLflow UI over {uri}", changes, console)
+
+
+def server(args: argparse.Namespace, console: Console) -> None:
+    """A tracking server for sweeps whose processes run apart (``expo-bench submit``): the results root's SQLite store and
+    its artifacts, served over HTTP by this one process, so no worker touches the file itself."""
+    from expo_bench.tracking import TRACKING_URI_VARIABLE, resolve_tracking_uri, sqlite_path
+
+    uri = resolve_tracking_uri(None, args.results)
+    database = sqlite_path(uri)
+    assert database is not None
+    database.parent.mkdir(parents=True, exist_ok=True)
+    free_port(args.host, args.port)
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::', '') else args.host}:{args.port}"
+    console.print(f"record sweeps here: --set tracking.uri={url}, or {TRACKING_URI_VARIABLE}={url}", soft_wrap=True)
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    command += ["--artifacts-destination", str((args.results / "mlartifacts").absolute())]
+    serve(command, args.host, args.port, f"MLflow tracking server over {uri}", "and change the tracking store", console)
+
+
+def free_port(host: str, port: int) -> None:
+    """:class:`UserError` unless ``host:port`` can be listened on."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed port in TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except (OSError, OverflowError) as error:
+            raise UserError(f"cannot listen on {host}:{port} ({error}): pass another --port") from error
+
+
+def serve(command: list[str], host: str, port: int, what: str, reach: str, console: Console) -> None:
+    """Run an MLflow server ``command`` on ``host:port`` until Ctrl-C or SIGTERM, its messages in a log file; warn when
+    it listens beyond this machine (anyone who reaches it can browse ``reach``)."""
+    if not loopback(host):
+        Console(stderr=True).print(
+            Text("warning: ", style="bold yellow")
+            + Text(f"listening on {host or 'every interface'!r}, beyond this machine: anyone who can reach it can browse {reach}")
+        )
+    url = f"http://{host}:{port}"
+    log = Path(tempfile.gettempdir()) / f"expo-bench-server-{port}.log"
     with log.open("w") as chatter:  # the server's own messages (gunicorn/uvicorn, migrations) go to a file
-        server = subprocess.Popen(
-            [*command, "--port", str(args.port), "--workers", "1"],
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job-runner processes: the UI only reads
+        process = subprocess.Popen(
+            [*command, "--host", host, "--port", str(port), "--workers", "1"],
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job-runner processes
             stdout=chatter,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: all of it can be killed if it does not stop when asked
         )
-    console.print(f"MLflow UI over {uri}: {url} (Ctrl-C stops it; the server's messages: {log})", soft_wrap=True)
+    console.print(f"{what}: {url} (Ctrl-C stops it; the server's messages: {log})", soft_wrap=True)
     stopping: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
         stopping.append(signum)
-        server.send_signal(signum)  # mlflow server passes it on to its workers
+        process.send_signal(signum)  # mlflow server passes it on to its workers
 
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        status = server.wait()
+        status = process.wait()
     except KeyboardInterrupt:
         forward(signal.SIGINT, None)
         try:
-            status = server.wait(timeout=30)
+            status = process.wait(timeout=30)
         except (subprocess.TimeoutExpired, KeyboardInterrupt):  # hung, or Ctrl-C again: stop all of it now
-            os.killpg(server.pid, signal.SIGKILL)
-            status = server.wait()
+            os.killpg(process.pid, signal.SIGKILL)
+            status = process.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -580,7 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in QUIET_LIBRARIES.items():
         os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
-    stops = () if args.handler is ui else STOP_SIGNALS  # the UI forwards them to its server
+    stops = () if args.handler in (ui, server) else STOP_SIGNALS  # these forward them to their MLflow server
     previous = {signum: signal.signal(signum, _interrupt) for signum in stops}
     try:
         args.handler(args, Console())

@@ -86,14 +86,14 @@ def slices_for(experiment: Experiment, workers: int, machine: Machine) -> list[W
 
 def run_with_workers(
     experiment: Experiment,
-    worker_command: Sequence[str],
+    run_argv: Sequence[str],
     results_root: Path,
     console: Console,
     slices: Sequence[WorkerSlice],
     allow_dirty: bool = False,
 ) -> Path:
-    """Prepare, run ``worker_command`` (an ``expo-bench run`` of this recipe alone) as one worker per slice, then
-    report; :class:`UserError` naming each failed worker and its log after the others have finished."""
+    """Prepare, start one worker per slice (``expo-bench RUN_ARGV``: :func:`run_arguments`), then report;
+    :class:`UserError` naming each failed worker and its log after the others have finished."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     folder = results_root / experiment.recipe.experiment / "workers" / f"{stamp}-{os.getpid()}"
     claims = folder / "claims"
@@ -106,7 +106,8 @@ def run_with_workers(
         for index, worker in enumerate(slices):
             log = folder / f"worker-{index + 1}.log"
             name = f"worker-{index + 1}"
-            command = [*worker_command, "--stage", "work", "--claims", str(claims), "--worker-name", name]
+            command = [sys.executable, "-m", "expo_bench", *run_argv, "--stage", "work", "--claims", str(claims)]
+            command += ["--worker-name", name]
             with log.open("wb") as output:
                 process = subprocess.Popen(command, env=worker.environment(), stdout=output, stderr=subprocess.STDOUT)
             workers.append((process, log))
@@ -143,11 +144,12 @@ def _wait(workers: Sequence[tuple[subprocess.Popen[bytes], Path]], claims: Path,
             time.sleep(POLL_S)
 
 
-def worker_command(recipe: Path, overrides: Sequence[str], only: Sequence[str], results: Path, allow_dirty: bool) -> list[str]:
-    """The ``expo-bench run`` a worker runs: this recipe alone, with the user's ``--set`` and ``--only``."""
-    command = [sys.executable, "-m", "expo_bench", "run", str(recipe), "--results", str(results), "--yes"]
+def run_arguments(recipe: Path, overrides: Sequence[str], only: Sequence[str], results: Path, allow_dirty: bool) -> list[str]:
+    """The arguments of the ``expo-bench run`` each stage runs: this recipe alone, with the user's ``--set`` and
+    ``--only``."""
+    arguments = ["run", str(recipe), "--results", str(results), "--yes"]
     for override in overrides:
-        command += ["--set", override]
+        arguments += ["--set", override]
     for selection in only:
-        command += ["--only", selection]
-    return command + (["--allow-dirty"] if allow_dirty else [])
+        arguments += ["--only", selection]
+    return arguments + (["--allow-dirty"] if allow_dirty else [])

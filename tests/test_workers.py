@@ -25,24 +25,26 @@ from expo_bench.train_config import Machine
 
 ROOT = Path(__file__).parent.parent
 EXPO_BENCH = str(Path(sys.executable).parent / "expo-bench")
-SLICE = ["--only", "seed=0", "--only", "method=dpo,ipo", "--set", "train.max_epochs=1"]
-"""Nine runs of the quickstart: dpo, dpo-margin (method dpo) and ipo at three λ each."""
+RECIPE = ROOT / "recipes" / "synthetic_tokens_tuned.yaml"
+EXPERIMENT = "synthetic_tokens_tuned"
+SLICE = ["--only", "seed=0", "--only", "method=ipo", "--set", "train.max_epochs=1"]
+"""Eight runs of the tuned comparison: ipo's grid of four τ by two learning rates (two entries of one label)."""
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 """float32 sums depend on the threads that compute them: both sweeps compute every run with one thread."""
 
 
-def quickstart(results: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    command = [EXPO_BENCH, "run", str(ROOT / "recipes" / "quickstart.yaml"), "--results", str(results), *SLICE, *extra]
+def sweep(results: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    command = [EXPO_BENCH, "run", str(RECIPE), "--results", str(results), *SLICE, *extra]
     return subprocess.run(command, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
 
 
 def numbers(results: Path, *settings: str) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     """The leaderboard without its run ids (and the columns naming the recipe's ``settings``), and every run's
     evaluation and training history."""
-    with (results / "quickstart" / "leaderboard.csv").open() as table:
+    with (results / EXPERIMENT / "leaderboard.csv").open() as table:
         left_out = {"run_ids", *settings}
         rows = [{key: value for key, value in row.items() if key not in left_out} for row in csv.DictReader(table)]
-    summary = json.loads((results / "quickstart" / "summary.json").read_text())
+    summary = json.loads((results / EXPERIMENT / "summary.json").read_text())
     runs = [{key: run.get(key) for key in ("method", "lam", "eval", "loss_history", "steps")} for run in summary["runs"]]
     return rows, runs
 
@@ -50,20 +52,20 @@ def numbers(results: Path, *settings: str) -> tuple[list[dict[str, str]], list[d
 @pytest.fixture(scope="module")
 def serial(tmp_path_factory: pytest.TempPathFactory) -> Path:
     results = tmp_path_factory.mktemp("serial")
-    done = quickstart(results)
+    done = sweep(results)
     assert done.returncode == 0, done.stderr[-3000:]
     return results
 
 
 def worker_logs(results: Path) -> list[str]:
-    return [log.read_text() for log in sorted((results / "quickstart" / "workers").glob("*/worker-*.log"))]
+    return [log.read_text() for log in sorted((results / EXPERIMENT / "workers").glob("*/worker-*.log"))]
 
 
 def test_two_workers_give_the_numbers_one_process_gives_and_share_the_work_once(serial: Path, tmp_path: Path) -> None:
-    done = quickstart(tmp_path, "--workers", "2")
+    done = sweep(tmp_path, "--workers", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert numbers(tmp_path) == numbers(serial)
-    assert "2 workers trained 9 runs" in done.stdout
+    assert "2 workers trained 8 runs" in done.stdout
     logs = worker_logs(tmp_path)
     assert len(logs) == 2
     # the parent prepared the shared work once; the workers read it from the cache
@@ -74,21 +76,21 @@ def test_two_workers_give_the_numbers_one_process_gives_and_share_the_work_once(
             assert "computed once" not in log and "drawn once" not in log
     # every run trained by exactly one worker, and the final pass reused all of them
     trained = [line for log in logs for line in log.splitlines() if "steps in" in line and "SFT" not in line]
-    assert len(trained) == 9 and len({line.split(":")[0] for line in trained}) == 9
-    assert done.stdout.count("finished in an earlier run, reusing") == 9
+    assert len(trained) == 8 and len({line for line in trained}) == 8
+    assert done.stdout.count("finished in an earlier run, reusing") == 8
 
 
 def test_a_killed_worker_fails_the_sweep_and_the_same_command_resumes_its_run(serial: Path, tmp_path: Path) -> None:
     """Both workers are killed (SIGKILL: no cleanup) once a run has checkpointed; the pool exits non-zero naming them,
     and the same command resumes the checkpointed run and ends with the serial sweep's numbers."""
-    command = [EXPO_BENCH, "run", str(ROOT / "recipes" / "quickstart.yaml"), "--results", str(tmp_path), *SLICE]
+    command = [EXPO_BENCH, "run", str(RECIPE), "--results", str(tmp_path), *SLICE]
     command += ["--workers", "2", "--set", "train.checkpoint_every_n_steps=4"]
     pool = subprocess.Popen(command, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    runs = tmp_path / "quickstart" / "runs"
+    runs = tmp_path / EXPERIMENT / "runs"
     deadline = time.monotonic() + 300
     while not list(runs.glob("*/last.ckpt")) and time.monotonic() < deadline and pool.poll() is None:
         time.sleep(0.05)
-    claims = next((tmp_path / "quickstart" / "workers").glob("*/claims"))
+    claims = next((tmp_path / EXPERIMENT / "workers").glob("*/claims"))
     for claim in claims.glob("*"):
         if not claim.name.endswith(".done"):
             pid = int(claim.read_text().split(" pid ")[1].split()[0])
@@ -97,7 +99,7 @@ def test_a_killed_worker_fails_the_sweep_and_the_same_command_resumes_its_run(se
     out, err = pool.communicate(timeout=300)
     assert pool.returncode == 2, out[-2000:] + err[-2000:]
     assert "workers failed (exit -9, see" in err and "the same command resumes the rest" in " ".join(err.split())
-    assert not (tmp_path / "quickstart" / "leaderboard.csv").exists()
+    assert not (tmp_path / EXPERIMENT / "leaderboard.csv").exists()
     again = subprocess.run(command, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert any("resuming from" in log for log in worker_logs(tmp_path))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -56,18 +56,26 @@ def finished_runs(folder: Path) -> int:
 
 @dataclass(frozen=True)
 class SweepShare:
-    """Which part of a sweep this process does (:data:`Stage`), and the claims it takes runs by in stage ``work``."""
+    """Which part of a sweep this process does (:data:`Stage`), the claims it takes runs by in stage ``work`` and how
+    many runs it may take (None: until none is left; a cluster's array task takes one)."""
 
     stage: Stage = "all"
     claims: Claims | None = None
+    max_runs: int | None = None
+    taken: list[str] = field(default_factory=list)
 
     def takes(self, slot: str) -> bool:
         """Whether this process trains the run ``slot``: every run in stage ``all``, none in ``prepare``, the runs it
         claims in ``work``."""
-        if self.stage == "work":
-            assert self.claims is not None, "a worker needs its sweep's claims"
-            return self.claims.take(slot)
-        return self.stage == "all"
+        if self.stage != "work":
+            return self.stage == "all"
+        assert self.claims is not None, "a worker needs its sweep's claims"
+        if self.max_runs is not None and len(self.taken) >= self.max_runs:
+            return False
+        if self.claims.take(slot):
+            self.taken.append(slot)
+            return True
+        return False
 
     def finished(self, slot: str) -> None:
         if self.claims is not None:

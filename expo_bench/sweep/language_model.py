@@ -120,9 +120,11 @@ class LanguageModelSweep:
             prepared = self._prepare(tokenizer, seed, task, instance)
             if prepared.evaluator is not None:
                 records.append(self._evaluate_reference(prepared.evaluator, seed, prepared.provenance, instance))
-        slots = [(run, index) for run in self.context.experiment.runs for index in range(len(run.grid))]
-        for run, index in slots:
-            slot = "/".join(part for part in (instance, f"s{seed}", run.label, str(index)) if part)
+        runs = self.context.experiment.runs
+        slots = [(entry, run, index) for entry, run in enumerate(runs) for index in range(len(run.grid))]
+        for entry, run, index in slots:
+            # a method's grid over training settings is several entries of one label: the entry's position tells them apart
+            slot = "/".join(part for part in (instance, f"s{seed}", f"{entry}-{run.label}", str(index)) if part)
             if not share.takes(slot):
                 continue
             prepared = prepared or self._prepare(tokenizer, seed, task, instance)
