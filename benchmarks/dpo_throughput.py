@@ -56,6 +56,7 @@ class Setup:
     tokenizer: str
     weights: str
     trl_data: str
+    profile: bool = False
 
     @property
     def total_steps(self) -> int:
@@ -227,11 +228,30 @@ def run_harness(setup: Setup) -> Result:
             losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
             stamps.append(time.perf_counter())
 
-    trainer = build_trainer(train, [StepRecorder()], enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0)
+    profiler = None
+    if setup.profile:  # where a step's time goes, by Lightning hook (its overhead is part of what is timed)
+        from lightning.pytorch.profilers import SimpleProfiler
+
+        profiler = SimpleProfiler(dirpath=Path(setup.weights).parent, filename="harness-profile")
+    trainer = build_trainer(
+        train, [StepRecorder()], enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0, profiler=profiler
+    )
     setup_rss = peak_rss_mb()
     trainer.fit(module, datamodule=datamodule)
+    note = ""
+    if profiler is not None:
+        note = "\n".join(path.read_text() for path in Path(setup.weights).parent.glob("*harness-profile*"))
     return Result(
-        "harness", stamps, losses, digests, peak_rss_mb(), setup_rss, torch.get_num_threads(), parameter_count(model), fingerprint
+        "harness",
+        stamps,
+        losses,
+        digests,
+        peak_rss_mb(),
+        setup_rss,
+        torch.get_num_threads(),
+        parameter_count(model),
+        fingerprint,
+        note,
     )
 
 
@@ -465,6 +485,9 @@ def report(setup: Setup, results: dict[str, Result | str], parameters: int, toke
     for name, result in results.items():
         if isinstance(result, str):
             console.print(f"[red]{name} failed[/red]: {result}")
+    if setup.profile and isinstance(results.get("harness"), Result):
+        console.print("the harness's steps by Lightning hook (SimpleProfiler):", markup=False)
+        print(done["harness"].note)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -486,6 +509,7 @@ def main(argv: list[str] | None = None) -> None:
         default="ids",
         help="feed TRL the harness's token ids (same batches) or the texts for TRL to tokenize itself",
     )
+    parser.add_argument("--profile", action="store_true", help="print where the harness's step time goes, by Lightning hook")
     parser.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS), help="contenders to run")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per contender")
     parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
@@ -517,6 +541,7 @@ def main(argv: list[str] | None = None) -> None:
             tokenizer=args.tokenizer,
             weights=str(workdir / "initial.pt"),
             trl_data=args.trl_data,
+            profile=args.profile,
         )
         setup_path = workdir / "setup.json"
         setup_path.write_text(json.dumps(dataclasses.asdict(setup)))

@@ -78,7 +78,10 @@ def submit(
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     folder = (results_root / experiment.recipe.experiment / "workers" / f"{stamp}-{settings.cluster}").absolute()
     claims = folder / "claims"
-    executor = submitit.AutoExecutor(folder=folder / "jobs", cluster=settings.cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=folder / "jobs", cluster=settings.cluster)
+    except RuntimeError as error:  # submitit's "Could not detect srun": not on a SLURM cluster
+        raise UserError(f"--cluster slurm: {error} Submit from the cluster's login node, or pass --cluster local") from None
     common: dict[str, Any] = {
         "name": f"expo-bench-{experiment.recipe.experiment}",
         "timeout_min": settings.timeout_min,

@@ -116,9 +116,11 @@ def test_slurm_stages_wait_for_each_other_through_job_dependencies(tmp_path: Pat
     bin_dir, log = tmp_path / "bin", tmp_path / "sbatch"
     bin_dir.mkdir()
     log.mkdir()
-    sbatch = bin_dir / "sbatch"
+    sbatch, srun = bin_dir / "sbatch", bin_dir / "srun"  # submitit looks for srun to tell it is on a SLURM cluster
     sbatch.write_text(FAKE_SBATCH.format(python=sys.executable, log=str(log)))
-    sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
+    srun.write_text("#!/bin/sh\nexit 1\n")
+    for script in (sbatch, srun):
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
     environment = {**ONE_THREAD, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     command = [EXPO_BENCH, "submit", str(ROOT / "recipes" / "quickstart.yaml"), "--results", str(tmp_path), *SLICE]
     command += ["--workers", "2", "--partition", "gpu", "--set", "tracking.uri=http://tracking.example:5000"]
@@ -129,6 +131,15 @@ def test_slurm_stages_wait_for_each_other_through_job_dependencies(tmp_path: Pat
     assert "#SBATCH --array=0-2%2" in array and "#SBATCH --dependency=afterok:1001" in array
     assert "#SBATCH --dependency=afterok:1002" in report and "--array" not in report
     assert "queued 5 jobs" in " ".join(done.stdout.split())
+
+
+def test_submitting_to_slurm_where_there_is_none_says_so(tmp_path: Path) -> None:
+    command = [EXPO_BENCH, "submit", str(ROOT / "recipes" / "quickstart.yaml"), "--results", str(tmp_path), *SLICE]
+    command += ["--set", "tracking.uri=http://tracking.example:5000"]
+    no_slurm = {**ONE_THREAD, "PATH": str(Path(sys.executable).parent)}  # even on a cluster: no srun, no sbatch
+    refused = subprocess.run(command, env=no_slurm, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "Submit from the cluster's login node, or pass --cluster local" in " ".join(refused.stderr.split())
 
 
 def test_jobs_on_several_nodes_are_refused_a_sqlite_store(tmp_path: Path) -> None:

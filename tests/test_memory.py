@@ -111,3 +111,20 @@ def test_length_grouping_cuts_padding_and_keeps_every_pair_once() -> None:
     assert sorted(grouped) == sorted(shuffled) == list(range(len(lengths)))
     assert padding(grouped) < padding(shuffled) / 2, (padding(grouped), padding(shuffled))
     assert grouped != list(LengthGroupedSampler(lengths, seed=1, batch_size=16, group=8))  # still shuffled by seed
+
+
+def test_the_chunk_size_changes_no_number() -> None:
+    """Each position's log-normaliser is computed on its own: one position per chunk and all at once agree bit for bit,
+    values and gradients (so the CPU's smaller chunks leave every stored result as it was)."""
+    from expo_bench.lm.model import _TokenLogps, chunk_positions
+
+    torch.manual_seed(0)
+    logits, targets = torch.randn(4, 9, 300), torch.randint(0, 300, (4, 9))
+    weights = torch.randn(4, 9)
+    results = []
+    for chunk in (1, 4, 9):
+        leaf = logits.clone().requires_grad_()
+        values = _TokenLogps.apply(leaf, targets, chunk)
+        results.append((values.detach(), torch.autograd.grad((values * weights).sum(), leaf)[0]))
+    assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other, strict=True))
+    assert chunk_positions(torch.empty(16, 127, 50304)) == (lm_model.CHUNK_ELEMENTS // 4) // (16 * 50304)
