@@ -1,10 +1,10 @@
 """``expo-bench run RECIPE --workers N``: one recipe's runs shared out among N worker processes on this machine.
 
 Three stages, each the same ``expo-bench run`` command: this process prepares what every run shares (SFT, pairs,
-reference samples and log-probs, the reference's evaluation: cached, so computed once); N workers then claim runs one
-at a time (:mod:`expo_bench.sweep.claims`), each with its share of the CPU threads or its own GPUs; finally this
-process runs the sweep whole, which reuses every run, and writes the summary and the leaderboard. A worker's output
-goes to its log file; a worker that fails leaves its run to be resumed by the next sweep.
+reference samples and log-probs, the reference's evaluation: cached under locks, so computed once) while N workers
+start and claim runs one at a time (:mod:`expo_bench.sweep.claims`), each with its share of the CPU threads or its own
+GPUs; finally this process runs the sweep whole, which reuses every run, and writes the summary and the leaderboard.
+A worker's output goes to its log file; a worker that fails leaves its run to be resumed by the next sweep.
 """
 
 from __future__ import annotations
@@ -97,8 +97,7 @@ def run_with_workers(
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     folder = results_root / experiment.recipe.experiment / "workers" / f"{stamp}-{os.getpid()}"
     claims = folder / "claims"
-    console.print(f"preparing what every run shares, then {len(slices)} workers (their logs: {folder})")
-    run_experiment(experiment, results_root, console, allow_dirty, SweepShare("prepare"))
+    console.print(f"{len(slices)} workers (their logs: {folder}) start while this process prepares what every run shares")
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     workers: list[tuple[subprocess.Popen[bytes], Path]] = []
@@ -111,6 +110,9 @@ def run_with_workers(
             with log.open("wb") as output:
                 process = subprocess.Popen(command, env=worker.environment(), stdout=output, stderr=subprocess.STDOUT)
             workers.append((process, log))
+        # a worker that needs a seed's shared work before this process has cached it waits on the entry's lock (or
+        # computes it while this process waits): each entry is computed once either way
+        run_experiment(experiment, results_root, console, allow_dirty, SweepShare("prepare"))
         _wait(workers, claims, experiment.run_count, console)
     finally:
         for process, _ in workers:  # on Ctrl-C or an error here: each worker checkpoints and stops (SIGTERM)
