@@ -24,6 +24,7 @@ validation, tracking and the leaderboard.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -109,6 +110,7 @@ def trl_run(args: argparse.Namespace, settings: dict[str, Any]) -> None:
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from expo_bench.lm.hh import load_hh_pairs
+    from expo_bench.lm.tokenize import TokenizationConfig, tokenize_pair
 
     torch.set_num_threads(THREADS)
     pairs, _ = load_hh_pairs(str(SHARED / "hh-rlhf"), "helpful-base", "test")
@@ -138,14 +140,38 @@ def trl_run(args: argparse.Namespace, settings: dict[str, Any]) -> None:
         "seed": 0,
         "max_length": args.max_length,
     }
+    # TRL is fed the harness's token ids (prompt truncated from the left to 3/4 of max_length, as the recipe's
+    # tokenization): both train on exactly the same tokens, and TRL drops no pair whose prompt alone fills max_length
+    tokenization = TokenizationConfig(max_length=args.max_length, max_prompt_length=args.max_length * 3 // 4)
+    tokenized = [tokenize_pair(tokenizer, pair, tokenization) for pair in pairs]
+    common["max_length"] = None  # already truncated
+
+    class TokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            return dataset  # prompt_ids/chosen_ids/rejected_ids, the columns TRL's collator reads
+
     with tempfile.TemporaryDirectory() as out:
-        sft = Dataset.from_dict({"prompt": [p.prompt for p in pairs], "completion": [p.chosen for p in pairs]})
-        SFTTrainer(model=model, args=SFTConfig(output_dir=out, learning_rate=1e-3, **common), train_dataset=sft).train()
+        sft = Dataset.from_dict(
+            {
+                "input_ids": [t.prompt_ids + t.chosen_ids for t in tokenized],
+                "completion_mask": [[0] * len(t.prompt_ids) + [1] * len(t.chosen_ids) for t in tokenized],
+            }
+        )
+        sft_args = SFTConfig(output_dir=out, learning_rate=1e-3, **common)
+        SFTTrainer(model=model, args=sft_args, train_dataset=sft, processing_class=tokenizer).train()
         preferences = Dataset.from_dict(
-            {"prompt": [p.prompt for p in pairs], "chosen": [p.chosen for p in pairs], "rejected": [p.rejected for p in pairs]}
+            {
+                "prompt_ids": [t.prompt_ids for t in tokenized],
+                "chosen_ids": [t.chosen_ids for t in tokenized],
+                "rejected_ids": [t.rejected_ids for t in tokenized],
+            }
         )
         dpo = DPOConfig(output_dir=out, learning_rate=1e-4, precompute_ref_log_probs=False, **common, **settings)
-        DPOTrainer(model=model, args=dpo, train_dataset=preferences, processing_class=tokenizer).train()
+        reference = copy.deepcopy(model).eval()  # a frozen copy of this run's SFT model
+        trainer = TokenizedDPOTrainer(
+            model=model, ref_model=reference, args=dpo, train_dataset=preferences, processing_class=tokenizer
+        )
+        trainer.train()
 
 
 def timed(command: list[str], environment: dict[str, str]) -> float:

@@ -65,6 +65,7 @@ def leaderboard(results: Path) -> list[dict[str, str]]:
         return [{key: value for key, value in row.items() if key not in left_out} for row in csv.DictReader(table)]
 
 
+@pytest.mark.slow  # a server and six job processes: about 100 s
 def test_a_sweep_through_submitits_local_executor_records_into_the_server(
     tracking_server: tuple[str, Path], tmp_path: Path
 ) -> None:

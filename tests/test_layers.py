@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"recipe"},
     {"sweep"},
     {"runner", "explain"},
-    {"pool"},
+    {"pool", "cluster"},
     {"cli"},
     {"__main__"},
 ]
@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
 task's data through the language-model or tabular building blocks and the methods, and records in tracking."""
 
 ONLY_IMPORTED_BY = {
-    "tracking": {"sweep", "runner", "cli", "leaderboard"},
+    "tracking": {"sweep", "runner", "cli", "leaderboard", "cluster"},
     "leaderboard": {"runner", "cli"},
 }
 """Recording is the sweep's business: what a task is, its data and the methods never touch the tracking store."""

@@ -79,6 +79,7 @@ def test_two_workers_give_the_numbers_one_process_gives_and_share_the_work_once(
     assert done.stdout.count("finished in an earlier run, reusing") == 8
 
 
+@pytest.mark.slow  # two pools of three processes each: about a minute
 def test_a_killed_worker_fails_the_sweep_and_the_same_command_resumes_its_run(serial: Path, tmp_path: Path) -> None:
     """Both workers are killed (SIGKILL: no cleanup) once a run has checkpointed; the pool exits non-zero naming them,
     and the same command resumes the checkpointed run and ends with the serial sweep's numbers."""
