@@ -262,8 +262,13 @@ def test_a_stop_while_reporting_is_one_line_and_the_signal_s_exit_status(
 ) -> None:
     recipe = tmp_path / "quickstart.yaml"
     recipe.write_text(yaml.safe_dump(quickstart(max_epochs=1)))
-    monkeypatch.setattr(runner, "write_summary", lambda *args: os.kill(os.getpid(), signum))
-    assert main(["run", str(recipe), "--results", str(tmp_path)]) == 128 + signum
+    # Ctrl-C as at a terminal, even where the suite itself was started in the background (which ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        monkeypatch.setattr(runner, "write_summary", lambda *args: os.kill(os.getpid(), signum))
+        assert main(["run", str(recipe), "--results", str(tmp_path)]) == 128 + signum
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert f"interrupted: {line}" in " ".join(err.split()) and "Traceback" not in err, err
     client = tracking.open_client(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -45,6 +45,8 @@ def test_the_ui_is_read_only_unless_asked_and_warns_beyond_loopback(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C reaches it as at a terminal, even where the suite runs in the background (which ignores SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     try:
