@@ -114,11 +114,9 @@ def _claim_all(folder: str, worker: str, slots: list[str], out: Any) -> None:
 
 def test_every_slot_is_claimed_by_exactly_one_of_four_racing_processes(tmp_path: Path) -> None:
     slots = [f"s{seed}/dpo/{index}" for seed in range(5) for index in range(20)]
-    queue: Any = multiprocessing.get_context("spawn").Queue()
-    processes = [
-        multiprocessing.get_context("spawn").Process(target=_claim_all, args=(str(tmp_path), f"w{k}", slots, queue))
-        for k in range(4)
-    ]
+    context = multiprocessing.get_context("fork")  # four processes racing, without importing the suite again
+    queue: Any = context.Queue()
+    processes = [context.Process(target=_claim_all, args=(str(tmp_path), f"w{k}", slots, queue)) for k in range(4)]
     for process in processes:
         process.start()
     taken = dict(queue.get(timeout=60) for _ in processes)
@@ -169,9 +167,13 @@ def test_recipes_whose_runs_cannot_be_shared_out_are_refused_by_name() -> None:
     assert [share.gpus for share in shares][-1] == ("6", "7") and shares[0].threads == 16
 
 
-def test_stage_flags_are_checked(tmp_path: Path) -> None:
-    base = [EXPO_BENCH, "run", str(ROOT / "recipes" / "quickstart.yaml"), "--results", str(tmp_path)]
-    refused = subprocess.run([*base, "--stage", "work"], env=ONE_THREAD, capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "--stage work needs --claims" in refused.stderr
-    refused = subprocess.run([*base, "--workers", "0"], env=ONE_THREAD, capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "--workers 0" in refused.stderr
+def test_stage_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from expo_bench.cli import main
+
+    base = ["run", str(ROOT / "recipes" / "quickstart.yaml"), "--results", str(tmp_path)]
+    assert main([*base, "--stage", "work"]) == 2
+    assert "--stage work needs --claims" in capsys.readouterr().err
+    assert main([*base, "--workers", "0"]) == 2
+    assert "--workers 0" in capsys.readouterr().err
+    assert main([*base, "--workers", "2", "--stage", "prepare"]) == 2
+    assert "--workers starts the stages itself" in capsys.readouterr().err
