@@ -440,13 +440,13 @@ def submit(args: argparse.Namespace, console: Console) -> None:
     (experiment,) = experiments
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: pass how many runs may train at once, 1 or more")
-    if not experiment.recipe.task.trains_with_lightning:
-        raise UserError(f"{experiment.source}: a tabular task trains in one process in seconds: expo-bench run it")
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
     from expo_bench.cluster import JobSettings
     from expo_bench.cluster import submit as submit_jobs
-    from expo_bench.pool import run_arguments
+    from expo_bench.pool import require_shareable, run_arguments
+
+    require_shareable(experiment, "expo-bench submit")
 
     world = experiment.world
     on_gpus = world.accelerator in ("gpu", "cuda") and isinstance(world.devices, int)
@@ -475,8 +475,11 @@ def sweep_share(args: argparse.Namespace, experiments: list[Experiment]) -> Swee
         return SweepShare()
     if args.workers > 1:
         raise UserError("--workers starts the stages itself: leave out --stage")
-    if len(experiments) != 1 or not experiments[0].recipe.task.trains_with_lightning:
-        raise UserError("--stage shares out the runs of one language-model recipe")
+    if len(experiments) != 1:
+        raise UserError("--stage shares out the runs of one recipe")
+    from expo_bench.pool import require_shareable
+
+    require_shareable(experiments[0], f"--stage {args.stage}")
     if args.stage == "work" and args.claims is None:
         raise UserError("--stage work needs --claims FOLDER, shared by the workers of one sweep")
     claims = None if args.claims is None else Claims(args.claims, args.worker_name)

@@ -60,15 +60,21 @@ def worker_slices(workers: int, cores: int, gpus: Sequence[str] | None, devices_
     return [WorkerSlice(threads, tuple(gpus[i * devices_per_run : (i + 1) * devices_per_run])) for i in range(workers)]
 
 
+def require_shareable(experiment: Experiment, what: str) -> None:
+    """:class:`UserError` naming ``what`` (``--workers 2``, ``expo-bench submit``) for a recipe whose runs are not shared
+    out among processes."""
+    if not experiment.recipe.task.trains_with_lightning:
+        raise UserError(
+            f"{experiment.source}: {what}: a tabular task trains every λ as replicas of one policy in one process, in "
+            "seconds; runs are shared out for language-model recipes"
+        )
+
+
 def slices_for(experiment: Experiment, workers: int, machine: Machine) -> list[WorkerSlice]:
     """This machine shared among ``workers`` for ``experiment``'s runs; :class:`UserError` for a recipe whose runs cannot
     be shared out here (tabular, several nodes, several CPU processes per run)."""
     source = experiment.source
-    if not experiment.recipe.task.trains_with_lightning:
-        raise UserError(
-            f"{source}: --workers {workers}: a tabular task trains every λ as replicas of one policy in one process; "
-            "workers share out the runs of language-model recipes"
-        )
+    require_shareable(experiment, f"--workers {workers}")
     world = experiment.world
     if world.num_nodes != 1:
         raise UserError(f"{source}: --workers shares out runs on this machine; for train.num_nodes > 1 use expo-bench submit")

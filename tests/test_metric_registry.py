@@ -12,7 +12,6 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from expo_bench import metric_keys
-from expo_bench.evaluation import metrics
 from expo_bench.evaluation.metrics import SAMPLE_METRICS, EvaluatedSamples, sample_metric
 from expo_bench.evaluation.types import Comparison, Verdict
 from expo_bench.lm.evaluator import EvaluationConfig, Evaluator, HeldOutPrompts
@@ -108,4 +107,3 @@ def test_a_metric_must_declare_its_keys_and_take_a_free_name() -> None:
     with pytest.raises(ValueError, match="'win_rate' is registered twice"):
         sample_metric("win_rate", metric_keys.WIN_RATE)(nothing)
     assert list(SAMPLE_METRICS) == ["reward_kl", "win_rate", "diversity"]
-    assert metrics.SAMPLE_METRICS is SAMPLE_METRICS

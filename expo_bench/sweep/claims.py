@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -54,7 +54,7 @@ def finished_runs(folder: Path) -> int:
     return sum(1 for _ in folder.glob(f"*{DONE}")) if folder.is_dir() else 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class SweepShare:
     """Which part of a sweep this process does (:data:`Stage`), the claims it takes runs by in stage ``work`` and how
     many runs it may take (None: until none is left; a cluster's array task takes one)."""
@@ -62,7 +62,7 @@ class SweepShare:
     stage: Stage = "all"
     claims: Claims | None = None
     max_runs: int | None = None
-    taken: list[str] = field(default_factory=list)
+    taken: int = 0
 
     def takes(self, slot: str) -> bool:
         """Whether this process trains the run ``slot``: every run in stage ``all``, none in ``prepare``, the runs it
@@ -70,12 +70,11 @@ class SweepShare:
         if self.stage != "work":
             return self.stage == "all"
         assert self.claims is not None, "a worker needs its sweep's claims"
-        if self.max_runs is not None and len(self.taken) >= self.max_runs:
+        if self.max_runs is not None and self.taken >= self.max_runs:
             return False
-        if self.claims.take(slot):
-            self.taken.append(slot)
-            return True
-        return False
+        claimed = self.claims.take(slot)
+        self.taken += claimed
+        return claimed
 
     def finished(self, slot: str) -> None:
         if self.claims is not None:

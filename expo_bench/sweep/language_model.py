@@ -56,36 +56,33 @@ def seed_line(seed: int, provenance: SeedProvenance) -> str:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """What the runs of one seed share."""
+    """What the runs of one seed of one task instance share."""
 
     seed: int
+    task: LanguageModelTask
     base: PreTrainedModel
     provenance: SeedProvenance
     datasets: tuple[PairDataset, PairDataset]
     evaluator: Evaluator | None
+    runs_dir: Path
 
-    @staticmethod
-    def unit_of(
-        run: MethodRun, index: int, seed: int, provenance: SeedProvenance, task: LanguageModelTask, runs_dir: Path
-    ) -> FitUnit:
-        """Configuration ``index`` of ``run``'s grid, at ``seed``, as one run to train."""
+    def unit(self, run: MethodRun, index: int) -> FitUnit:
+        """Configuration ``index`` of ``run``'s grid as one run to train."""
+        task = self.task
         return FitUnit(
             run,
             run.grid[index],
             None if run.lam is None else run.lam[index],
-            seed,
-            provenance.data_fingerprint,
-            provenance.reference_fingerprint,
+            self.seed,
+            self.provenance.data_fingerprint,
+            self.provenance.reference_fingerprint,
             task.lora,
             task.reference,
             None
             if task.reference_samples is None
             else task.reference_samples.model_dump() | {"redraw": task.redraw_reference_samples},
-            runs_dir,
+            self.runs_dir,
         )
-
-    def unit(self, run: MethodRun, index: int, task: LanguageModelTask, runs_dir: Path) -> FitUnit:
-        return self.unit_of(run, index, self.seed, self.provenance, task, runs_dir)
 
 
 class LanguageModelSweep:
@@ -120,18 +117,17 @@ class LanguageModelSweep:
             prepared = self._prepare(tokenizer, seed, task, instance)
             if prepared.evaluator is not None:
                 records.append(self._evaluate_reference(prepared.evaluator, seed, prepared.provenance, instance))
-        runs = self.context.experiment.runs
-        slots = [(entry, run, index) for entry, run in enumerate(runs) for index in range(len(run.grid))]
-        for entry, run, index in slots:
-            # a method's grid over training settings is several entries of one label: the entry's position tells them apart
-            slot = "/".join(part for part in (instance, f"s{seed}", f"{entry}-{run.label}", str(index)) if part)
-            if not share.takes(slot):
-                continue
-            prepared = prepared or self._prepare(tokenizer, seed, task, instance)
-            record = self._run(prepared, prepared.unit(run, index, task, self.context.runs_dir), instance)
-            share.finished(slot)
-            if record is not None:  # a diverged run is recorded as failed in the store, and left out here
-                records.append(record)
+        for entry, run in enumerate(self.context.experiment.runs):
+            for index in range(len(run.grid)):
+                # a method's grid over training settings is several entries of one label: the entry's position tells them apart
+                slot = "/".join(part for part in (instance, f"s{seed}", f"{entry}-{run.label}", str(index)) if part)
+                if not share.takes(slot):
+                    continue
+                prepared = prepared or self._prepare(tokenizer, seed, task, instance)
+                record = self._run(prepared, prepared.unit(run, index), instance)
+                share.finished(slot)
+                if record is not None:  # a diverged run is recorded as failed in the store, and left out here
+                    records.append(record)
         return records
 
     def _prepare(self, tokenizer: PreTrainedTokenizerBase, seed: int, task: LanguageModelTask, instance: str | None) -> _Prepared:
@@ -165,13 +161,10 @@ class LanguageModelSweep:
         console.print(seed_line(seed, provenance), highlight=False)
         splits = data.train, data.evaluation
         datasets = self._reference_work(base, splits, pad, tokenizer.eos_token_id, seed, provenance).datasets(splits, pad)
-        evaluation = task.evaluation
-        if evaluation is not None and evaluation.evaluate_only:
-            units = [
-                _Prepared.unit_of(run, index, seed, provenance, task, self.context.runs_dir)
-                for run in self.context.experiment.runs
-                for index in range(len(run.grid))
-            ]
+        evaluator = None if task.evaluation is None else self._evaluator(data, tokenizer, base, seed)
+        prepared = _Prepared(seed, task, base, provenance, datasets, evaluator, self.context.runs_dir)
+        if task.evaluation is not None and task.evaluation.evaluate_only:
+            units = [prepared.unit(run, index) for run in self.context.experiment.runs for index in range(len(run.grid))]
             missing = [unit for unit in units if not unit.finished]
             if missing:
                 raise UserError(
@@ -179,13 +172,12 @@ class LanguageModelSweep:
                     f"{', '.join(f'{unit.name} under {unit.run_dir}' for unit in missing)}; "
                     "train them first (task.evaluation.evaluate_only: false)"
                 )
-        evaluator = None if evaluation is None else self._evaluator(data, tokenizer, base, seed)
-        return _Prepared(seed, base, provenance, datasets, evaluator)
+        return prepared
 
     def _run(self, prepared: _Prepared, unit: FitUnit, instance: str | None) -> LanguageModelRecord | None:
         """Train (or reuse, or resume) one run, evaluate and record it; None when it diverged."""
-        evaluator, seed = prepared.evaluator, prepared.seed
-        every = None if self.task.evaluation is None else self.task.evaluation.every_n_steps
+        evaluator, seed, evaluation = prepared.evaluator, prepared.seed, prepared.task.evaluation
+        every = None if evaluation is None else evaluation.every_n_steps
         self.progress.start(f"{unit.name}, seed {seed}")
         regularization = unit.run.method.regularization
         tracked = self._open(unit.run.label, unit.lam, unit.directory_key, unit.run_dir, evaluator, instance, regularization)
